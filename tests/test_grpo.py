@@ -1,0 +1,202 @@
+"""The GRPO math in train.py, checked against naive and hand-computed values on CPU."""
+import math
+
+import pytest
+import torch
+
+import train
+from train import Config, collate, group_advantages, grpo_loss, load_config, loss_norm, token_logprobs
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    from models import load_model
+    return load_model(tiny_model)
+
+
+def naive_logprobs(model, ids, attn, temperature=1.0):
+    logits = model(input_ids=ids, attention_mask=attn).logits.float() / temperature  # [B, L, V]
+    out = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):
+            out[b, t] = torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]]  # position t predicts token t+1
+    return out
+
+
+def test_logprobs_match_naive_shift(lm):
+    """token_logprobs[b, t] is log p(ids[t+1] | ids[:t+1]): the original Simple-R1's off-by-one regression."""
+    torch.manual_seed(0)
+    ids = torch.randint(2, 500, (3, 11))
+    attn = torch.ones_like(ids)
+    for temperature in (1.0, 0.7):
+        fast, _ = token_logprobs(lm, ids, attn, temperature, chunk=4)  # chunk 4 splits rows mid-sequence
+        torch.testing.assert_close(fast, naive_logprobs(lm, ids, attn, temperature), atol=1e-5, rtol=1e-5)
+    unshifted = torch.log_softmax(lm(input_ids=ids).logits.float(), -1)[:, 1:].gather(-1, ids[:, 1:, None])[..., 0]
+    assert not torch.allclose(fast, unshifted, atol=1e-3), "an off-by-one would match this"
+
+
+def test_logprob_chunks_do_not_change_values_or_grads(lm):
+    """Chunk size is a memory knob only: values and gradients are identical for any chunk."""
+    ids = torch.randint(2, 500, (2, 9))
+    attn = torch.ones_like(ids)
+    grads = []
+    for chunk in (3, 1000):
+        lm.zero_grad()
+        lp, ent = token_logprobs(lm, ids, attn, 1.0, chunk)
+        lp.sum().backward()
+        grads.append((lp.detach(), ent, lm.model.embed_tokens.weight.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert (grads[0][1] > 0).all() and (grads[0][1] <= math.log(lm.config.vocab_size) + 1e-4).all()
+
+
+def test_engine_logprobs_equal_trainer_logprobs(lm, tiny_model):
+    """The engine's sampled-token logprobs line up with the trainer's (same weights, fp32): ratio == 1."""
+    from infer_workers import TorchEngine
+    from models import load_model, load_tokenizer
+    tok = load_tokenizer(tiny_model)
+    engine = TorchEngine(load_model(tiny_model), tok)
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]  # different lengths: exercises left padding in the engine
+    groups = engine.generate(prompts, n=2, max_new_tokens=6, temperature=0.8, seed=3)
+    comps = [c for g in groups for c in g]
+    ids, attn, mask, old = collate([p for p in prompts for _ in range(2)], comps, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        lp, _ = token_logprobs(lm, ids, attn, 0.8)
+    torch.testing.assert_close(lp * mask, old, atol=1e-4, rtol=1e-4)
+
+
+def test_engine_batching_and_padding_do_not_change_greedy_output(tiny_model):
+    """A prompt's greedy completion is the same alone or left-padded in a batch with a longer one."""
+    from infer_workers import TorchEngine
+    from models import load_model, load_tokenizer
+    engine = TorchEngine(load_model(tiny_model), load_tokenizer(tiny_model))
+    short, long = [5, 6, 7], list(range(20, 40))
+    alone = engine.generate([short], max_new_tokens=8, temperature=0)[0][0]["token_ids"]
+    batched = engine.generate([long, short], max_new_tokens=8, temperature=0)[1][0]["token_ids"]
+    assert alone == batched
+
+
+def test_collate_aligns_mask_and_old_logprobs():
+    """loss_mask and old_logp sit at the L-1 positions that predict completion tokens."""
+    ids, attn, mask, old = collate([[5, 6], [7]], [{"token_ids": [1, 2, 3], "logprobs": [-.1, -.2, -.3]},
+                                                   {"token_ids": [4], "logprobs": [-.4]}], 0, "cpu")
+    assert ids.tolist() == [[5, 6, 1, 2, 3], [7, 4, 0, 0, 0]]
+    assert attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert mask.tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
+    torch.testing.assert_close(old, torch.tensor([[0, -.1, -.2, -.3], [-.4, 0, 0, 0]]))
+
+
+def test_group_advantages_by_hand():
+    """(r - mean) / (std + 1e-4) within each group; a constant group gives zeros."""
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    std = torch.tensor([1.0, 0, 0, 0]).std().item()  # unbiased, as torch.std
+    want = torch.tensor([0.75, -0.25, -0.25, -0.25]) / (std + 1e-4)
+    torch.testing.assert_close(group_advantages(r, 4), torch.cat([want, torch.zeros(4)]))
+    torch.testing.assert_close(group_advantages(r, 4, scale=False), torch.tensor([.75, -.25, -.25, -.25, 0, 0, 0, 0]))
+
+
+@pytest.mark.parametrize("adv", [1.0, -1.0])
+def test_loss_sign_moves_likelihood_with_advantage(lm, adv):
+    """One SGD step on a positive-advantage completion raises its log-likelihood; negative lowers it."""
+    import copy
+    model = copy.deepcopy(lm)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    attn = torch.ones_like(ids)
+    mask = torch.tensor([[0.0, 0, 1, 1, 1]])  # tokens 6, 7, 8 are the completion
+    with torch.no_grad():
+        before = (token_logprobs(model, ids, attn)[0] * mask).sum()
+    logp, _ = token_logprobs(model, ids, attn)
+    loss, _ = grpo_loss(logp, logp.detach(), None, torch.tensor([adv]), mask, Config(), norm=1)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+        after = (token_logprobs(model, ids, attn)[0] * mask).sum()
+    assert (after - before) * adv > 0, (before.item(), after.item(), adv)
+
+
+def test_loss_aggregation_by_hand():
+    """grpo / dr_grpo / dapo weights and norms, at ratio 1 (pg_t = -A) on hand-sized data."""
+    logp = torch.zeros(2, 4, requires_grad=True)
+    mask = torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1]])
+    adv = torch.tensor([1.0, -2.0])
+    cases = {"grpo": (-(1 * 1) - (-2 * 1)) / 2,  # mean over sequences of per-sequence token means
+             "dr_grpo": (-(1 * 2) - (-2 * 4)) / (2 * 8),  # token sum / (B * max_new_tokens)
+             "dapo": (-(1 * 2) - (-2 * 4)) / 6}  # token mean over the batch
+    for lt, want in cases.items():
+        cfg = Config(loss_type=lt, max_new_tokens=8)
+        loss, _ = grpo_loss(logp, logp.detach(), None, adv, mask, cfg, loss_norm(cfg, 2, 6))
+        assert loss.item() == pytest.approx(want), lt
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_micro_batches_sum_to_the_full_batch(loss_type):
+    """Splitting a batch into micro-batches (and ranks) gives the same loss and gradient."""
+    torch.manual_seed(1)
+    cfg = Config(loss_type=loss_type, max_new_tokens=5, clip_eps_high=0.28, kl_coef=0.1)
+    logp = torch.randn(4, 5, requires_grad=True)
+    old, ref, adv = torch.randn(4, 5) * 0.1, torch.randn(4, 5), torch.randn(4)
+    mask = (torch.rand(4, 5) > 0.3).float()
+    norm = loss_norm(cfg, 4, int(mask.sum()))
+    full, _ = grpo_loss(logp, old + logp.detach(), ref, adv, mask, cfg, norm)
+    g_full, = torch.autograd.grad(full, logp)
+    parts = sum(grpo_loss(logp[i:i + 2], old[i:i + 2] + logp.detach()[i:i + 2], ref[i:i + 2], adv[i:i + 2],
+                          mask[i:i + 2], cfg, norm)[0] for i in (0, 2))
+    g_parts, = torch.autograd.grad(parts, logp)
+    torch.testing.assert_close(full, parts)
+    torch.testing.assert_close(g_full, g_parts)
+
+
+def test_clip_stops_gradient_outside_trust_region():
+    """Ratio above 1 + eps_high with A > 0 (or below 1 - eps_low with A < 0) gets no policy gradient."""
+    cfg = Config(clip_eps_low=0.2, clip_eps_high=0.28)
+    mask = torch.ones(1, 3)
+    for adv, ratio, zero in [(1.0, 1.3, True), (1.0, 1.25, False), (-1.0, 0.7, True), (-1.0, 0.85, False),
+                             (-1.0, 1.5, False)]:  # A < 0 and ratio high: min() keeps the unclipped term
+        logp = torch.full((1, 3), math.log(ratio), requires_grad=True)
+        loss, st = grpo_loss(logp, torch.zeros(1, 3), None, torch.tensor([adv]), mask, cfg, 1)
+        g, = torch.autograd.grad(loss, logp)
+        assert (g.abs().sum() == 0) == zero, (adv, ratio, g)
+        assert st["clip_frac"].item() == (1.0 if not 0.8 <= ratio <= 1.28 else 0.0)
+
+
+def test_k3_kl_value_and_gradient():
+    """k3 = e^(ref-logp) - (ref-logp) - 1: zero at ref == logp, hand value elsewhere, pulls logp to ref."""
+    cfg = Config(kl_coef=1.0)
+    mask = torch.ones(1, 2)
+    ref = torch.tensor([[-1.0, -2.0]])
+    logp = ref.clone().requires_grad_(True)
+    loss, st = grpo_loss(logp, logp.detach(), ref, torch.zeros(1), mask, cfg, 1)
+    assert loss.item() == pytest.approx(0.0) and st["kl"].item() == pytest.approx(0.0)
+    logp = torch.tensor([[-0.5, -2.5]], requires_grad=True)
+    loss, st = grpo_loss(logp, logp.detach(), ref, torch.zeros(1), mask, cfg, 1)
+    d = torch.tensor([-0.5, 0.5])
+    want = (torch.exp(d) - d - 1)
+    assert st["kl"].item() == pytest.approx(want.mean().item())
+    assert loss.item() == pytest.approx(want.mean().item())  # grpo: mean over the one sequence
+    g, = torch.autograd.grad(loss, logp)
+    assert g[0, 0] > 0 and g[0, 1] < 0, "descent lowers logp above ref and raises it below"
+
+
+def test_lr_schedule_warmup_then_cosine():
+    """Warmup ramps linearly to 1, cosine ends at min_lr_ratio."""
+    cfg = Config(warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
+    assert [train.lr_at(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert train.lr_at(9, cfg) == pytest.approx(0.55)
+    assert train.lr_at(14, cfg) == pytest.approx(0.1)
+
+
+def test_config_yaml_then_cli(tmp_path):
+    """YAML overrides defaults, --key=value overrides YAML; unknown keys and wrong types are errors."""
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: 1e-5\ngroup_size: 4\nloss_type: dapo\n")
+    c = load_config([str(p), "--group_size=2", "--resume", "--model=123"])
+    assert (c.lr, c.group_size, c.loss_type, c.resume, c.model) == (1e-5, 2, "dapo", True, "123")
+    with pytest.raises(ValueError, match="unknown config key 'lrr'"):
+        load_config(["--lrr=1"])
+    with pytest.raises(TypeError, match="group_size"):
+        load_config(["--group_size=2.5"])
+    with pytest.raises(TypeError, match="lr"):
+        load_config(["--lr=fast"])
+    with pytest.raises(AssertionError, match="loss_type"):
+        load_config(["--loss_type=ppo"])

