@@ -249,9 +249,11 @@ def main(cfg: Config, reward_fn=None):
     from models import load_model, load_tokenizer
     reward_fn = reward_fn or rewards.reward_components
 
-    acc = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    gpu = torch.cuda.is_available()
+    acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no")  # cpu=True: gloo DDP on CPU
     dev, rank, world = acc.device, acc.process_index, acc.num_processes
     assert cfg.prompts_per_step % world == 0, f"prompts_per_step={cfg.prompts_per_step} not divisible by {world} ranks"
+    acc.print(f"{world} rank(s) on {dev}; run folder {cfg.run_dir}")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.run_dir, exist_ok=True)
