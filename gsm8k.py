@@ -91,7 +91,8 @@ def evaluate(engine, tok, rows, max_new_tokens=512, maj_k=0, temperature=1.0, se
             lenient_pred = rewards.lenient_answer(c["text"])
             lenient += lenient_pred is not None and rewards.answers_equal(lenient_pred, gold)
             if group:
-                votes = collections.Counter(a for a in (rewards.extract_answer(g["text"]) for g in group) if a)
+                answers = (rewards.extract_answer(g["text"]) for g in group)  # vote on canonical numbers: $18 = 18
+                votes = collections.Counter(v for v in (rewards.lenient_answer(a) for a in answers if a) if v)
                 top = votes.most_common(1)[0][0] if votes else ""
                 maj += rewards.accuracy_reward(f"<answer>{top}</answer>", gold)
             samples.append({"gold": gold, "completion": c["text"]})

