@@ -307,7 +307,8 @@ def main(cfg: Config, reward_fn=None):
         # --- evaluation (main process, fixed subset, greedy)
         if cfg.eval_every and step % cfg.eval_every == 0 and acc.is_main_process:
             ev = gsm8k.evaluate(engine, tok, eval_rows, cfg.max_new_tokens)
-            m |= {f"eval/{k}": v for k, v in ev.items() if k != "samples"}
+            m |= {f"eval/{k}": v for k, v in ev.items() if k != "samples"} | {"eval_s": time.perf_counter() - t0}
+        t_eval = time.perf_counter()
 
         # --- sample: every rank takes its share of the step's prompts, G completions each
         idx = sampler.next(cfg.prompts_per_step)[rank::world]  # same sequence on every rank
@@ -329,7 +330,7 @@ def main(cfg: Config, reward_fn=None):
         seq_prompts = [p for p in prompts for _ in range(cfg.group_size)]
         n_tok = torch.tensor([float(sum(len(c["token_ids"]) for c in completions))], device=dev)
         norm = loss_norm(cfg, cfg.prompts_per_step * cfg.group_size, int(acc.reduce(n_tok, "sum").item()))
-        stats = {"loss": 0.0, "entropy": 0.0, "clip_frac": 0.0, "kl": 0.0}
+        stats = {"loss": 0.0, "entropy": 0.0, "clip_frac": 0.0} | ({"kl": 0.0} if ref else {})
         policy.train()
         mbs = range(0, len(completions), cfg.micro_batch_size)
         for j, i in enumerate(mbs):
@@ -346,7 +347,8 @@ def main(cfg: Config, reward_fn=None):
             stats["loss"] += loss.item() * world
             stats["entropy"] += ((ent * mask).sum() / mask.sum().clamp(min=1)).item() * frac
             stats["clip_frac"] += st["clip_frac"].item() * frac
-            stats["kl"] += st.get("kl", torch.tensor(0.0)).item() * frac
+            if ref:
+                stats["kl"] += st["kl"].item() * frac
         grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
@@ -364,9 +366,11 @@ def main(cfg: Config, reward_fn=None):
                   "truncated": torch.tensor([c["finish_reason"] == "length" for c in completions], device=dev).float().mean()}
         local |= {k: torch.tensor(v, device=dev) for k, v in stats.items()}
         m |= {k: acc.reduce(v, "mean").item() for k, v in local.items()}
-        m |= {"grad_norm": float(grad_norm), "version": version, "step_s": t_sync - t0, "gen_s": t_gen - t0,
+        n_seq_tok = torch.tensor([float(sum(map(len, seq_prompts)))], device=dev) + n_tok  # prompt + completion
+        m |= {"grad_norm": float(grad_norm), "version": version, "step_s": t_sync - t0, "gen_s": t_gen - t_eval,
               "train_s": t_train - t_gen, "sync_s": t_sync - t_train,
-              "gen_tok_s": acc.reduce(n_tok, "sum").item() / (t_gen - t0)}
+              "gen_tok_s": acc.reduce(n_tok, "sum").item() / (t_gen - t_eval),  # sampled tokens / s, all ranks
+              "train_tok_s": acc.reduce(n_seq_tok, "sum").item() / (t_train - t_gen)}  # tokens through fwd+bwd / s
         if acc.is_main_process:
             metrics_f.write(json.dumps(m) + "\n")
             metrics_f.flush()

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-GSM8K = os.path.join(os.path.dirname(ROOT), "shared", "data", "gsm8k")
+GSM8K = os.environ.get("GSM8K_DIR", os.path.join(os.path.dirname(ROOT), "shared", "data", "gsm8k"))  # the jsonl folder
 
 
 def make_tiny_model(path, vocab=512, hidden=64, layers=2, heads=2, kv_heads=1, seed=0):

@@ -32,7 +32,8 @@ def test_three_steps_end_to_end(tiny_model, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["version"] for r in rows] == [1, 2, 3], "the engine took one weight update per step"
     assert "eval/pass@1_strict" in rows[0] and "eval/pass@1_strict" in rows[2] and "eval/pass@1_strict" not in rows[1]
-    for k in ("reward", "accuracy", "format", "kl", "entropy", "completion_len", "loss", "grad_norm", "gen_tok_s"):
+    for k in ("reward", "accuracy", "format", "kl", "entropy", "completion_len", "loss", "grad_norm", "gen_tok_s",
+              "train_tok_s"):
         assert all(isinstance(r[k], float) for r in rows), k
     assert train.load_config([str(tmp_path / "run" / "config.yaml")]) == cfg
     ckpt = tmp_path / "run" / "ckpt" / "latest"
