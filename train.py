@@ -57,7 +57,13 @@ class Config:
     logprob_chunk: int = 1024  # tokens per lm_head + log-softmax chunk (bounds the [tokens, vocab] tensor)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     # --- inference
-    inference: str = "local"  # local: an in-process TorchEngine on each rank
+    inference: str = "local"  # local: an in-process TorchEngine per rank | serve: a running app of infer_workers.py
+    serve_app: str = "default"  # that app's name (serve run --name); found through ray_address
+    ray_address: str = "auto"  # the Ray cluster the app runs on
+    sync_host: str = "127.0.0.1"  # address replicas reach this trainer's sync store on (its IP, multi-node)
+    sync_port: int = 0  # port of that store; 0 = any free one
+    sync_bucket_mb: float = 1024.0  # weight-sync bucket size, MiB of the engine dtype
+    sync_timeout_s: float = 300.0  # every sync wait and generate request gives up after this, s
     # --- eval, checkpoints, logging
     eval_every: int = 0  # steps between in-loop evals on a fixed test subset; 0 = never
     eval_size: int = 64  # test problems in that subset
@@ -93,7 +99,7 @@ def load_config(argv: list[str]) -> Config:
             raise TypeError(f"config {key}={val!r} is {type(val).__name__}, expected {want.__name__}")
     c = Config(**cfg)
     assert c.loss_type in ("grpo", "dr_grpo", "dapo"), f"loss_type={c.loss_type!r}"
-    assert c.inference in ("local",), f"inference={c.inference!r}"
+    assert c.inference in ("local", "serve"), f"inference={c.inference!r}: local or serve"
     return c
 
 
@@ -279,10 +285,30 @@ def main(cfg: Config, reward_fn=None):
         lm.gradient_checkpointing_enable()
     ref = load_model(cfg.model, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev).requires_grad_(False) \
         if cfg.kl_coef > 0 else None
-    engine = TorchEngine(load_model(model_src, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev), tok)
+    if cfg.inference == "local":
+        engine = TorchEngine(load_model(model_src, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev), tok)
+    else:
+        import ray
+        from infer_workers import ServeClient
+        ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=False)
+        sync = dict(host=cfg.sync_host, port=cfg.sync_port, bucket_mb=cfg.sync_bucket_mb, timeout_s=cfg.sync_timeout_s,
+                    device=dev) if acc.is_main_process else None  # rank 0 pushes; every rank samples
+        engine = ServeClient(cfg.serve_app, cfg.sync_timeout_s, sync)
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
     policy, opt = acc.prepare(Policy(lm), opt)
+
+    def push_weights():
+        """Policy weights -> the engine. Returns the engine's new weight version (None on ranks that don't push)."""
+        if cfg.inference == "local":  # each rank has its own engine, and DDP keeps the ranks' weights equal
+            return engine.update_weights((k, v.detach()) for k, v in acc.unwrap_model(policy).lm.named_parameters())
+        full = acc.get_state_dict(policy)  # every rank takes part: FSDP / ZeRO-3 gather full params to rank 0
+        version = engine.update_weights((k.removeprefix("lm."), v) for k, v in full.items()) if acc.is_main_process else None
+        acc.wait_for_everyone()  # no rank samples before the push is done
+        return version
+
+    if cfg.inference == "serve":
+        push_weights()  # the replicas may hold other weights (a resumed run, an earlier run): start in step
     start = 0
     if state:
         opt.load_state_dict(state["optimizer"])
@@ -356,7 +382,7 @@ def main(cfg: Config, reward_fn=None):
         t_train = time.perf_counter()
 
         # --- sync: the engine samples the next step from the new weights
-        version = engine.update_weights((k, v.detach()) for k, v in acc.unwrap_model(policy).lm.named_parameters())
+        version = push_weights()
         t_sync = time.perf_counter()
 
         # --- log (averaged over ranks)

@@ -1,0 +1,200 @@
+"""Trainer -> inference replicas: one broadcast per bucket over a dedicated process group.
+
+Group: world = 1 (the trainer, rank 0) + every replica worker (a vLLM replica with TP=k brings k).
+The trainer hosts a TCPStore; each worker takes its rank from the store's counter (ranks are never
+derived from Serve replica ranks, which are not dense) and builds a gloo (CPU) or NCCL (GPU) group
+through a PrefixStore named by the group's generation. This group lives beside any torch.distributed
+default group the trainer has (DDP/FSDP), and never touches it.
+
+One push:
+  1. plan: parameters in a fixed order, cast to the engine dtype, cut into buckets of ~bucket_mb;
+     a tensor that shares storage with an earlier one (tied embeddings) travels once, as an alias.
+  2. every replica is told the plan (an RPC through the Serve handle), pauses new requests, and
+     receives; the trainer broadcasts bucket by bucket. Each worker loads each bucket into its engine.
+  3. the RPC answers with the replica's new weight version; all must agree.
+Every wait has a timeout; errors name the replica (Serve id) and the group generation.
+
+Left out: sharded (per-TP-rank) transfer: every worker receives full tensors and the engine's own
+loader shards them, as vLLM's RLHF example does. vLLM's native NCCL weight-transfer engine
+(vllm/distributed/weight_transfer) is GPU-only; see docs/perf.md for which path each engine takes.
+"""
+import concurrent.futures
+import datetime
+import time
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_plan(named_tensors, dtype: str, bucket_mb: float):
+    """[(name, tensor)] -> (buckets, aliases, tensors in plan order).
+
+    buckets: [[(name, shape, numel), ...], ...], each holding at most bucket_mb of `dtype` (a larger
+    single tensor gets a bucket of its own); aliases: {name: earlier name with the same storage}.
+    >>> make_plan([("a", t2x2), ("b", t3), ("a_tied", t2x2)], "float32", 16 / 2**20)   # 16-byte buckets
+    ([[("a", (2, 2), 4)], [("b", (3,), 3)]], {"a_tied": "a"}, [t2x2, t3])
+    """
+    limit = max(1, int(bucket_mb * 2**20) // torch.empty((), dtype=DTYPES[dtype]).element_size())
+    buckets, aliases, tensors, seen, cur, used = [], {}, [], {}, [], 0
+    for name, t in named_tensors:
+        key = (t.data_ptr(), t.shape, t.dtype, t.device)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        if cur and used + t.numel() > limit:
+            buckets.append(cur)
+            cur, used = [], 0
+        cur.append((name, tuple(t.shape), t.numel()))
+        tensors.append(t)
+        used += t.numel()
+    if cur:
+        buckets.append(cur)
+    return buckets, aliases, tensors
+
+
+def open_group(host, port, rank, world, generation, backend, timeout_s, is_master=False):
+    """A process group of its own (never the default one). Returns (store, group)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, world_size=None, is_master=is_master, timeout=timeout, wait_for_workers=False)
+    if rank is None:  # a worker: take the next free rank, 1..world-1
+        rank = store.add(f"g{generation}/next_rank", 1)
+        assert rank < world, f"weight sync group {generation}: rank {rank} >= world {world}: more workers than planned"
+    prefix = dist.PrefixStore(f"g{generation}", store)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        group = dist.ProcessGroupNCCL(prefix, rank, world, opts)
+    else:
+        group = dist.ProcessGroupGloo(prefix, rank, world, timeout)
+    return store, group, rank
+
+
+def broadcast(group, tensor, timeout_s):
+    opts = dist.BroadcastOptions()
+    opts.rootRank, opts.rootTensor, opts.timeout = 0, 0, datetime.timedelta(seconds=timeout_s)
+    group.broadcast([tensor], opts).wait()
+
+
+class Receiver:
+    """Replica side, one per worker: join a group, then turn broadcast buckets into (name, tensor)."""
+    def __init__(self, device):
+        self.device, self.group, self.generation, self.rank = torch.device(device), None, None, None
+
+    def join(self, host, port, world, generation, backend, timeout_s):
+        self.store, self.group, self.rank = open_group(host, port, None, world, generation, backend, timeout_s)
+        self.generation = generation
+        return self.rank
+
+    def receive(self, plan, timeout_s):
+        """Yields (name, tensor) for every planned tensor and alias, bucket by bucket, as they arrive."""
+        buckets, aliases, dtype = plan["buckets"], plan["aliases"], DTYPES[plan["dtype"]]
+        by_name = {}
+        for bucket in buckets:
+            buf = torch.empty(sum(n for _, _, n in bucket), dtype=dtype, device=self.device)  # fresh: loaders may keep views
+            broadcast(self.group, buf, timeout_s)
+            off = 0
+            for name, shape, n in bucket:
+                by_name[name] = buf[off:off + n].view(shape)
+                yield name, by_name[name]
+                off += n
+        for name, src in aliases.items():
+            yield name, by_name[src]
+
+
+class WeightSync:
+    """Trainer side. push(named_tensors) sends them to every replica of a Serve deployment handle.
+
+    The group is formed on the first push and re-formed (a new generation) whenever the replicas
+    report a different membership, e.g. after Serve restarted a dead replica.
+    """
+    def __init__(self, handle, bucket_mb=1024.0, host="127.0.0.1", port=0, backend=None, device="cpu",
+                 timeout_s=120.0, expected_workers=None):
+        self.handle, self.bucket_mb, self.timeout_s = handle, bucket_mb, timeout_s
+        self.backend = backend or ("nccl" if torch.device(device).type == "cuda" else "gloo")
+        self.host, self.device = host, torch.device(device)
+        self.store = dist.TCPStore(host, port, world_size=None, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+        self.port = self.store.port
+        self.expected_workers = expected_workers  # None: learn it from the first membership
+        self.generation, self.group, self.members, self.version = 0, None, None, 0
+        self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="weight-sync-rpc")
+
+    def _broadcast(self, method, *args):
+        """Call `method` on every replica, starting now (a Serve broadcast is only sent once its results are
+        awaited, and we must be inside the collective meanwhile). A future of per-replica results/errors."""
+        resp = self.handle.broadcast(method, *args)
+        return self.pool.submit(resp.results, timeout_s=self.timeout_s, return_exceptions=True)
+
+    def _wait_for_replicas(self):
+        """States of the live replicas once the expected number of workers is up. A replica that died
+        answers with an error until Serve has replaced it; we poll until the timeout."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            res = self._broadcast("sync_state").result()
+            states = [r for r in res if not isinstance(r, BaseException)]
+            n = sum(s["num_workers"] for s in states)
+            if states and len(states) == len(res) and (self.expected_workers is None or n >= self.expected_workers):
+                return states
+            if time.monotonic() > deadline:
+                errors = [repr(r) for r in res if isinstance(r, BaseException)]
+                raise TimeoutError(f"weight sync: expected {self.expected_workers} replica workers, {n} up after "
+                                   f"{self.timeout_s:.0f} s: {sorted(s['replica'] for s in states)}; errors: {errors}")
+            time.sleep(0.5)
+
+    def connect(self, states):
+        """Form a new group (generation + 1) with every replica worker in `states`."""
+        self.generation += 1
+        g, world = self.generation, 1 + sum(s["num_workers"] for s in states)
+        if self.expected_workers is not None and world - 1 != self.expected_workers:
+            raise RuntimeError(f"weight sync: {world - 1} workers but {self.expected_workers} expected")
+        replicas = sorted(s["replica"] for s in states)
+        resp = self._broadcast("join_sync_group", self.host, self.port, world, g, self.backend, self.timeout_s)
+        try:
+            _, self.group, _ = open_group(self.host, self.port, 0, world, g, self.backend, self.timeout_s)
+        except Exception as e:
+            joined = int(self.store.add(f"g{g}/next_rank", 0))
+            answers = resp.result() if resp.done() else "still waiting"
+            raise TimeoutError(
+                f"weight sync group {g}: {joined} of {world - 1} replica workers took a rank within "
+                f"{self.timeout_s:.0f} s (replicas: {replicas}); replies: {answers}. A replica that cannot reach "
+                f"{self.host}:{self.port} never joins: check the trainer's sync host/port") from e
+        res = resp.result()
+        failed = [(r, x) for r, x in zip(replicas, res) if isinstance(x, BaseException)]
+        if failed:
+            raise RuntimeError(f"weight sync group {g}: replica join failed: {failed}")
+        self.members = {(s["replica"], g) for s in states}
+        self.expected_workers = world - 1
+
+    @torch.no_grad()
+    def push(self, named_tensors) -> int:
+        """Broadcast every tensor to every replica worker; returns the replicas' new (common) version."""
+        states = self._wait_for_replicas()
+        if {(s["replica"], s["generation"]) for s in states} != self.members:
+            self.connect(states)  # first push, or a replica was replaced
+        dtypes = {s["dtype"] for s in states}
+        assert len(dtypes) == 1, f"replicas run different dtypes {dtypes}: one push cannot serve them all"
+        dtype = dtypes.pop()  # cast on the trainer: the wire carries what the engine holds (bf16 = half of fp32)
+        buckets, aliases, tensors = make_plan(named_tensors, dtype, self.bucket_mb)
+        plan = {"buckets": buckets, "aliases": aliases, "dtype": dtype, "generation": self.generation,
+                "version": self.version + 1}
+        resp = self._broadcast("receive_weights", plan, self.timeout_s)
+        dtype, it = DTYPES[dtype], iter(tensors)
+        try:
+            for bucket in buckets:
+                buf = torch.cat([next(it).detach().to(self.device, dtype).reshape(-1) for _ in bucket])  # one pack
+                broadcast(self.group, buf, self.timeout_s)
+        except Exception as e:
+            self.members = None  # the group is broken: re-form it on the next push
+            answers = resp.result()
+            raise RuntimeError(f"weight sync group {self.generation}: broadcast failed ({e}); replicas said {answers}") from e
+        res = resp.result()
+        failed = [x for x in res if isinstance(x, BaseException)]
+        if failed:
+            self.members = None
+            raise RuntimeError(f"weight sync group {self.generation}: {len(failed)} replica(s) failed to load: {failed[0]!r}")
+        assert all(r["version"] == self.version + 1 for r in res), f"replicas' versions after push {self.version + 1}: {res}"
+        self.version += 1
+        return self.version
