@@ -134,7 +134,12 @@ class TorchEngine:
         return self.receiver.join(host, port, world, generation, backend, timeout_s)
 
     def receive_weights(self, plan, timeout_s) -> int:
-        return self.update_weights(self.receiver.receive(plan, timeout_s), plan["version"])
+        weights = self.receiver.receive(plan, timeout_s)
+        if plan["discard"]:  # bench baseline: take part in every broadcast, load nothing
+            for _ in weights:
+                pass
+            return self.version
+        return self.update_weights(weights, plan["version"])
 
 
 class VLLMWorkerExtension:
@@ -150,6 +155,10 @@ class VLLMWorkerExtension:
 
     def receive_weights(self, plan, timeout_s):
         weights = self.sync_receiver.receive(plan, timeout_s)
+        if plan["discard"]:
+            for _ in weights:
+                pass
+            return False
         if torch.device(self.device).type == "cuda":
             self.model_runner.model.load_weights(weights=weights)
         else:
@@ -183,9 +192,9 @@ class VLLMEngine:
         return self.llm.collective_rpc("join_sync_group", args=(host, port, world, generation, backend, timeout_s))
 
     def receive_weights(self, plan, timeout_s) -> int:
-        self.llm.collective_rpc("receive_weights", args=(plan, timeout_s))
-        self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
-        self.version = plan["version"]
+        if all(self.llm.collective_rpc("receive_weights", args=(plan, timeout_s))):
+            self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
+            self.version = plan["version"]
         return self.version
 
 

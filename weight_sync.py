@@ -169,8 +169,12 @@ class WeightSync:
         self.expected_workers = world - 1
 
     @torch.no_grad()
-    def push(self, named_tensors) -> int:
-        """Broadcast every tensor to every replica worker; returns the replicas' new (common) version."""
+    def push(self, named_tensors, discard=False) -> int:
+        """Broadcast every tensor to every replica worker; returns the replicas' new (common) version.
+
+        discard=True: replicas receive every bucket and drop it (no load, no version bump): the
+        raw-broadcast baseline of bench/weight_sync.py. self.timing holds the last push's split, s."""
+        t0 = time.perf_counter()
         states = self._wait_for_replicas()
         if {(s["replica"], s["generation"]) for s in states} != self.members:
             self.connect(states)  # first push, or a replica was replaced
@@ -179,13 +183,17 @@ class WeightSync:
         dtype = dtypes.pop()  # cast on the trainer: the wire carries what the engine holds (bf16 = half of fp32)
         buckets, aliases, tensors = make_plan(named_tensors, dtype, self.bucket_mb)
         plan = {"buckets": buckets, "aliases": aliases, "dtype": dtype, "generation": self.generation,
-                "version": self.version + 1}
+                "version": self.version + 1, "discard": discard}
+        t1 = time.perf_counter()
         resp = self._broadcast("receive_weights", plan, self.timeout_s)
         dtype, it = DTYPES[dtype], iter(tensors)
         try:
             for bucket in buckets:
                 buf = torch.cat([next(it).detach().to(self.device, dtype).reshape(-1) for _ in bucket])  # one pack
                 broadcast(self.group, buf, self.timeout_s)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t2 = time.perf_counter()
         except Exception as e:
             self.members = None  # the group is broken: re-form it on the next push
             answers = resp.result()
@@ -195,6 +203,11 @@ class WeightSync:
         if failed:
             self.members = None
             raise RuntimeError(f"weight sync group {self.generation}: {len(failed)} replica(s) failed to load: {failed[0]!r}")
+        self.timing = {"state_s": t1 - t0, "broadcast_s": t2 - t1, "load_wait_s": time.perf_counter() - t2,
+                       "total_s": time.perf_counter() - t0, "bytes": sum(n for b in buckets for _, _, n in b) *
+                       DTYPES[plan["dtype"]].itemsize, "buckets": len(buckets)}
+        if discard:
+            return self.version
         assert all(r["version"] == self.version + 1 for r in res), f"replicas' versions after push {self.version + 1}: {res}"
         self.version += 1
         return self.version

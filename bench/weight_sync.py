@@ -1,0 +1,115 @@
+"""Trainer -> K replicas weight sync vs a raw broadcast of the same bytes, in one run. One JSON line.
+
+    python bench/weight_sync.py --replicas 2 --shape small          # CPU: gloo, torch-engine replicas
+    python bench/weight_sync.py --replicas 1 --shape qwen0.5b       # GPU: NCCL (trainer on GPU 0)
+
+It starts Ray on 127.0.0.1 and a Serve app of K torch-engine replicas holding a random model of the
+given shape, then times, in alternation:
+  ours: WeightSync.push: state RPC + pack (cast, concat) + bucketed broadcast + every replica loads
+  raw:  the same buckets broadcast over the same group, replicas receive and drop (push(discard=True)),
+        timed from the first to the last bucket on the trainer: the floor for this group
+and checks that the replicas' weights equal the trainer's afterwards (a greedy sample agrees).
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+SHAPES = {  # Qwen2 family, built from a config with random weights: nothing is downloaded
+    "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=32000),
+    "qwen0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                     num_key_value_heads=2, vocab_size=151936),
+    "qwen1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                     num_key_value_heads=2, vocab_size=151936),
+    "qwen7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                   num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+
+
+def build_model(shape, dtype, path):
+    from tokenizers import Tokenizer, models
+    cfg = AutoConfig.for_model("qwen2", **({"tie_word_embeddings": True, "rope_theta": 1e6} | SHAPES[shape]))
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.save_pretrained(path)
+    vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                  eos_token="t1", pad_token="t0")
+    tok.save_pretrained(path)
+    return model
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    ap.add_argument("--bucket-mb", type=float, default=256.0)
+    ap.add_argument("--iters", type=int, default=5)
+    a = ap.parse_args()
+    import ray
+    from ray import serve
+    import infer_workers
+
+    gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if gpu else torch.float32
+    path = tempfile.mkdtemp(prefix="bench_model_")
+    model = build_model(a.shape, dtype, path)  # the trainer's copy (GPU 0 on a GPU machine)
+    n_params = sum(p.numel() for p in model.parameters())
+    ray.init(num_cpus=max(a.replicas, 2), num_gpus=torch.cuda.device_count() - 1 if gpu else 0,
+             include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                                       "NCCL_NVLS_ENABLE": "0"}})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(infer_workers.build_app({"model": path, "engine": "torch", "num_workers": a.replicas,
+                                       "dtype": str(dtype).removeprefix("torch.")}), name="bench", route_prefix="/bench")
+    c = infer_workers.ServeClient("bench", timeout_s=300, sync={"bucket_mb": a.bucket_mb, "timeout_s": 300,
+                                                                 "device": "cuda:0" if gpu else "cpu"})
+    state = list(model.state_dict().items())
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    c.update_weights(state)  # warm-up: forms the group
+    c.sync.push(state, discard=True)
+    ours, raw = [], []
+    for _ in range(a.iters):  # alternate, so drift hits both alike
+        c.update_weights(state)
+        ours.append(c.sync.timing)
+        c.sync.push(state, discard=True)
+        raw.append(c.sync.timing)
+    with torch.no_grad():  # the replicas now hold the trainer's weights: their greedy sample matches ours
+        prompt = [5, 6, 7, 8]
+        want = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=4, do_sample=False)
+        got = c.generate([prompt], max_new_tokens=4, temperature=0)[0][0]["token_ids"]
+    med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
+    out = {"bench": "weight_sync", "device": torch.cuda.get_device_name(0) if gpu else "cpu",
+           "backend": c.sync.backend, "shape": a.shape, "params": n_params, "dtype": str(dtype).removeprefix("torch."),
+           "replicas": a.replicas, "bucket_mb": a.bucket_mb, "buckets": ours[0]["buckets"],
+           "mbytes": round(ours[0]["bytes"] / 2**20, 1), "ours_ms": round(1e3 * med(ours, "total_s"), 2),
+           "ours_broadcast_ms": round(1e3 * med(ours, "broadcast_s"), 2),
+           "ours_load_wait_ms": round(1e3 * med(ours, "load_wait_s"), 2), "raw_ms": round(1e3 * med(raw, "broadcast_s"), 2),
+           "greedy_match": got == want[0, len(prompt):].tolist()}
+    out["ours_over_raw"] = round(out["ours_ms"] / out["raw_ms"], 2)
+    if gpu:
+        out["trainer_peak_extra_mb"] = round((torch.cuda.max_memory_allocated() - sum(
+            p.numel() * p.element_size() for p in model.parameters())) / 2**20, 1)
+    print(json.dumps(out))
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""`serve run infer_workers:inference_app` as a user types it: env-configured, answers over HTTP."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from conftest import ROOT
+
+
+def test_serve_run_cli_serves_over_http(tiny_model, tmp_path):
+    """The README's serve command starts the app (vLLM-CPU engine) and generates at 127.0.0.1:8000."""
+    env = dict(os.environ, MODEL_NAME_OR_PATH=tiny_model, NUM_INFER_WORKERS="1", INFER_DTYPE="float32",
+               MAX_MODEL_LEN="1024", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)  # serve run starts its own local Ray
+    serve = os.path.join(os.path.dirname(sys.executable), "serve")
+    log = open(tmp_path / "serve.log", "w")
+    p = subprocess.Popen([serve, "run", "infer_workers:inference_app"], cwd=ROOT, env=env, stdout=log,
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    body = json.dumps({"prompts": ["Natalia sold clips"], "n": 2, "max_new_tokens": 5, "temperature": 1.0}).encode()
+    try:
+        deadline, out = time.monotonic() + 300, None
+        while out is None:
+            assert p.poll() is None, open(tmp_path / "serve.log").read()[-3000:]
+            assert time.monotonic() < deadline, "serve run did not answer within 300 s"
+            try:
+                req = urllib.request.Request("http://127.0.0.1:8000/", body, {"Content-Type": "application/json"})
+                out = json.load(urllib.request.urlopen(req, timeout=30))
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(2)
+        comps = out["completions"][0]
+        assert len(comps) == 2 and all(0 < len(c["token_ids"]) <= 5 and c["version"] == 0 for c in comps)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGINT)  # serve run shuts the app and its Ray down on Ctrl-C
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"], capture_output=True)
