@@ -138,8 +138,11 @@ class TorchEngine:
         if plan["discard"]:  # bench baseline: take part in every broadcast, load nothing
             for _ in weights:
                 pass
-            return self.version
-        return self.update_weights(weights, plan["version"])
+        else:
+            self.update_weights(weights, plan["version"])
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)  # "loaded" means loaded, not queued
+        return self.version
 
 
 class VLLMWorkerExtension:
@@ -238,7 +241,7 @@ class InferenceWorker:
                    for p in req.pop("prompts")]
         return {"completions": await self.generate({"prompts": prompts, **req}), "replica": self.replica}
 
-    def sync_state(self) -> dict:
+    async def sync_state(self) -> dict:  # async: answered on the replica's loop, no thread hop
         return {"replica": self.replica, "generation": self.generation, "version": self.engine.version,
                 "num_workers": self.engine.num_workers, "dtype": self.engine.dtype}
 

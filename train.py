@@ -348,6 +348,7 @@ def main(cfg: Config, reward_fn=None):
         # --- reward
         comps = [reward_fn(c["text"], r["answer"]) for r, g in zip(rows, groups) for c in g]
         reward = torch.tensor([c["reward"] for c in comps], device=dev)  # [P*G]
+        t_reward = time.perf_counter()
 
         # --- advantage
         adv = group_advantages(reward, cfg.group_size, cfg.scale_rewards)  # [P*G]
@@ -394,9 +395,9 @@ def main(cfg: Config, reward_fn=None):
         m |= {k: acc.reduce(v, "mean").item() for k, v in local.items()}
         n_seq_tok = torch.tensor([float(sum(map(len, seq_prompts)))], device=dev) + n_tok  # prompt + completion
         m |= {"grad_norm": float(grad_norm), "version": version, "step_s": t_sync - t0, "gen_s": t_gen - t_eval,
-              "train_s": t_train - t_gen, "sync_s": t_sync - t_train,
+              "reward_s": t_reward - t_gen, "train_s": t_train - t_reward, "sync_s": t_sync - t_train,
               "gen_tok_s": acc.reduce(n_tok, "sum").item() / (t_gen - t_eval),  # sampled tokens / s, all ranks
-              "train_tok_s": acc.reduce(n_seq_tok, "sum").item() / (t_train - t_gen)}  # tokens through fwd+bwd / s
+              "train_tok_s": acc.reduce(n_seq_tok, "sum").item() / (t_train - t_reward)}  # tokens through fwd+bwd / s
         if acc.is_main_process:
             metrics_f.write(json.dumps(m) + "\n")
             metrics_f.flush()

@@ -16,7 +16,6 @@ import os
 import socket
 import statistics
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,32 +23,8 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-SHAPES = {  # Qwen2 family, built from a config with random weights: nothing is downloaded
-    "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=32000),
-    "qwen0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                     num_key_value_heads=2, vocab_size=151936),
-    "qwen1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                     num_key_value_heads=2, vocab_size=151936),
-    "qwen7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                   num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-}
-
-
-def build_model(shape, dtype, path):
-    from tokenizers import Tokenizer, models
-    cfg = AutoConfig.for_model("qwen2", **({"tie_word_embeddings": True, "rope_theta": 1e6} | SHAPES[shape]))
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model.save_pretrained(path)
-    vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
-                                  eos_token="t1", pad_token="t0")
-    tok.save_pretrained(path)
-    return model
-
+from models import SHAPES, load_model, resolve_model  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
@@ -64,10 +39,13 @@ def main():
 
     gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if gpu else torch.float32
-    path = tempfile.mkdtemp(prefix="bench_model_")
-    model = build_model(a.shape, dtype, path)  # the trainer's copy (GPU 0 on a GPU machine)
+    path = resolve_model(f"random:{a.shape}")
+    model = load_model(path, dtype, "cuda:0" if gpu else "cpu")  # the trainer's copy
     n_params = sum(p.numel() for p in model.parameters())
-    ray.init(num_cpus=max(a.replicas, 2), num_gpus=torch.cuda.device_count() - 1 if gpu else 0,
+    if gpu:  # CUDA is up in this process with every GPU; Ray (started now) hands replicas GPUs 1..n only
+        assert torch.cuda.device_count() > a.replicas, f"{a.replicas} replicas + the trainer need more GPUs"
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(1, a.replicas + 1))
+    ray.init(num_cpus=max(a.replicas, 2), num_gpus=a.replicas if gpu else 0,
              include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": ROOT, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                                        "NCCL_NVLS_ENABLE": "0"}})
@@ -75,7 +53,7 @@ def main():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(infer_workers.build_app({"model": path, "engine": "torch", "num_workers": a.replicas,
+    serve.run(infer_workers.build_app({"model": f"random:{a.shape}", "engine": "torch", "num_workers": a.replicas,
                                        "dtype": str(dtype).removeprefix("torch.")}), name="bench", route_prefix="/bench")
     c = infer_workers.ServeClient("bench", timeout_s=300, sync={"bucket_mb": a.bucket_mb, "timeout_s": 300,
                                                                  "device": "cuda:0" if gpu else "cpu"})
