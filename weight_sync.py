@@ -161,10 +161,11 @@ class WeightSync:
                 f"weight sync group {g}: {joined} of {world - 1} replica workers took a rank within "
                 f"{self.timeout_s:.0f} s (replicas: {replicas}); replies: {answers}. A replica that cannot reach "
                 f"{self.host}:{self.port} never joins: check the trainer's sync host/port") from e
-        res = resp.result()
-        failed = [(r, x) for r, x in zip(replicas, res) if isinstance(x, BaseException)]
+        res = resp.result()  # broadcast results come in no fixed order: name replicas by what they returned
+        failed = [x for x in res if isinstance(x, BaseException)]
         if failed:
-            raise RuntimeError(f"weight sync group {g}: replica join failed: {failed}")
+            missing = sorted(set(replicas) - {x for x in res if not isinstance(x, BaseException)})
+            raise RuntimeError(f"weight sync group {g}: replicas {missing} failed to join: {failed}")
         self.members = {(s["replica"], g) for s in states}
         self.expected_workers = world - 1
 
