@@ -54,6 +54,7 @@ class Config:
     adam_beta2: float = 0.99
     grad_clip: float = 1.0  # max global grad norm
     micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate over the step
+    packing: bool = True  # micro-batch = one row of concatenated sequences, no padding (varlen attention)
     logprob_chunk: int = 1024  # tokens per lm_head + log-softmax chunk (bounds the [tokens, vocab] tensor)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     # --- inference
@@ -105,17 +106,20 @@ def load_config(argv: list[str]) -> Config:
 
 # ----------------------------------------------------------------------------- the math
 
-def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk=1024):
+def token_logprobs(model, inputs, temperature=1.0, chunk=1024):
     """Log-prob of each next token, and the entropy of its distribution.
 
     logp[b, t] = log softmax(logits[b, t] / T)[input_ids[b, t + 1]]   (logits at t predict t + 1)
+    inputs: collate()'s model inputs, padded [B, L] or packed [1, N]; packed results are unpacked.
     Returns ([B, L-1], [B, L-1]). The lm_head and the fp32 log-softmax run chunk tokens at a time
     under activation checkpointing, so at most [chunk, vocab] logits exist at once, forward or backward.
     """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    B, L, H = hidden.shape
-    h = hidden[:, :-1].reshape(-1, H)  # [B*(L-1), H]
-    targets = input_ids[:, 1:].reshape(-1)  # [B*(L-1)]
+    inputs = dict(inputs)
+    unpack = inputs.pop("unpack", None)  # [B, L-1] positions of the packed row, or None
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
+    R, L, H = hidden.shape
+    h = hidden[:, :-1].reshape(-1, H)  # [R*(L-1), H]
+    targets = inputs["input_ids"][:, 1:].reshape(-1)  # [R*(L-1)]
     head = model.get_output_embeddings()
     logps, ents = [], []
     for i in range(0, h.shape[0], chunk):
@@ -123,7 +127,8 @@ def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk=1024
                                                     targets[i:i + chunk], temperature, use_reentrant=False)
         logps.append(lp)
         ents.append(ent)
-    return torch.cat(logps).view(B, L - 1), torch.cat(ents).view(B, L - 1)
+    logp, ent = torch.cat(logps).view(R, L - 1), torch.cat(ents).view(R, L - 1)
+    return (logp[0, unpack], ent[0, unpack]) if unpack is not None else (logp, ent)
 
 
 def _chunk_logprobs(h, w, b, targets, temperature):
@@ -138,8 +143,29 @@ class Policy(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, temperature, chunk):
-        return token_logprobs(self.lm, input_ids, attention_mask, temperature, chunk)
+    def forward(self, inputs, temperature, chunk):
+        return token_logprobs(self.lm, inputs, temperature, chunk)
+
+
+def packed_attention(module, q, k, v, attention_mask, scaling=None, cu_seq_lens_q=None, max_length_q=None, **_):
+    """Causal attention inside each of the sequences packed into one row (transformers attention hook).
+
+    q [1, H, N, D], k/v [1, Hkv, N, D], cu_seq_lens_q [S+1] int32 sequence starts (last = N) -> [1, N, H, D].
+    CUDA: flash varlen kernel, no padding and no [N, N] mask. CPU: one sdpa per sequence (tests, tiny runs).
+    """
+    assert cu_seq_lens_q is not None, "packed attention needs collate(..., packed=True) inputs"
+    if not q.is_cuda:
+        bounds = cu_seq_lens_q.tolist()
+        outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, scale=scaling,
+                                               enable_gqa=True) for s, e in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(outs, 2).transpose(1, 2), None
+    from torch.nn.attention.varlen import varlen_attn
+    dtype = q.dtype if q.dtype != torch.float32 else torch.bfloat16  # fp32 sneaks in through fp32 RoPE tables
+    k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))  # GQA: [1, H, N, D]
+    q, k, v = (x[0].transpose(0, 1).to(dtype).contiguous() for x in (q, k, v))  # [N, H, D]
+    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
+                      window_size=(-1, 0))  # (-1, 0) = causal
+    return out[None], None
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
@@ -190,13 +216,24 @@ def loss_norm(cfg: Config, num_seqs: int, num_tokens: int) -> float:
     return {"grpo": num_seqs, "dr_grpo": num_seqs * cfg.max_new_tokens, "dapo": max(num_tokens, 1)}[cfg.loss_type]
 
 
-def collate(prompts, completions, pad_id, device):
-    """Prompt + completion ids, right-padded into one batch.
+def use_packed_attention(model):
+    """Route the model's attention through packed_attention: it then takes collate(..., packed=True) inputs."""
+    from transformers import AttentionInterface
+    AttentionInterface.register("packed", packed_attention)
+    model.set_attn_implementation("packed")
+    return model
+
+
+def collate(prompts, completions, pad_id, device, packed=False):
+    """Prompt + completion ids as model inputs, plus the loss mask and the engine's log-probs.
 
     prompts [[5, 6]], completions [{"token_ids": [7, 8, 9], "logprobs": [a, b, c]}], pad 0 ->
-      input_ids [[5, 6, 7, 8, 9]], attention [[1, 1, 1, 1, 1]]
+      input_ids [[5, 6, 7, 8, 9]], attention [[1, 1, 1, 1, 1]]   (right-padded to the longest)
       loss_mask [[0, 1, 1, 1]]      over the L-1 predicted positions: 1 where a completion token is predicted
       old_logp  [[0, a, b, c]]      the engine's log-probs, aligned to the same positions
+    packed: the sequences are concatenated into one row [1, N] with position ids restarting at 0 and
+    their starts cu_seq_lens [S+1]; "unpack" maps the row's predictions back to [B, L-1].
+    Returns (model inputs, loss_mask [B, L-1], old_logp [B, L-1]).
     """
     seqs = [p + c["token_ids"] for p, c in zip(prompts, completions)]
     L = max(map(len, seqs))
@@ -208,7 +245,45 @@ def collate(prompts, completions, pad_id, device):
         attn[b, :len(p) + n] = 1
         mask[b, len(p) - 1:len(p) - 1 + n] = 1
         old[b, len(p) - 1:len(p) - 1 + n] = torch.tensor(c["logprobs"])
-    return ids.to(device), attn.to(device), mask.to(device), old.to(device)
+    if not packed:
+        return {"input_ids": ids.to(device), "attention_mask": attn.to(device)}, mask.to(device), old.to(device)
+    keep = attn.bool()
+    starts = F.pad(attn.sum(-1).cumsum(0), (1, 0))  # [B+1]
+    unpack = (starts[:-1, None] + torch.arange(L - 1)) * attn[:, 1:]  # [B, L-1]; padding -> 0 (masked anyway)
+    inputs = {"input_ids": ids[keep][None], "position_ids": (attn.cumsum(-1) - 1)[keep][None],  # [1, N] each
+              "cu_seq_lens_q": starts.int(), "cu_seq_lens_k": starts.int(), "max_length_q": L, "max_length_k": L,
+              "unpack": unpack}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}, mask.to(device), old.to(device)
+
+
+def policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg: Config, pad_id):
+    """One AdamW step on this rank's share of the batch: grpo_loss over micro-batches, gradients
+    all-reduced once at the end, clipped. Returns (stats, this rank's completion tokens [1])."""
+    dev, world = acc.device, acc.num_processes
+    n_tok = torch.tensor([float(sum(len(c["token_ids"]) for c in completions))], device=dev)
+    norm = loss_norm(cfg, cfg.prompts_per_step * cfg.group_size, int(acc.reduce(n_tok, "sum").item()))
+    stats = {k: torch.zeros((), device=dev) for k in ["loss", "entropy", "clip_frac"] + (["kl"] if ref else [])}
+    policy.train()
+    mbs = range(0, len(completions), cfg.micro_batch_size)
+    for j, i in enumerate(mbs):
+        sl = slice(i, i + cfg.micro_batch_size)
+        inputs, mask, old = collate(seq_prompts[sl], completions[sl], pad_id, dev, cfg.packing)
+        ctx = acc.no_sync(policy) if j < len(mbs) - 1 else torch.enable_grad()  # all-reduce once, at the end
+        with ctx, acc.autocast():
+            logp, ent = policy(inputs, cfg.temperature, cfg.logprob_chunk)  # [b, L-1] each
+            with torch.no_grad():
+                ref_logp = token_logprobs(ref, inputs, cfg.temperature, cfg.logprob_chunk)[0] if ref else None
+            loss, st = grpo_loss(logp, old, ref_logp, adv[sl], mask, cfg, norm)
+            acc.backward(loss * world)  # DDP averages gradients over ranks; norm already counts them all
+        frac = mask.sum() / n_tok[0].clamp(min=1)  # this micro-batch's share of the completion tokens
+        stats["loss"] += loss.detach() * world
+        stats["entropy"] += (ent * mask).sum() / mask.sum().clamp(min=1) * frac
+        for k in st.keys() & {"clip_frac", "kl"}:
+            stats[k] += st[k] * frac
+    stats["grad_norm"] = acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return stats, n_tok
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -285,6 +360,9 @@ def main(cfg: Config, reward_fn=None):
         lm.gradient_checkpointing_enable()
     ref = load_model(cfg.model, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev).requires_grad_(False) \
         if cfg.kl_coef > 0 else None
+    if cfg.packing:
+        for m in filter(None, (lm, ref)):
+            use_packed_attention(m)
     if cfg.inference == "local":
         engine = TorchEngine(load_model(model_src, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev), tok)
     else:
@@ -355,31 +433,8 @@ def main(cfg: Config, reward_fn=None):
 
         # --- loss and step
         seq_prompts = [p for p in prompts for _ in range(cfg.group_size)]
-        n_tok = torch.tensor([float(sum(len(c["token_ids"]) for c in completions))], device=dev)
-        norm = loss_norm(cfg, cfg.prompts_per_step * cfg.group_size, int(acc.reduce(n_tok, "sum").item()))
-        stats = {"loss": 0.0, "entropy": 0.0, "clip_frac": 0.0} | ({"kl": 0.0} if ref else {})
-        policy.train()
-        mbs = range(0, len(completions), cfg.micro_batch_size)
-        for j, i in enumerate(mbs):
-            sl = slice(i, i + cfg.micro_batch_size)
-            ids, attn, mask, old = collate(seq_prompts[sl], completions[sl], tok.pad_token_id, dev)
-            ctx = acc.no_sync(policy) if j < len(mbs) - 1 else torch.enable_grad()  # all-reduce once, at the end
-            with ctx, acc.autocast():
-                logp, ent = policy(ids, attn, cfg.temperature, cfg.logprob_chunk)  # [b, L-1] each
-                with torch.no_grad():
-                    ref_logp = token_logprobs(ref, ids, attn, cfg.temperature, cfg.logprob_chunk)[0] if ref else None
-                loss, st = grpo_loss(logp, old, ref_logp, adv[sl], mask, cfg, norm)
-                acc.backward(loss * world)  # DDP averages gradients over ranks; norm already counts them all
-            frac = mask.sum().item() / max(n_tok.item(), 1)
-            stats["loss"] += loss.item() * world
-            stats["entropy"] += ((ent * mask).sum() / mask.sum().clamp(min=1)).item() * frac
-            stats["clip_frac"] += st["clip_frac"].item() * frac
-            if ref:
-                stats["kl"] += st["kl"].item() * frac
-        grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        opt.step()
+        stats, n_tok = policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg, tok.pad_token_id)
         sched.step()
-        opt.zero_grad(set_to_none=True)
         t_train = time.perf_counter()
 
         # --- sync: the engine samples the next step from the new weights
@@ -391,10 +446,10 @@ def main(cfg: Config, reward_fn=None):
         local = {k: torch.tensor([c[k] for c in comps], device=dev).mean() for k in comps[0]}  # reward + components
         local |= {"completion_len": lens.mean(),
                   "truncated": torch.tensor([c["finish_reason"] == "length" for c in completions], device=dev).float().mean()}
-        local |= {k: torch.tensor(v, device=dev) for k, v in stats.items()}
+        local |= {k: v.float() for k, v in stats.items()}
         m |= {k: acc.reduce(v, "mean").item() for k, v in local.items()}
         n_seq_tok = torch.tensor([float(sum(map(len, seq_prompts)))], device=dev) + n_tok  # prompt + completion
-        m |= {"grad_norm": float(grad_norm), "version": version, "step_s": t_sync - t0, "gen_s": t_gen - t_eval,
+        m |= {"version": version, "step_s": t_sync - t0, "gen_s": t_gen - t_eval,
               "reward_s": t_reward - t_gen, "train_s": t_train - t_reward, "sync_s": t_sync - t_train,
               "gen_tok_s": acc.reduce(n_tok, "sum").item() / (t_gen - t_eval),  # sampled tokens / s, all ranks
               "train_tok_s": acc.reduce(n_seq_tok, "sum").item() / (t_train - t_reward)}  # tokens through fwd+bwd / s

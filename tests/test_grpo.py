@@ -29,7 +29,7 @@ def test_logprobs_match_naive_shift(lm):
     ids = torch.randint(2, 500, (3, 11))
     attn = torch.ones_like(ids)
     for temperature in (1.0, 0.7):
-        fast, _ = token_logprobs(lm, ids, attn, temperature, chunk=4)  # chunk 4 splits rows mid-sequence
+        fast, _ = token_logprobs(lm, {"input_ids": ids, "attention_mask": attn}, temperature, chunk=4)  # chunk 4 splits rows mid-sequence
         torch.testing.assert_close(fast, naive_logprobs(lm, ids, attn, temperature), atol=1e-5, rtol=1e-5)
     unshifted = torch.log_softmax(lm(input_ids=ids).logits.float(), -1)[:, 1:].gather(-1, ids[:, 1:, None])[..., 0]
     assert not torch.allclose(fast, unshifted, atol=1e-3), "an off-by-one would match this"
@@ -42,7 +42,7 @@ def test_logprob_chunks_do_not_change_values_or_grads(lm):
     grads = []
     for chunk in (3, 1000):
         lm.zero_grad()
-        lp, ent = token_logprobs(lm, ids, attn, 1.0, chunk)
+        lp, ent = token_logprobs(lm, {"input_ids": ids, "attention_mask": attn}, 1.0, chunk)
         lp.sum().backward()
         grads.append((lp.detach(), ent, lm.model.embed_tokens.weight.grad.clone()))
     for a, b in zip(*grads):
@@ -59,9 +59,9 @@ def test_engine_logprobs_equal_trainer_logprobs(lm, tiny_model):
     prompts = [[5, 6, 7, 8, 9], [10, 11]]  # different lengths: exercises left padding in the engine
     groups = engine.generate(prompts, n=2, max_new_tokens=6, temperature=0.8, seed=3)
     comps = [c for g in groups for c in g]
-    ids, attn, mask, old = collate([p for p in prompts for _ in range(2)], comps, tok.pad_token_id, "cpu")
+    inputs, mask, old = collate([p for p in prompts for _ in range(2)], comps, tok.pad_token_id, "cpu")
     with torch.no_grad():
-        lp, _ = token_logprobs(lm, ids, attn, 0.8)
+        lp, _ = token_logprobs(lm, inputs, 0.8)
     torch.testing.assert_close(lp * mask, old, atol=1e-4, rtol=1e-4)
 
 
@@ -78,12 +78,36 @@ def test_engine_batching_and_padding_do_not_change_greedy_output(tiny_model):
 
 def test_collate_aligns_mask_and_old_logprobs():
     """loss_mask and old_logp sit at the L-1 positions that predict completion tokens."""
-    ids, attn, mask, old = collate([[5, 6], [7]], [{"token_ids": [1, 2, 3], "logprobs": [-.1, -.2, -.3]},
-                                                   {"token_ids": [4], "logprobs": [-.4]}], 0, "cpu")
-    assert ids.tolist() == [[5, 6, 1, 2, 3], [7, 4, 0, 0, 0]]
-    assert attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    prompts, comps = [[5, 6], [7]], [{"token_ids": [1, 2, 3], "logprobs": [-.1, -.2, -.3]}, {"token_ids": [4], "logprobs": [-.4]}]
+    inputs, mask, old = collate(prompts, comps, 0, "cpu")
+    assert inputs["input_ids"].tolist() == [[5, 6, 1, 2, 3], [7, 4, 0, 0, 0]]
+    assert inputs["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert mask.tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
     torch.testing.assert_close(old, torch.tensor([[0, -.1, -.2, -.3], [-.4, 0, 0, 0]]))
+    packed, pmask, pold = collate(prompts, comps, 0, "cpu", packed=True)
+    assert packed["input_ids"].tolist() == [[5, 6, 1, 2, 3, 7, 4]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1]]
+    assert packed["cu_seq_lens_q"].tolist() == [0, 5, 7] and packed["max_length_q"] == 5
+    assert packed["unpack"].tolist() == [[0, 1, 2, 3], [5, 0, 0, 0]]  # row position t of sequence b
+    assert torch.equal(pmask, mask) and torch.equal(pold, old)
+
+
+def test_packed_logprobs_and_grads_equal_padded(lm):
+    """Packing is a speed knob only: same log-probs, entropies and gradients as the padded batch."""
+    import copy
+    packed_lm = train.use_packed_attention(copy.deepcopy(lm))
+    prompts = [[5, 6, 7], list(range(10, 19)), [20]]
+    comps = [{"token_ids": list(range(30, 30 + n)), "logprobs": [-1.0] * n} for n in (6, 2, 4)]
+    out = []
+    for model, packed in ((lm, False), (packed_lm, True)):
+        model.zero_grad()
+        inputs, mask, _ = collate(prompts, comps, 0, "cpu", packed=packed)
+        lp, ent = token_logprobs(model, inputs, 0.9, chunk=5)
+        (lp * mask).sum().backward()
+        out.append((lp * mask, ent * mask, model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert out[0][2].abs().sum() > 0
 
 
 def test_group_advantages_by_hand():
@@ -101,17 +125,17 @@ def test_loss_sign_moves_likelihood_with_advantage(lm, adv):
     import copy
     model = copy.deepcopy(lm)
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
-    attn = torch.ones_like(ids)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     mask = torch.tensor([[0.0, 0, 1, 1, 1]])  # tokens 6, 7, 8 are the completion
     with torch.no_grad():
-        before = (token_logprobs(model, ids, attn)[0] * mask).sum()
-    logp, _ = token_logprobs(model, ids, attn)
+        before = (token_logprobs(model, inputs)[0] * mask).sum()
+    logp, _ = token_logprobs(model, inputs)
     loss, _ = grpo_loss(logp, logp.detach(), None, torch.tensor([adv]), mask, Config(), norm=1)
     loss.backward()
     with torch.no_grad():
         for p in model.parameters():
             p -= 0.1 * p.grad
-        after = (token_logprobs(model, ids, attn)[0] * mask).sum()
+        after = (token_logprobs(model, inputs)[0] * mask).sum()
     assert (after - before) * adv > 0, (before.item(), after.item(), adv)
 
 

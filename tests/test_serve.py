@@ -98,7 +98,7 @@ def test_push_perturbed_then_original(app, tiny_model):
     for p, (comp,) in zip(PROMPTS, out):
         ids = torch.tensor([p + comp["token_ids"]])
         with torch.no_grad():
-            lp = train.token_logprobs(hf, ids, torch.ones_like(ids), 0.7)[0][0, len(p) - 1:]
+            lp = train.token_logprobs(hf, {"input_ids": ids}, 0.7)[0][0, len(p) - 1:]
         torch.testing.assert_close(lp, torch.tensor(comp["logprobs"]), atol=1e-3, rtol=1e-3)
         assert comp["version"] == v1
     hf.load_state_dict(original, strict=False)

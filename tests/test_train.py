@@ -97,3 +97,14 @@ def test_two_ranks_with_accelerate_launch(tiny_model, tmp_path):
     assert "2 rank(s)" in p.stdout + p.stderr
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2]
     assert (run / "ckpt" / "latest" / "state.pt").exists()
+
+
+def test_two_rank_step_equals_one_rank(tmp_path):
+    """bench/multi_gpu.py on CPU (gloo DDP): 2 ranks' GRPO step = 1 rank's: loss, grad norm, weights."""
+    script = [os.path.join(ROOT, "bench", "multi_gpu.py"), "--shape", "small", "--prompts", "4", "--ref", str(tmp_path)]
+    subprocess.run([sys.executable] + script, check=True, timeout=600, capture_output=True)
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", *script], check=True, timeout=600, capture_output=True, text=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["world"] == 2 and r["loss_rel_diff"] < 1e-5 and r["grad_norm_rel_diff"] < 1e-5, r
+    assert r["weights_rel_err_max"] < 1e-3, r

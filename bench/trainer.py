@@ -1,0 +1,141 @@
+"""GRPO training-step throughput and MFU, padded vs packed micro-batches, in one run. One JSON line.
+
+    python bench/trainer.py                                  # GPU: random:qwen0.5b, 64 prompts x G=8
+    python bench/trainer.py --shape small --prompts 2 --group 2 --prompt-len 8 16 --completion-len 4 24
+
+Times train.policy_step (the exact code train.py runs: collate, chunked log-probs, grpo_loss, backward,
+clip, AdamW) on one synthetic batch with realistic lengths (prompts ~200 tokens, completions 50-400),
+for each variant, after one warm-up step, starting from the same weights:
+  padded:         right-padded micro-batches of --padded-mb sequences, sdpa attention
+  packed:         micro-batches of --packed-mb sequences concatenated into one row, varlen flash attention
+  packed+ckpt:    the same with activation checkpointing (memory for time)
+and checks that the variants' first-step losses agree. MFU counts model FLOPs on real tokens only
+(6 * matmul params * tokens + causal attention; no recompute), against --peak-tflops.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import train  # noqa: E402
+from models import SHAPES, load_model  # noqa: E402
+
+
+def model_flops(lm, lengths) -> float:
+    """fwd + bwd FLOPs of the batch: 6 per matmul weight per token (lm_head included), plus causal attention."""
+    c = lm.config
+    matmul = sum(p.numel() for n, p in lm.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    if c.tie_word_embeddings:
+        matmul += lm.get_output_embeddings().weight.numel()  # tied: the lm_head matmul still runs
+    attn_dim = c.num_attention_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
+    # per layer per sequence of n: QK^T and PV, 2 * n^2 / 2 * d each (causal), x3 for fwd + bwd
+    attention = sum(6 * c.num_hidden_layers * attn_dim * n * n for n in lengths)
+    return 6 * matmul * sum(lengths) + attention
+
+
+def kernel_shares(step):
+    """Share of GPU kernel time per kind over one step, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kinds = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        if e.device_type.name != "CUDA":
+            continue
+        name = e.key.lower()
+        kind = "attention" if "flash" in name or "fmha" in name or "attention" in name else \
+            "gemm" if any(s in name for s in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")) else "other"
+        kinds[kind] += e.self_device_time_total
+    total = sum(kinds.values()) or 1.0
+    return {k: round(v / total, 3) for k, v in kinds.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen0.5b", choices=sorted(SHAPES))
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=[150, 250])
+    ap.add_argument("--completion-len", type=int, nargs=2, default=[50, 400])
+    ap.add_argument("--padded-mb", type=int, default=16)
+    ap.add_argument("--packed-mb", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak: H100/H200 SXM 989")
+    ap.add_argument("--variants", nargs="+", default=["padded", "packed", "packed+ckpt"])
+    ap.add_argument("--profile", action="store_true", help="kernel-time shares of one packed step")
+    a = ap.parse_args()
+    from accelerate import Accelerator
+
+    gpu = torch.cuda.is_available()
+    acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no")
+    rng = random.Random(0)
+    lm = load_model(f"random:{a.shape}", torch.float32, acc.device)
+    vocab = lm.config.vocab_size
+    prompts = [[rng.randrange(2, vocab) for _ in range(rng.randint(*a.prompt_len))] for _ in range(a.prompts)]
+    seq_prompts = [p for p in prompts for _ in range(a.group)]
+    completions = []
+    for _ in seq_prompts:
+        n = rng.randint(*a.completion_len)
+        completions.append({"token_ids": [rng.randrange(2, vocab) for _ in range(n)],
+                            "logprobs": [-math.log(vocab)] * n})  # ~ a random model's: ratio ~ 1
+    adv = torch.randn(len(completions), generator=torch.Generator().manual_seed(0)).to(acc.device)
+    lengths = [len(p) + len(c["token_ids"]) for p, c in zip(seq_prompts, completions)]
+    flops = model_flops(lm, lengths)
+    init = {k: v.detach().clone() for k, v in lm.state_dict().items()}
+
+    out = {"bench": "trainer", "device": torch.cuda.get_device_name() if gpu else "cpu", "shape": a.shape,
+           "sequences": len(completions), "tokens": sum(lengths), "model_tflop_per_step": round(flops / 1e12, 1)}
+    losses = {}
+    for variant in a.variants:
+        cfg = train.Config(prompts_per_step=a.prompts, group_size=a.group, max_new_tokens=a.completion_len[1],
+                           packing=variant.startswith("packed"), grad_checkpointing=variant.endswith("ckpt"),
+                           micro_batch_size=a.packed_mb if variant.startswith("packed") else a.padded_mb)
+        lm.load_state_dict(init)
+        lm.set_attn_implementation("sdpa")
+        if cfg.packing:
+            train.use_packed_attention(lm)
+        lm.gradient_checkpointing_enable() if cfg.grad_checkpointing else lm.gradient_checkpointing_disable()
+        opt = torch.optim.AdamW(lm.parameters(), lr=1e-6, fused=gpu)
+        policy, opt = acc.prepare(train.Policy(lm), opt)
+
+        def step():
+            return train.policy_step(acc, policy, None, opt, seq_prompts, completions, adv, cfg, pad_id=0)[0]
+
+        if gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        losses[variant] = step()["loss"].item()  # warm-up, from the initial weights: comparable across variants
+        times = []
+        for _ in range(a.iters):
+            t = time.perf_counter()
+            step()
+            if gpu:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        s = min(times)
+        out[variant] = {"step_s": round(s, 3), "tok_s": round(sum(lengths) / s), "mfu": round(flops / s / (a.peak_tflops * 1e12), 3),
+                        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
+                        "micro_batch": cfg.micro_batch_size}
+        if a.profile and gpu and variant == "packed":
+            out[variant]["kernel_time_share"] = kernel_shares(step)
+        del policy, opt
+        acc.free_memory()
+    ref = losses[a.variants[0]]
+    out["first_step_loss"] = {k: round(v, 6) for k, v in losses.items()}
+    out["max_loss_rel_diff"] = max(abs(v - ref) / max(abs(ref), 1e-8) for v in losses.values())
+    if "padded" in out and "packed" in out:
+        out["packed_speedup"] = round(out["padded"]["step_s"] / out["packed"]["step_s"], 2)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
