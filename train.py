@@ -364,7 +364,8 @@ def main(cfg: Config, reward_fn=None):
         for m in filter(None, (lm, ref)):
             use_packed_attention(m)
     if cfg.inference == "local":
-        engine = TorchEngine(load_model(model_src, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev), tok)
+        engine = TorchEngine(load_model(model_src, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev), tok,
+                             max_batch=256 if dev.type == "cuda" else 64)  # rows per decode step
     else:
         import ray
         from infer_workers import ServeClient

@@ -1,0 +1,147 @@
+"""Rollout throughput: TorchEngine vs stock HF `generate`, greedy, same prompts, in one run. One JSON line.
+
+    python bench/rollout.py                                     # GPU: random:qwen0.5b in bf16, bs 256 and 64
+    python bench/rollout.py --shape small --device cpu --batch 8 4 --new-tokens 32 --fp32-batch 4
+
+Prompts are random token ids (fixed seed, lengths drawn from --prompt-len), left-padded. Every row
+generates exactly --new-tokens: the eos is an id no row can emit (the vocab size) in both engines, so both
+do identical work. Variants, per batch size, each after a warm-up:
+  stock:  model.generate(do_sample=False), its default dynamic cache (timed --stock-iters times: it is slow)
+  graphs: TorchEngine with its static cache, decode steps replayed as CUDA graphs (CUDA only)
+  eager:  TorchEngine with its static cache, no graphs
+tokens/s = rows x new tokens / s (median). Ours is timed end to end through `generate` (sampling, logprobs,
+lists and text included); stock returns a tensor. Checks: the share of rows whose greedy tokens equal
+stock's, and where the others first differ (bf16 near-ties can flip); then the same on a smaller fp32
+copy (--fp32-batch rows), where every row should match. Peak memory is the CUDA allocator's peak during
+the variant's timed runs, weights included; each engine is built fresh and freed after its variant.
+"""
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from infer_workers import TorchEngine  # noqa: E402
+from models import SHAPES, load_model, load_tokenizer  # noqa: E402
+from weight_sync import DTYPES  # noqa: E402
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, iters, dev):
+    """(median seconds over iters runs, the last run's result)."""
+    times = []
+    for _ in range(iters):
+        sync(dev)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def stock_generate(model, prompts, new_tokens, eos):
+    """HF generate on the left-padded batch -> [rows][new_tokens] token ids."""
+    L, dev = max(map(len, prompts)), model.device
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=dev)
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=dev)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=0)
+    return out[:, L:].tolist()
+
+
+def ours_generate(engine, prompts, new_tokens):
+    return [g[0]["token_ids"] for g in engine.generate(prompts, max_new_tokens=new_tokens, temperature=0)]
+
+
+def agreement(got, want) -> dict:
+    """Share of rows equal token for token, and the mean index of the first differing token among the others."""
+    first = [next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+             for g, w in zip(got, want) if g != w]
+    return {"identical_rows": round(1 - len(first) / len(want), 4),
+            "first_divergence_mean": round(statistics.mean(first), 1) if first else None}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen0.5b", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--batch", type=int, nargs="+", default=[256, 64], help="rows per generate call")
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=[150, 250], help="prompt lengths: uniform in [lo, hi]")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=3, help="timed runs of our engine (median)")
+    ap.add_argument("--stock-iters", type=int, default=1, help="timed runs of stock generate (median)")
+    ap.add_argument("--fp32-batch", type=int, default=32, help="rows of the fp32 equality check (0: skip)")
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    dtype = DTYPES[a.dtype or ("bfloat16" if dev.type == "cuda" else "float32")]
+    name = f"random:{a.shape}"
+    model, tok = load_model(name, dtype, dev), load_tokenizer(name)
+    V = model.config.vocab_size
+    eos = [V]  # no row can emit it: every row runs to --new-tokens in both engines
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(a.prompt_len[0], a.prompt_len[1] + 1, (max(a.batch),), generator=g)
+    prompts = [torch.randint(2, V, (int(n),), generator=g).tolist() for n in lengths]
+    variants = ["stock", "graphs", "eager"] if dev.type == "cuda" else ["stock", "eager"]
+
+    def engine(variant, model, max_batch):
+        e = TorchEngine(model, tok, max_batch=max_batch, cuda_graphs=variant == "graphs")
+        e.eos = torch.tensor(eos, device=dev)
+        return e
+
+    def peak_mb():
+        return round(torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else None
+
+    out = {"bench": "rollout", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "shape": a.shape, "params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype)[6:],
+           "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "iters": a.iters, "stock_iters": a.stock_iters}
+    for B in a.batch:
+        batch, res, tokens = prompts[:B], {}, {}
+        for v in variants:
+            if v == "stock":
+                stock_generate(model, batch, 8, eos)  # warm-up: kernels, allocator
+                run, iters = (lambda: stock_generate(model, batch, a.new_tokens, eos)), a.stock_iters
+            else:
+                e = engine(v, model, B)
+                first_s, _ = timed(lambda: ours_generate(e, batch, a.new_tokens), 1, dev)  # warm-up: cache, graphs
+                res[f"{v}_first_run_s"] = round(first_s, 2)
+                run, iters = (lambda: ours_generate(e, batch, a.new_tokens)), a.iters
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            s, tokens[v] = timed(run, iters, dev)
+            res |= {f"{v}_tok_s": round(B * a.new_tokens / s, 1), f"{v}_peak_mb": peak_mb()}
+            run = e = None  # free this variant's engine (cache, graphs) before the next one
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        for v in variants[1:]:
+            res[f"{v}_over_stock"] = round(res[f"{v}_tok_s"] / res["stock_tok_s"], 2)
+            res |= {f"{v}_vs_stock_{k}": x for k, x in agreement(tokens[v], tokens["stock"]).items()}
+        if "graphs" in tokens:
+            res["graphs_vs_eager_identical_rows"] = agreement(tokens["graphs"], tokens["eager"])["identical_rows"]
+        out[f"bs{B}"] = res
+    if a.fp32_batch:  # fp32: no bf16 near-ties, so ours should equal stock row for row
+        del model
+        model32 = load_model(name, torch.float32, dev)
+        batch = prompts[:a.fp32_batch]
+        want = stock_generate(model32, batch, a.new_tokens, eos)
+        got = ours_generate(engine(variants[1], model32, len(batch)), batch, a.new_tokens)
+        out |= {f"fp32_{variants[1]}_vs_stock_{k}": x for k, x in agreement(got, want).items()}
+        out["fp32_batch"] = a.fp32_batch
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

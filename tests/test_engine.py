@@ -1,0 +1,142 @@
+"""TorchEngine against HF: greedy tokens equal `model.generate`, logprobs equal a teacher-forced forward,
+seeds, weight updates. Tiny random fp32 models built here (Llama with GQA, Qwen2 with qkv biases and tied
+embeddings, GPT-2 for the HF fallback); weights drawn at std 0.3 so greedy paths are varied, not one
+repeated token. CUDA-only tests (graphs vs eager vs stock generate) are skipped without a GPU."""
+import pytest
+import torch
+
+from infer_workers import TorchEngine
+from models import load_tokenizer
+
+VOCAB = 512  # the tiny_model tokenizer's: pad 0, eos 1
+
+
+def build(arch, device="cpu"):
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, eos_token_id=1, pad_token_id=0, bos_token_id=None, tie_word_embeddings=True)
+    model = {"llama": lambda: LlamaForCausalLM(LlamaConfig(**common)),
+             "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common)),  # qkv biases
+             "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                                                        eos_token_id=1, pad_token_id=0, bos_token_id=None))}[arch]()
+    with torch.no_grad():
+        for p in model.parameters():  # biases too: zero at init
+            p.normal_(0, 1.0 if arch == "gpt2" else 0.3)  # tiny GPT-2 repeats one token at 0.3
+    return model.to(device).eval()
+
+
+def random_prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model, prompts, max_new_tokens):
+    """Stock HF generate on the left-padded batch -> per row the new tokens, up to and with its first eos."""
+    L = max(map(len, prompts))
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in out[:, L:].tolist()]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    return load_tokenizer(tiny_model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_greedy_equals_hf_generate_with_left_padding_and_eos(arch, tok):
+    """Greedy tokens equal HF generate's token for token on prompts of mixed lengths; a row that emits an
+    eos stops there ("stop"), the others run to max_new_tokens ("length"). GPT-2 takes the HF fallback."""
+    model = build(arch)
+    prompts = random_prompts((3, 9, 1, 17, 6))
+    free = hf_greedy(model, prompts, 20)
+    stop = next(t for row in free for t in row if any(t not in other for other in free))  # some rows emit it, not all
+    model.generation_config.eos_token_id = [1, stop]
+    engine = TorchEngine(model, tok)
+    assert engine.static == (arch != "gpt2")
+    want = hf_greedy(model, prompts, 20)
+    got = [g[0] for g in engine.generate(prompts, max_new_tokens=20, temperature=0)]
+    assert [c["token_ids"] for c in got] == want
+    for c in got:
+        assert c["finish_reason"] == ("stop" if c["token_ids"][-1] in (1, stop) else "length")
+    assert {c["finish_reason"] for c in got} == {"stop", "length"}
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.0])
+def test_logprobs_equal_teacher_forced_log_softmax(temperature, tok):
+    """Each sampled token's logprob is log_softmax(logits / T) of a teacher-forced forward over
+    prompt + completion (greedy: T = 1), however the row was padded in the batch."""
+    model = build("qwen2")
+    prompts = random_prompts((4, 11, 2))
+    groups = TorchEngine(model, tok).generate(prompts, n=2, max_new_tokens=12, temperature=temperature, seed=5)
+    for p, group in zip(prompts, groups):
+        for c in group:
+            with torch.no_grad():
+                logits = model(torch.tensor([p + c["token_ids"]])).logits[0, len(p) - 1:-1]  # [N, V]
+            want = torch.log_softmax(logits / (temperature or 1.0), -1).gather(-1, torch.tensor(c["token_ids"])[:, None])
+            torch.testing.assert_close(torch.tensor(c["logprobs"]), want[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_same_seed_same_samples_other_seed_other_samples(tok):
+    """Sampling is a function of the seed: equal seeds give equal completions, another seed others."""
+    engine = TorchEngine(build("llama"), tok)
+    prompts = random_prompts((5, 8))
+    run = lambda seed: [c["token_ids"] for g in engine.generate(prompts, n=3, max_new_tokens=16, seed=seed) for c in g]  # noqa: E731
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_update_weights_changes_outputs_and_restoring_restores_them(tok):
+    """update_weights copies in place: perturbed weights change greedy outputs, the originals bring them back."""
+    model = build("qwen2")
+    engine = TorchEngine(model, tok)
+    prompts = random_prompts((6, 3, 10))
+    greedy = lambda: [g[0]["token_ids"] for g in engine.generate(prompts, max_new_tokens=12, temperature=0)]  # noqa: E731
+    before, original = greedy(), {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    engine.update_weights((k, v + 0.3 * torch.randn_like(v)) for k, v in original.items())
+    assert greedy() != before
+    assert engine.update_weights(original.items()) == 2
+    assert greedy() == before
+
+
+def test_cache_grown_by_a_longer_call_keeps_outputs(tok):
+    """A cache grown (more rows, more slots) by a later call gives a fresh engine's outputs."""
+    model = build("llama")
+    prompts = random_prompts((5, 12, 2, 7, 9))
+    fresh = TorchEngine(model, tok).generate(prompts, max_new_tokens=150, temperature=0)
+    engine = TorchEngine(model, tok)
+    engine.generate(prompts[:1], max_new_tokens=3, temperature=0)  # a small cache first
+    assert engine.generate(prompts, max_new_tokens=150, temperature=0) == fresh
+
+
+def test_too_long_request_names_max_model_len(tok):
+    """prompt + max_new_tokens over max_model_len is an error that names the knob."""
+    engine = TorchEngine(build("llama"), tok, max_model_len=32)
+    with pytest.raises(AssertionError, match="max_model_len"):
+        engine.generate(random_prompts((10,)), max_new_tokens=30)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_equal_eager_and_hf_generate_and_follow_weight_updates(tok):
+    """fp32 on CUDA: graph-replayed decode steps (batch bucket 4 for 3 rows, attended length crossing a
+    128-slot bucket) give eager's and HF generate's greedy tokens; after update_weights the same graphs
+    compute with the new weights (no re-capture)."""
+    model = build("qwen2", "cuda")
+    prompts = random_prompts((100, 90, 120))
+    graphs, eager = TorchEngine(model, tok), TorchEngine(model, tok, cuda_graphs=False)
+    run = lambda e: [g[0]["token_ids"] for g in e.generate(prompts, max_new_tokens=60, temperature=0)]  # noqa: E731
+    assert run(graphs) == run(eager) == hf_greedy(model, prompts, 60)
+    assert sorted(graphs.graphs) == [(4, 128), (4, 256)]
+    captured = {k: g for k, (g, _) in graphs.graphs.items()}
+    torch.manual_seed(1)
+    state = {k: v + 0.3 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    for e in (graphs, eager):  # both engines share the model: the second copy writes the same values again
+        e.update_weights(state.items())
+    assert run(graphs) == run(eager) == hf_greedy(model, prompts, 60)
+    assert {k: g for k, (g, _) in graphs.graphs.items()} == captured  # the same CUDAGraph objects
