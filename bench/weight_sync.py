@@ -16,6 +16,7 @@ import os
 import socket
 import statistics
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +33,7 @@ def main():
     ap.add_argument("--shape", default="small", choices=sorted(SHAPES))
     ap.add_argument("--bucket-mb", type=float, default=256.0)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--deploy-timeout-s", type=float, default=300.0)
     a = ap.parse_args()
     import ray
     from ray import serve
@@ -45,16 +47,21 @@ def main():
     if gpu:  # CUDA is up in this process with every GPU; Ray (started now) hands replicas GPUs 1..n only
         assert torch.cuda.device_count() > a.replicas, f"{a.replicas} replicas + the trainer need more GPUs"
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(1, a.replicas + 1))
+    pythonpath = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))  # keep wheels found there
     ray.init(num_cpus=max(a.replicas, 2), num_gpus=a.replicas if gpu else 0,
-             include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+             include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                                        "NCCL_NVLS_ENABLE": "0"}})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(infer_workers.build_app({"model": f"random:{a.shape}", "engine": "torch", "num_workers": a.replicas,
-                                       "dtype": str(dtype).removeprefix("torch.")}), name="bench", route_prefix="/bench")
+    app = infer_workers.build_app({"model": f"random:{a.shape}", "engine": "torch", "num_workers": a.replicas,
+                                   "dtype": str(dtype).removeprefix("torch.")})
+    deploy = threading.Thread(target=lambda: (serve.start(http_options={"host": "127.0.0.1", "port": port}),
+                                              serve.run(app, name="bench", route_prefix="/bench")), daemon=True)
+    deploy.start()
+    deploy.join(a.deploy_timeout_s)  # serve.run itself waits without a limit
+    assert not deploy.is_alive(), f"the app was not up after {a.deploy_timeout_s} s: see the replica errors above"
     c = infer_workers.ServeClient("bench", timeout_s=300, sync={"bucket_mb": a.bucket_mb, "timeout_s": 300,
                                                                  "device": "cuda:0" if gpu else "cpu"})
     state = list(model.state_dict().items())

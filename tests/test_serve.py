@@ -30,7 +30,8 @@ def cluster():
     import ray
     from ray import serve
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+                                       "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})  # ROOT + any wheels found there
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
