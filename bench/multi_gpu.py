@@ -79,7 +79,8 @@ def main():
         out |= {"ref_loss": ref["loss"], "loss_rel_diff": abs(loss - ref["loss"]) / abs(ref["loss"]),
                 "grad_norm_rel_diff": abs(grad_norm - ref["grad_norm"]) / ref["grad_norm"],
                 "weights_rel_err_median": sorted(err.values())[len(err) // 2], "weights_rel_err_max": err[worst],
-                "worst_tensor": worst, "tensors": len(delta)}
+                "worst_tensor": worst, "tensors": len(delta), "bad_tensors": [k for k in err if err[k] > 0.05][:6],
+                "unchanged_tensors": sum(bool((d == 0).all()) for d in delta.values())}
     print(json.dumps(out), flush=True)
 
 
