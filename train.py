@@ -57,6 +57,7 @@ class Config:
     packing: bool = True  # micro-batch = one row of concatenated sequences, no padding (varlen attention)
     logprob_chunk: int = 1024  # tokens per lm_head + log-softmax chunk (bounds the [tokens, vocab] tensor)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    compile: bool = False  # torch.compile the decoder layers and the log-softmax chunks: fused elementwise work
     # --- inference
     inference: str = "local"  # local: an in-process TorchEngine per rank | serve: a running app of infer_workers.py
     serve_app: str = "default"  # that app's name (serve run --name); found through ray_address
@@ -106,13 +107,14 @@ def load_config(argv: list[str]) -> Config:
 
 # ----------------------------------------------------------------------------- the math
 
-def token_logprobs(model, inputs, temperature=1.0, chunk=1024):
+def token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=False):
     """Log-prob of each next token, and the entropy of its distribution.
 
     logp[b, t] = log softmax(logits[b, t] / T)[input_ids[b, t + 1]]   (logits at t predict t + 1)
     inputs: collate()'s model inputs, padded [B, L] or packed [1, N]; packed results are unpacked.
     Returns ([B, L-1], [B, L-1]). The lm_head and the fp32 log-softmax run chunk tokens at a time
-    under activation checkpointing, so at most [chunk, vocab] logits exist at once, forward or backward.
+    under activation checkpointing, so at most [chunk, vocab] logits exist at once, forward or backward;
+    compiled: that chunk's cast / log-softmax / gather / entropy run as fused kernels (torch.compile).
     """
     inputs = dict(inputs)
     unpack = inputs.pop("unpack", None)  # [B, L-1] positions of the packed row, or None
@@ -123,7 +125,7 @@ def token_logprobs(model, inputs, temperature=1.0, chunk=1024):
     head = model.get_output_embeddings()
     logps, ents = [], []
     for i in range(0, h.shape[0], chunk):
-        lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, h[i:i + chunk], head.weight, head.bias,
+        lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs_compiled if compiled else _chunk_logprobs, h[i:i + chunk], head.weight, head.bias,
                                                     targets[i:i + chunk], temperature, use_reentrant=False)
         logps.append(lp)
         ents.append(ent)
@@ -137,16 +139,28 @@ def _chunk_logprobs(h, w, b, targets, temperature):
     return logp.gather(-1, targets[:, None]).squeeze(-1), entropy  # [N], [N]
 
 
+_chunk_logprobs_compiled = torch.compile(_chunk_logprobs, dynamic=True)  # compiles on first call
+
+
+def compile_model(lm):
+    """torch.compile each decoder layer: norms, RoPE, SiLU and residual adds fuse into a few kernels around
+    the GEMMs. Weights are graph inputs, so all layers share one compiled graph; attention is left eager."""
+    for layer in lm.get_decoder().layers:
+        layer.compile(dynamic=True)
+    return lm
+
+
 class Policy(torch.nn.Module):
     """The LM, with a forward that returns token log-probs: so DDP/FSDP wrap the call we make."""
-    def __init__(self, lm):
+    def __init__(self, lm, compiled=False):
         super().__init__()
-        self.lm = lm
+        self.lm, self.compiled = lm, compiled
 
     def forward(self, inputs, temperature, chunk):
-        return token_logprobs(self.lm, inputs, temperature, chunk)
+        return token_logprobs(self.lm, inputs, temperature, chunk, self.compiled)
 
 
+@torch.compiler.disable  # a graph break in compiled layers: varlen takes Python ints, the CPU path a loop
 def packed_attention(module, q, k, v, attention_mask, scaling=None, cu_seq_lens_q=None, max_length_q=None, **_):
     """Causal attention inside each of the sequences packed into one row (transformers attention hook).
 
@@ -272,7 +286,7 @@ def policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg: Confi
         with ctx, acc.autocast():
             logp, ent = policy(inputs, cfg.temperature, cfg.logprob_chunk)  # [b, L-1] each
             with torch.no_grad():
-                ref_logp = token_logprobs(ref, inputs, cfg.temperature, cfg.logprob_chunk)[0] if ref else None
+                ref_logp = token_logprobs(ref, inputs, cfg.temperature, cfg.logprob_chunk, cfg.compile)[0] if ref else None
             loss, st = grpo_loss(logp, old, ref_logp, adv[sl], mask, cfg, norm)
             acc.backward(loss * world)  # DDP averages gradients over ranks; norm already counts them all
         frac = mask.sum() / n_tok[0].clamp(min=1)  # this micro-batch's share of the completion tokens
@@ -363,6 +377,9 @@ def main(cfg: Config, reward_fn=None):
     if cfg.packing:
         for m in filter(None, (lm, ref)):
             use_packed_attention(m)
+    if cfg.compile:
+        for m in filter(None, (lm, ref)):
+            compile_model(m)
     if cfg.inference == "local":
         engine = TorchEngine(load_model(model_src, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev), tok,
                              max_batch=256 if dev.type == "cuda" else 64)  # rows per decode step
@@ -375,7 +392,7 @@ def main(cfg: Config, reward_fn=None):
         engine = ServeClient(cfg.serve_app, cfg.sync_timeout_s, sync)
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
-    policy, opt = acc.prepare(Policy(lm), opt)
+    policy, opt = acc.prepare(Policy(lm, cfg.compile), opt)
 
     def push_weights():
         """Policy weights -> the engine. Returns the engine's new weight version (None on ranks that don't push)."""

@@ -9,6 +9,7 @@ for each variant, after one warm-up step, starting from the same weights:
   padded:         right-padded micro-batches of --padded-mb sequences, sdpa attention
   packed:         micro-batches of --packed-mb sequences concatenated into one row, varlen flash attention
   packed+ckpt:    the same with activation checkpointing (memory for time)
+  packed+compile: packed, decoder layers and log-softmax chunks torch.compiled (compiled in the warm-up step)
 and checks that the variants' first-step losses agree. MFU counts model FLOPs on real tokens only
 (6 * matmul params * tokens + causal attention; no recompute), against --peak-tflops.
 """
@@ -47,7 +48,7 @@ def kernel_shares(step):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    kinds = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    kinds, others = {"gemm": 0.0, "attention": 0.0, "other": 0.0}, {}
     for e in prof.key_averages():
         if e.device_type.name != "CUDA":
             continue
@@ -55,8 +56,11 @@ def kernel_shares(step):
         kind = "attention" if "flash" in name or "fmha" in name or "attention" in name else \
             "gemm" if any(s in name for s in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")) else "other"
         kinds[kind] += e.self_device_time_total
+        if kind == "other":
+            others[e.key[:60]] = e.self_device_time_total
     total = sum(kinds.values()) or 1.0
-    return {k: round(v / total, 3) for k, v in kinds.items()}
+    top = sorted(others.items(), key=lambda kv: -kv[1])[:8]  # the non-GEMM kernels that cost most
+    return {k: round(v / total, 3) for k, v in kinds.items()} | {"top_other": {k: round(v / total, 3) for k, v in top}}
 
 
 def main():
@@ -70,9 +74,11 @@ def main():
     ap.add_argument("--packed-mb", type=int, default=64)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak: H100/H200 SXM 989")
-    ap.add_argument("--variants", nargs="+", default=["padded", "packed", "packed+ckpt"])
+    ap.add_argument("--variants", nargs="+", default=["padded", "packed", "packed+ckpt", "packed+compile"])
     ap.add_argument("--profile", action="store_true", help="kernel-time shares of one packed step")
     a = ap.parse_args()
+    compiled = [v.endswith("compile") for v in a.variants]
+    assert compiled == sorted(compiled), "compiled variants go last: compiled layers stay compiled"
     from accelerate import Accelerator
 
     gpu = torch.cuda.is_available()
@@ -98,14 +104,17 @@ def main():
     for variant in a.variants:
         cfg = train.Config(prompts_per_step=a.prompts, group_size=a.group, max_new_tokens=a.completion_len[1],
                            packing=variant.startswith("packed"), grad_checkpointing=variant.endswith("ckpt"),
+                           compile=variant.endswith("compile"),
                            micro_batch_size=a.packed_mb if variant.startswith("packed") else a.padded_mb)
         lm.load_state_dict(init)
         lm.set_attn_implementation("sdpa")
         if cfg.packing:
             train.use_packed_attention(lm)
         lm.gradient_checkpointing_enable() if cfg.grad_checkpointing else lm.gradient_checkpointing_disable()
+        if cfg.compile:
+            train.compile_model(lm)
         opt = torch.optim.AdamW(lm.parameters(), lr=1e-6, fused=gpu)
-        policy, opt = acc.prepare(train.Policy(lm), opt)
+        policy, opt = acc.prepare(train.Policy(lm, cfg.compile), opt)
 
         def step():
             return train.policy_step(acc, policy, None, opt, seq_prompts, completions, adv, cfg, pad_id=0)[0]
@@ -113,7 +122,9 @@ def main():
         if gpu:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
         losses[variant] = step()["loss"].item()  # warm-up, from the initial weights: comparable across variants
+        warmup_s = time.perf_counter() - t  # compilation included
         times = []
         for _ in range(a.iters):
             t = time.perf_counter()
@@ -124,8 +135,8 @@ def main():
         s = min(times)
         out[variant] = {"step_s": round(s, 3), "tok_s": round(sum(lengths) / s), "mfu": round(flops / s / (a.peak_tflops * 1e12), 3),
                         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
-                        "micro_batch": cfg.micro_batch_size}
-        if a.profile and gpu and variant == "packed":
+                        "micro_batch": cfg.micro_batch_size, "warmup_step_s": round(warmup_s, 1)}
+        if a.profile and gpu and variant in ("packed", "packed+compile"):
             out[variant]["kernel_time_share"] = kernel_shares(step)
         del policy, opt
         acc.free_memory()

@@ -92,22 +92,27 @@ def test_collate_aligns_mask_and_old_logprobs():
     assert torch.equal(pmask, mask) and torch.equal(pold, old)
 
 
-def test_packed_logprobs_and_grads_equal_padded(lm):
-    """Packing is a speed knob only: same log-probs, entropies and gradients as the padded batch."""
+def test_packed_and_compiled_logprobs_and_grads_equal_padded(lm):
+    """Packing and torch.compile are speed knobs only: same log-probs, entropies and gradients as the
+    padded eager batch (compiled: two packed batches of different lengths, one compiled graph each)."""
     import copy
     packed_lm = train.use_packed_attention(copy.deepcopy(lm))
+    compiled_lm = train.compile_model(train.use_packed_attention(copy.deepcopy(lm)))
     prompts = [[5, 6, 7], list(range(10, 19)), [20]]
     comps = [{"token_ids": list(range(30, 30 + n)), "logprobs": [-1.0] * n} for n in (6, 2, 4)]
-    out = []
-    for model, packed in ((lm, False), (packed_lm, True)):
-        model.zero_grad()
-        inputs, mask, _ = collate(prompts, comps, 0, "cpu", packed=packed)
-        lp, ent = token_logprobs(model, inputs, 0.9, chunk=5)
-        (lp * mask).sum().backward()
-        out.append((lp * mask, ent * mask, model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
-    for a, b in zip(*out):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert out[0][2].abs().sum() > 0
+    for sl in (slice(0, 3), slice(1, 3)):
+        out = []
+        for model, packed, compiled in ((lm, False, False), (packed_lm, True, False), (compiled_lm, True, True)):
+            model.zero_grad()
+            inputs, mask, _ = collate(prompts[sl], comps[sl], 0, "cpu", packed=packed)
+            lp, ent = token_logprobs(model, inputs, 0.9, chunk=5, compiled=compiled)
+            (lp * mask).sum().backward()
+            out.append((lp * mask, ent * mask, model.model.layers[0].self_attn.q_proj.weight.grad.clone(),
+                        model.model.embed_tokens.weight.grad.clone()))
+        for other in out[1:]:
+            for a, b in zip(out[0], other):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert out[0][2].abs().sum() > 0
 
 
 def test_group_advantages_by_hand():
