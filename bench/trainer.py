@@ -43,11 +43,14 @@ def model_flops(lm, lengths) -> float:
 
 
 def kernel_shares(step):
-    """Share of GPU kernel time per kind over one step, from the profiler."""
+    """Share of GPU kernel time per kind over one step, from the profiler, and how busy the GPU was
+    (kernel time / wall time of the profiled step; kernels do not overlap in this single-stream step)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
         step()
         torch.cuda.synchronize()
+        wall = time.perf_counter() - t
     kinds, others = {"gemm": 0.0, "attention": 0.0, "other": 0.0}, {}
     for e in prof.key_averages():
         if e.device_type.name != "CUDA":
@@ -57,10 +60,11 @@ def kernel_shares(step):
             "gemm" if any(s in name for s in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")) else "other"
         kinds[kind] += e.self_device_time_total
         if kind == "other":
-            others[e.key[:60]] = e.self_device_time_total
+            others[e.key[:70]] = others.get(e.key[:70], 0.0) + e.self_device_time_total  # names cut: sum alike
     total = sum(kinds.values()) or 1.0
-    top = sorted(others.items(), key=lambda kv: -kv[1])[:8]  # the non-GEMM kernels that cost most
-    return {k: round(v / total, 3) for k, v in kinds.items()} | {"top_other": {k: round(v / total, 3) for k, v in top}}
+    top = sorted(others.items(), key=lambda kv: -kv[1])[:12]  # the non-GEMM kernels that cost most
+    return {k: round(v / total, 3) for k, v in kinds.items()} | {
+        "top_other": {k: round(v / total, 3) for k, v in top}, "gpu_busy": round(total / 1e6 / wall, 3)}
 
 
 def main():
