@@ -1,7 +1,9 @@
 """GRPO on GSM8K with rule-based rewards (DeepSeek R1-Zero style), in plain PyTorch.
 
     python train.py exps/cpu_smollm2/config.yaml --max_steps=5             # one process
-    accelerate launch --num_processes 4 train.py exps/gsm8k_qwen/config.yaml  # DDP / FSDP ranks
+    accelerate launch --num_processes 4 train.py exps/gsm8k_qwen05b/config.yaml  # DDP ranks
+    accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP \\
+        --fsdp_transformer_layer_cls_to_wrap Qwen2DecoderLayer --num_processes 4 train.py ...  # FSDP2 ranks
 
 Each step: sample G completions per prompt -> rewards -> group-normalised advantages ->
 clipped-ratio policy loss (+ optional k3 KL to a frozen reference) -> one AdamW step -> push the
@@ -9,6 +11,9 @@ new weights to the inference engine -> log -> checkpoint.
 
 Left out, on purpose: a value model (GRPO's group baseline replaces it); several optimizer steps per
 batch (one step keeps it nearly on-policy; the ratio still corrects engine/trainer mismatch).
+
+Over ~500 lines because the multi-rank care lives beside the loop it serves: FSDP2 settings and a check
+after prepare, weights gathered for each rank's engine, full checkpoints gathered from shards.
 """
 import dataclasses
 import json
@@ -159,6 +164,39 @@ class Policy(torch.nn.Module):
     def forward(self, inputs, temperature, chunk):
         return token_logprobs(self.lm, inputs, temperature, chunk, self.compiled)
 
+    def tie_weights(self, *args, **kwargs):
+        """accelerate's FSDP2 prepare with cpu_ram_efficient_loading (launch's default; fsdp_plugin turns it off) moves
+        the model to meta and loads it back, which unties lm_head from embed_tokens, then re-ties with
+        model.tie_weights() on the model it was given: this one. Without this, lm_head.weight would be a new parameter
+        outside the optimizer (check_prepared fails the run)."""
+        self.lm.tie_weights()
+
+
+def fsdp_plugin():
+    """Under accelerate launch --use_fsdp: FSDP2 as we need it, else None.
+    - No casts (fp32 params, fp32 gradient reduce-scatter): bf16 comes from autocast alone, as with DDP. accelerate's
+      bf16 default (param_dtype = reduce_dtype = bf16) runs embeddings, norms and the residual stream in bf16: ~1% off.
+    - Every rank loads full weights. With cpu_ram_efficient_loading (launch's default) transformers loads them on local
+      rank 0 only and gives zeros elsewhere: prepare broadcasts the policy's, but not the local engine's or the
+      reference model's. We load the full model on every device anyway, so that mode saves nothing here."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return FullyShardedDataParallelPlugin(mixed_precision_policy=MixedPrecisionPolicy(),  # None dtypes: no casts
+                                          cpu_ram_efficient_loading=False)
+
+
+def check_prepared(acc, policy, opt):
+    """Fail loudly if acc.prepare broke the embedding tie or left a parameter out of the optimizer."""
+    lm = acc.unwrap_model(policy).lm
+    if lm.config.tie_word_embeddings:
+        assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight, \
+            "prepare untied lm_head from embed_tokens (does Policy.tie_weights still re-tie them?)"
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    left = [n for n, p in lm.named_parameters(remove_duplicate=False) if id(p) not in in_opt]
+    assert not left, f"{len(left)} parameters the optimizer does not update, e.g. {left[:5]}"
+
 
 @torch.compiler.disable  # a graph break in compiled layers: varlen takes Python ints, the CPU path a loop
 def packed_attention(module, q, k, v, attention_mask, scaling=None, cu_seq_lens_q=None, max_length_q=None, **_):
@@ -270,6 +308,13 @@ def collate(prompts, completions, pad_id, device, packed=False):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}, mask.to(device), old.to(device)
 
 
+def full_tensor(t):
+    """A DTensor (an FSDP2 shard, or a result computed from shards) -> the whole tensor as a plain one; other tensors
+    as they are. Gathering is a collective: every rank makes the same calls in the same order."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg: Config, pad_id):
     """One AdamW step on this rank's share of the batch: grpo_loss over micro-batches, gradients
     all-reduced once at the end, clipped. Returns (stats, this rank's completion tokens [1])."""
@@ -294,7 +339,7 @@ def policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg: Confi
         stats["entropy"] += (ent * mask).sum() / mask.sum().clamp(min=1) * frac
         for k in st.keys() & {"clip_frac", "kl"}:
             stats[k] += st[k] * frac
-    stats["grad_norm"] = acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+    stats["grad_norm"] = full_tensor(acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip))  # FSDP2: a DTensor
     opt.step()
     opt.zero_grad(set_to_none=True)
     return stats, n_tok
@@ -310,26 +355,49 @@ def lr_at(step: int, cfg: Config) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(run_dir, step, lm, tok, opt, sched, sampler, cfg, keep):
-    """Write ckpt/step_N atomically (a .tmp folder renamed into place), then point ckpt/latest at it."""
-    root = os.path.join(run_dir, "ckpt")
-    final, tmp = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".tmp_step_{step:06d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(os.path.join(tmp, "model"))  # a normal HF folder: gsm8k.py and engines load it
-    tok.save_pretrained(os.path.join(tmp, "model"))
-    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "sampler": sampler.state(), "config": dataclasses.asdict(cfg),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               os.path.join(tmp, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    link = os.path.join(root, "latest")
-    os.symlink(os.path.basename(final), link + ".tmp")
-    os.replace(link + ".tmp", link)  # atomic: latest is always a complete checkpoint
-    for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-keep]:
-        shutil.rmtree(os.path.join(root, old))
-    return final
+def save_checkpoint(acc, policy, tok, opt, sched, sampler, cfg, step):
+    """Write ckpt/step_N atomically (a .tmp folder renamed into place), then point ckpt/latest at it.
+    Every rank calls this; rank 0 writes. Under FSDP2 each rank holds shards (DTensors), gathered here, full,
+    onto rank 0's CPU: the model (an HF folder as usual) and the optimizer state (keyed by parameter name)."""
+    lm, model_sd, opt_sd = acc.unwrap_model(policy).lm, None, opt.state_dict()  # one process / DDP: rank 0 has it all
+    if acc.is_fsdp2:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        full = acc.get_state_dict(policy)  # {"lm.<name>": full tensor} on rank 0's CPU, {} elsewhere
+        # a tied lm_head comes back as its own copy of embed_tokens, which save_pretrained would write too: drop it
+        tied = dict(lm.named_parameters(remove_duplicate=False)).keys() - dict(lm.named_parameters()).keys()
+        model_sd = {k.removeprefix("lm."): v for k, v in full.items() if k.removeprefix("lm.") not in tied}
+        opt_sd = get_optimizer_state_dict(policy, opt.optimizer,
+                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if acc.is_main_process:
+        root = os.path.join(cfg.run_dir, "ckpt")
+        final, tmp = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".tmp_step_{step:06d}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd)  # HF folder: gsm8k.py, engines load it
+        tok.save_pretrained(os.path.join(tmp, "model"))
+        torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(),
+                    "sampler": sampler.state(), "config": dataclasses.asdict(cfg),
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+                   os.path.join(tmp, "state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        link = os.path.join(root, "latest")
+        os.symlink(os.path.basename(final), link + ".tmp")
+        os.replace(link + ".tmp", link)  # atomic: latest is always a complete checkpoint
+        for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-cfg.keep_ckpts]:
+            shutil.rmtree(os.path.join(root, old))
+    acc.wait_for_everyone()  # no rank goes on (or resumes from latest) before the checkpoint is complete
+
+
+def load_optimizer(acc, policy, opt, opt_sd):
+    """save_checkpoint's optimizer state -> opt. Under FSDP2 rank 0's full state is sent to every rank, which
+    keeps its own shards; every rank calls this."""
+    if acc.is_fsdp2:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(policy, opt.optimizer, opt_sd,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        opt.load_state_dict(opt_sd)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -345,7 +413,8 @@ def main(cfg: Config, reward_fn=None):
     reward_fn = reward_fn or rewards.reward_components
 
     gpu = torch.cuda.is_available()
-    acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no")  # cpu=True: gloo DDP on CPU
+    acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no",  # cpu=True: gloo DDP on CPU
+                      fsdp_plugin=fsdp_plugin())
     dev, rank, world = acc.device, acc.process_index, acc.num_processes
     assert cfg.prompts_per_step % world == 0, f"prompts_per_step={cfg.prompts_per_step} not divisible by {world} ranks"
     acc.print(f"{world} rank(s) on {dev}; run folder {cfg.run_dir}")
@@ -393,11 +462,13 @@ def main(cfg: Config, reward_fn=None):
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
     policy, opt = acc.prepare(Policy(lm, cfg.compile), opt)
+    check_prepared(acc, policy, opt)
 
     def push_weights():
         """Policy weights -> the engine. Returns the engine's new weight version (None on ranks that don't push)."""
-        if cfg.inference == "local":  # each rank has its own engine, and DDP keeps the ranks' weights equal
-            return engine.update_weights((k, v.detach()) for k, v in acc.unwrap_model(policy).lm.named_parameters())
+        if cfg.inference == "local":  # each rank has its own engine, which needs the full weights
+            named = acc.unwrap_model(policy).lm.named_parameters()  # FSDP2: shards, all-gathered one at a time
+            return engine.update_weights((k, full_tensor(v.detach())) for k, v in named)
         full = acc.get_state_dict(policy)  # every rank takes part: FSDP / ZeRO-3 gather full params to rank 0
         version = engine.update_weights((k.removeprefix("lm."), v) for k, v in full.items()) if acc.is_main_process else None
         acc.wait_for_everyone()  # no rank samples before the push is done
@@ -407,7 +478,7 @@ def main(cfg: Config, reward_fn=None):
         push_weights()  # the replicas may hold other weights (a resumed run, an earlier run): start in step
     start = 0
     if state:
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer(acc, policy, opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         sampler = gsm8k.Sampler(len(train_rows), cfg.seed, **state["sampler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -481,11 +552,7 @@ def main(cfg: Config, reward_fn=None):
 
         # --- checkpoint
         if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == cfg.max_steps:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                save_checkpoint(cfg.run_dir, step + 1, acc.unwrap_model(policy).lm, tok, opt, sched, sampler, cfg,
-                                cfg.keep_ckpts)
-            acc.wait_for_everyone()
+            save_checkpoint(acc, policy, tok, opt, sched, sampler, cfg, step + 1)
 
     if acc.is_main_process:
         metrics_f.close()

@@ -39,7 +39,7 @@ def main():
     from accelerate import Accelerator
 
     gpu = torch.cuda.is_available()
-    acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no")
+    acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no", fsdp_plugin=train.fsdp_plugin())
     rank, world = acc.process_index, acc.num_processes
     torch.manual_seed(0)
     lm = train.use_packed_attention(load_model(f"random:{a.shape}", torch.float32, acc.device))
@@ -57,12 +57,19 @@ def main():
 
     opt = torch.optim.SGD(lm.parameters(), lr=a.lr)
     policy, opt = acc.prepare(train.Policy(lm), opt)
+    train.check_prepared(acc, policy, opt)  # lm_head still tied, every parameter in opt
     stats, _ = train.policy_step(acc, policy, None, opt, seq_prompts, completions,
                                  adv[mine].flatten().to(acc.device), cfg, pad_id=0)
     loss, grad_norm = acc.reduce(stats["loss"], "mean").item(), float(stats["grad_norm"])
     full = acc.get_state_dict(policy)  # every rank takes part; rank 0 gets the full weights
-    if rank != 0:
-        return
+    if rank == 0:
+        report(a, acc, gpu, loss, grad_norm, full, init)
+    acc.wait_for_everyone()  # no rank exits while rank 0 still works: an early exit (gloo) aborts, and the launcher
+    acc.end_training()       # then kills rank 0 before it prints
+
+
+def report(a, acc, gpu, loss, grad_norm, full, init):
+    world = acc.num_processes
     delta = {k.removeprefix("lm."): v.float().cpu() - init[k.removeprefix("lm.")] for k, v in full.items()}
     out = {"bench": "multi_gpu", "device": torch.cuda.get_device_name() if gpu else "cpu", "world": world,
            "distributed": str(acc.distributed_type).split(".")[-1], "shape": a.shape, "loss": loss, "grad_norm": grad_norm}

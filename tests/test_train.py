@@ -1,7 +1,12 @@
-"""train.py end to end on a tiny random model: a run, exact resume, learning, several ranks."""
+"""train.py end to end on a tiny random model: a run, exact resume, learning, several ranks (DDP and FSDP2).
+
+Run as a script, this file is the FSDP2 tests' launch target (see use_cpu_fsdp at the bottom).
+"""
 import dataclasses
 import json
 import os
+import runpy
+import shutil
 import subprocess
 import sys
 
@@ -9,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import GSM8K, ROOT  # before train: it puts the repo root on sys.path (also when launched as a script)
 import train
-from conftest import GSM8K, ROOT
 
 
 def digit_reward(text, answer):
@@ -22,6 +27,26 @@ def cfg_for(model, run_dir, **kw):
     base = dict(model=model, data=GSM8K, run_dir=str(run_dir), prompts_per_step=2, group_size=4,
                 max_new_tokens=12, micro_batch_size=3, lr=1e-3, seed=0)
     return train.Config(**(base | kw))
+
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def launch(cmd, timeout=300):
+    """Run an accelerate launch command; on failure show rank 0's traceback (torchrun's summary hides it)."""
+    p = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True, cwd=ROOT)
+    rank0 = [line for line in p.stderr.splitlines() if line.startswith("[rank0]")]
+    assert p.returncode == 0, "\n".join(rank0[-40:]) or p.stderr[-3000:]
+    return p
+
+
+def fsdp2_launch(layer_cls):
+    """accelerate launch with FSDP2 on 2 CPU ranks: this file as the script, which then runs the real one. Launch's
+    default --fsdp_cpu_ram_efficient_loading true is spelled out: train.fsdp_plugin must override it."""
+    return LAUNCH + ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                     "--fsdp_transformer_layer_cls_to_wrap", layer_cls, "--fsdp_state_dict_type", "FULL_STATE_DICT",
+                     "--fsdp_cpu_ram_efficient_loading", "true", os.path.abspath(__file__)]
 
 
 def test_three_steps_end_to_end(tiny_model, tmp_path):
@@ -88,23 +113,109 @@ def test_two_ranks_with_accelerate_launch(tiny_model, tmp_path):
     """accelerate launch with 2 CPU processes (gloo DDP) trains and checkpoints."""
     run = tmp_path / "ddp"
     # --multi_gpu only makes accelerate start the ranks through torchrun; train.py picks gloo without CUDA
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "train.py"),
-           f"--model={tiny_model}", f"--data={GSM8K}", f"--run_dir={run}", "--max_steps=2", "--prompts_per_step=2",
-           "--group_size=2", "--max_new_tokens=8"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = launch(LAUNCH + ["--multi_gpu", os.path.join(ROOT, "train.py"), f"--model={tiny_model}", f"--data={GSM8K}",
+                         f"--run_dir={run}", "--max_steps=2", "--prompts_per_step=2", "--group_size=2",
+                         "--max_new_tokens=8"])
     assert "2 rank(s)" in p.stdout + p.stderr
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2]
     assert (run / "ckpt" / "latest" / "state.pt").exists()
 
 
-def test_two_rank_step_equals_one_rank(tmp_path):
-    """bench/multi_gpu.py on CPU (gloo DDP): 2 ranks' GRPO step = 1 rank's: loss, grad norm, weights."""
-    script = [os.path.join(ROOT, "bench", "multi_gpu.py"), "--shape", "small", "--prompts", "4", "--ref", str(tmp_path)]
+@pytest.fixture(scope="module")
+def multi_gpu_ref(tmp_path_factory):
+    """bench/multi_gpu.py's 1-rank reference run: its folder, and the script + args that compare against it."""
+    ref = tmp_path_factory.mktemp("mg_ref")
+    script = [os.path.join(ROOT, "bench", "multi_gpu.py"), "--shape", "small", "--prompts", "4", "--ref", str(ref)]
     subprocess.run([sys.executable] + script, check=True, timeout=600, capture_output=True)
-    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", *script], check=True, timeout=600, capture_output=True, text=True)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return script
+
+
+def run_multi_gpu(cmd):
+    return json.loads(launch(cmd, timeout=600).stdout.strip().splitlines()[-1])  # the JSON line of the bench
+
+
+def test_two_rank_step_equals_one_rank(multi_gpu_ref):
+    """bench/multi_gpu.py on CPU (gloo DDP): 2 ranks' GRPO step = 1 rank's: loss, grad norm, weights."""
+    r = run_multi_gpu(LAUNCH + ["--multi_gpu"] + multi_gpu_ref)
     assert r["world"] == 2 and r["loss_rel_diff"] < 1e-5 and r["grad_norm_rel_diff"] < 1e-5, r
     assert r["weights_rel_err_max"] < 1e-3, r
+
+
+def test_fsdp_plugin_keeps_fp32_and_full_loading(monkeypatch):
+    """train.fsdp_plugin under launch --use_fsdp: accelerate's bf16 leaves params and gradient reduction fp32
+    (regression: its default bf16 param/reduce dtypes, ~1% loss off DDP on GPU), and every rank loads full weights
+    (regression: zeros in the local engines and reference model off local rank 0). None without FSDP."""
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert train.fsdp_plugin() is None
+    for k, v in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}.items():
+        monkeypatch.setenv(k, v)  # as accelerate launch --use_fsdp --fsdp_version 2 sets them
+    plugin = train.fsdp_plugin()
+    plugin.set_mixed_precision("bf16")  # what accelerate does under mixed_precision="bf16"
+    mp = plugin.mixed_precision_policy
+    assert mp.param_dtype is None and mp.reduce_dtype is None, mp
+    assert not plugin.cpu_ram_efficient_loading
+    assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "False"  # what transformers' from_pretrained reads
+
+
+def test_fsdp2_step_equals_one_rank(multi_gpu_ref):
+    """The same under accelerate's FSDP2 (2 CPU ranks, DTensor shards), and prepare keeps lm_head tied to
+    embed_tokens with every parameter in the optimizer (train.check_prepared, else the run fails)."""
+    r = run_multi_gpu(fsdp2_launch("Qwen2DecoderLayer") + multi_gpu_ref)
+    assert r["world"] == 2 and r["distributed"] == "FSDP", r
+    assert r["loss_rel_diff"] < 1e-5 and r["grad_norm_rel_diff"] < 1e-4, r
+    assert r["weights_rel_err_max"] < 1e-3 and r["unchanged_tensors"] == 0, r
+
+
+def test_fsdp2_train_checkpoint_and_resume(tiny_model, tmp_path):
+    """train.py under FSDP2 (2 CPU ranks, a local engine per rank): every rank's engine and reference model hold the
+    trainer's full weights (ratio 1 and KL 0 before the first update; regression: with rank-0-only loading, rank 1's
+    held zeros); the checkpoint holds the full model and optimizer state; resuming at step 2 redoes step 3 exactly."""
+    args = ["train", f"--model={tiny_model}", f"--data={GSM8K}", "--max_steps=3", "--ckpt_every=2",
+            "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=8", "--lr=1e-3", "--kl_coef=0.1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    launch(fsdp2_launch("LlamaDecoderLayer") + args + [f"--run_dir={a}"])
+    rows = [json.loads(line) for line in open(a / "metrics.jsonl")]
+    assert [r["version"] for r in rows] == [1, 2, 3] and rows[0]["kl"] < 1e-6, rows[0]
+    assert all(r["clip_frac"] == 0 for r in rows), [r["clip_frac"] for r in rows]  # engine = trainer at every step
+    state = torch.load(a / "ckpt" / "step_000002" / "state.pt", weights_only=False)
+    w2 = load_file(a / "ckpt" / "step_000002" / "model" / "model.safetensors")
+    assert w2.keys() == load_file(os.path.join(tiny_model, "model.safetensors")).keys()  # the HF layout, lm_head tied
+    assert w2["model.embed_tokens.weight"].shape == (512, 64)  # full, not a [256, 64] shard
+    adam = state["optimizer"]["state"]["lm.model.embed_tokens.weight"]  # FSDP2 keys it by name (DDP: by index)
+    assert adam["exp_avg"].shape == (512, 64) and adam["exp_avg"].abs().sum() > 0, adam["exp_avg"].shape
+
+    shutil.copytree(a / "ckpt" / "step_000002", b / "ckpt" / "step_000002")
+    os.symlink("step_000002", b / "ckpt" / "latest")
+    launch(fsdp2_launch("LlamaDecoderLayer") + args + [f"--run_dir={b}", "--resume"])
+    wa = load_file(a / "ckpt" / "step_000003" / "model" / "model.safetensors")
+    wb = load_file(b / "ckpt" / "step_000003" / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys() and any(not torch.equal(wa[k], w2[k]) for k in wa), "step 3 moved no weight"
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
+
+
+def use_cpu_fsdp():
+    """Make accelerate take its real FSDP path on CPU ranks. A test-only patch of accelerate internals: on CPU (gloo)
+    accelerate silently gives plain DDP (MULTI_CPU) even under launch --use_fsdp; this flips that one switch after
+    AcceleratorState's own setup, so prepare runs fully_shard and the params become DTensor shards."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+    init = AcceleratorState.__init__
+
+    def init_with_fsdp(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            assert self.mixed_precision == "no", "CPU FSDP test runs are fp32"  # else fsdp_plugin.set_mixed_precision
+            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init_with_fsdp
+
+
+if __name__ == "__main__":  # fsdp2_launch's script: `train --key=value ...` (digit_reward) or `SCRIPT ARGS...`
+    use_cpu_fsdp()
+    if sys.argv[1] == "train":
+        train.main(train.load_config(sys.argv[2:]), reward_fn=digit_reward)
+    else:
+        sys.argv = sys.argv[1:]
+        runpy.run_path(sys.argv[0], run_name="__main__")
