@@ -127,11 +127,11 @@ def token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=False):
     R, L, H = hidden.shape
     h = hidden[:, :-1].reshape(-1, H)  # [R*(L-1), H]
     targets = inputs["input_ids"][:, 1:].reshape(-1)  # [R*(L-1)]
-    head = model.get_output_embeddings()
+    head, fn = model.get_output_embeddings(), _chunk_logprobs_compiled if compiled else _chunk_logprobs
     logps, ents = [], []
     for i in range(0, h.shape[0], chunk):
-        lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs_compiled if compiled else _chunk_logprobs, h[i:i + chunk], head.weight, head.bias,
-                                                    targets[i:i + chunk], temperature, use_reentrant=False)
+        lp, ent = torch.utils.checkpoint.checkpoint(fn, h[i:i + chunk], head.weight, head.bias, targets[i:i + chunk],
+                                                    temperature, use_reentrant=False)
         logps.append(lp)
         ents.append(ent)
     logp, ent = torch.cat(logps).view(R, L - 1), torch.cat(ents).view(R, L - 1)
