@@ -16,6 +16,7 @@ Over ~500 lines because the multi-rank care lives beside the loop it serves: FSD
 after prepare, weights gathered for each rank's engine, full checkpoints gathered from shards.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -127,7 +128,7 @@ def token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=False):
     R, L, H = hidden.shape
     h = hidden[:, :-1].reshape(-1, H)  # [R*(L-1), H]
     targets = inputs["input_ids"][:, 1:].reshape(-1)  # [R*(L-1)]
-    head, fn = model.get_output_embeddings(), _chunk_logprobs_compiled if compiled else _chunk_logprobs
+    head, fn = model.get_output_embeddings(), _chunk_logprobs_compiled() if compiled else _chunk_logprobs
     logps, ents = [], []
     for i in range(0, h.shape[0], chunk):
         lp, ent = torch.utils.checkpoint.checkpoint(fn, h[i:i + chunk], head.weight, head.bias, targets[i:i + chunk],
@@ -144,7 +145,11 @@ def _chunk_logprobs(h, w, b, targets, temperature):
     return logp.gather(-1, targets[:, None]).squeeze(-1), entropy  # [N], [N]
 
 
-_chunk_logprobs_compiled = torch.compile(_chunk_logprobs, dynamic=True)  # compiles on first call
+@functools.cache
+def _chunk_logprobs_compiled():
+    """_chunk_logprobs under torch.compile, made on first use: creating it costs 1-3 s, which every process
+    importing train.py paid at import, compile or not."""
+    return torch.compile(_chunk_logprobs, dynamic=True)
 
 
 def compile_model(lm):
