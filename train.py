@@ -169,13 +169,6 @@ class Policy(torch.nn.Module):
     def forward(self, inputs, temperature, chunk):
         return token_logprobs(self.lm, inputs, temperature, chunk, self.compiled)
 
-    def tie_weights(self, *args, **kwargs):
-        """accelerate's FSDP2 prepare with cpu_ram_efficient_loading (launch's default; fsdp_plugin turns it off) moves
-        the model to meta and loads it back, which unties lm_head from embed_tokens, then re-ties with
-        model.tie_weights() on the model it was given: this one. Without this, lm_head.weight would be a new parameter
-        outside the optimizer (check_prepared fails the run)."""
-        self.lm.tie_weights()
-
 
 def fsdp_plugin():
     """Under accelerate launch --use_fsdp: FSDP2 as we need it, else None.
@@ -183,7 +176,8 @@ def fsdp_plugin():
       bf16 default (param_dtype = reduce_dtype = bf16) runs embeddings, norms and the residual stream in bf16: ~1% off.
     - Every rank loads full weights. With cpu_ram_efficient_loading (launch's default) transformers loads them on local
       rank 0 only and gives zeros elsewhere: prepare broadcasts the policy's, but not the local engine's or the
-      reference model's. We load the full model on every device anyway, so that mode saves nothing here."""
+      reference model's. We load the full model on every device anyway, so that mode saves nothing here. (It also
+      makes prepare reload the policy from the meta device, which unties lm_head from embed_tokens.)"""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return None
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -197,7 +191,7 @@ def check_prepared(acc, policy, opt):
     lm = acc.unwrap_model(policy).lm
     if lm.config.tie_word_embeddings:
         assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight, \
-            "prepare untied lm_head from embed_tokens (does Policy.tie_weights still re-tie them?)"
+            "prepare untied lm_head from embed_tokens (was cpu_ram_efficient_loading turned back on?)"
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     left = [n for n, p in lm.named_parameters(remove_duplicate=False) if id(p) not in in_opt]
     assert not left, f"{len(left)} parameters the optimizer does not update, e.g. {left[:5]}"
