@@ -1,12 +1,18 @@
-"""GSM8K: loading, the R1-Zero prompt, a resumable sampler, and evaluation.
+"""GSM8K: loading, the held-out validation split, the R1-Zero prompt, a resumable sampler, evaluation.
 
-    python gsm8k.py --model runs/cpu_smollm2/ckpt/latest/model --data ../shared/data/gsm8k
-        full test set: greedy pass@1 (strict and lenient) and maj@k, JSON next to the model
+    python gsm8k.py --model smollm2 --data ../shared/data/gsm8k --limit 50      # a quick look (CPU: ~4 min)
+    python gsm8k.py --model runs/x/ckpt/latest/model --data ../shared/data/gsm8k  # all 1319 test problems
 
-Evaluation metrics:
+Splits: "train" and "test" as published; the trainer holds out the LAST val_size problems of train as its
+validation set (in-loop eval, hyper-parameter choices), and trains on the rest. The test set is for reported
+numbers only.
+
+Evaluation metrics (each with its 95% Wilson interval):
   strict  pass@1: greedy completion, answer read from <answer>...</answer> (rewards.accuracy_reward)
   lenient pass@1: greedy completion, the last number anywhere in it (forgives a missing format)
+  format:         share of greedy completions in the exact format (rewards.format_reward == 1)
   maj@k:          k samples at temperature T, majority vote over their <answer> values
+The in-loop eval (train.py) and this script call the same `evaluate` with the same prompt.
 """
 import argparse
 import collections
@@ -76,51 +82,107 @@ class Sampler:
         return {"epoch": self.epoch, "pos": self.pos}
 
 
-def evaluate(engine, tok, rows, max_new_tokens=512, maj_k=0, temperature=1.0, seed=0, batch=64) -> dict:
-    """Greedy strict/lenient pass@1 over rows, and maj@k when maj_k > 0. Returns metrics + samples."""
+def split_train_val(rows: list[dict], val_size: int) -> tuple[list[dict], list[dict]]:
+    """Train rows -> (rows to train on, held-out validation rows): the last val_size rows are held out.
+
+    10 rows, val_size 3 -> (rows[0:7], rows[7:10]). GSM8K's train file is in no particular order, and the
+    hub's openai/gsm8k has the same order, so both sources hold out the same problems.
+    """
+    if not 0 <= val_size < len(rows):
+        raise ValueError(f"val_size={val_size} must be in [0, {len(rows)}): the train split has {len(rows)} rows")
+    return rows[:len(rows) - val_size], rows[len(rows) - val_size:]
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k / n: (low, high). wilson(0, 100) -> (0.0, 0.037)."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    center, half = (p + z2 / (2 * n)) / (1 + z2 / n), z / (1 + z2 / n) * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def majority(texts: list[str]) -> str:
+    """Majority vote over the <answer> values of k samples, on canonical numbers ($18 = 18); "" if none."""
+    answers = (rewards.extract_answer(t) for t in texts)
+    votes = collections.Counter(v for v in (rewards.lenient_answer(a) for a in answers if a) if v)
+    return votes.most_common(1)[0][0] if votes else ""
+
+
+def evaluate(engine, tok, rows, max_new_tokens=512, maj_k=0, temperature=1.0, seed=0, batch=64,
+             progress=False) -> dict:
+    """Greedy strict/lenient pass@1 and format rate over rows, and maj@k when maj_k > 0.
+
+    Prompts go to the engine `batch` at a time (greedy first, then the k samples); progress=True shows a bar
+    with the running accuracy. Returns {"n", metric: value, metric + "_ci95": [low, high], ..., "samples"}.
+    """
+    from tqdm import tqdm
     golds = [rewards.parse_gold(r["answer"]) for r in rows]
-    strict = lenient = maj = 0
+    prompts = [build_prompt(tok, r["question"]) for r in rows]
+    hits = {"pass@1_strict": 0, "pass@1_lenient": 0, "format": 0} | ({f"maj@{maj_k}": 0} if maj_k else {})
     samples = []
+    bar = tqdm(total=len(rows) * (1 + maj_k), unit="completion", disable=not progress, dynamic_ncols=True)
     for i in range(0, len(rows), batch):
-        prompts = [build_prompt(tok, r["question"]) for r in rows[i:i + batch]]
-        greedy = engine.generate(prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
-        voted = engine.generate(prompts, n=maj_k, max_new_tokens=max_new_tokens, temperature=temperature,
-                                seed=seed + i) if maj_k else [[]] * len(prompts)
-        for gold, (c,), group in zip(golds[i:i + batch], greedy, voted):
-            strict += rewards.accuracy_reward(c["text"], gold)
-            lenient_pred = rewards.lenient_answer(c["text"])
-            lenient += lenient_pred is not None and rewards.answers_equal(lenient_pred, gold)
-            if group:
-                answers = (rewards.extract_answer(g["text"]) for g in group)  # vote on canonical numbers: $18 = 18
-                votes = collections.Counter(v for v in (rewards.lenient_answer(a) for a in answers if a) if v)
-                top = votes.most_common(1)[0][0] if votes else ""
-                maj += rewards.accuracy_reward(f"<answer>{top}</answer>", gold)
-            samples.append({"gold": gold, "completion": c["text"]})
-    n = max(len(rows), 1)
-    out = {"n": len(rows), "pass@1_strict": strict / n, "pass@1_lenient": lenient / n}
-    if maj_k:
-        out[f"maj@{maj_k}"] = maj / n
+        greedy = engine.generate(prompts[i:i + batch], n=1, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
+        for gold, (c,) in zip(golds[i:i + batch], greedy):
+            lenient = rewards.lenient_answer(c["text"])
+            hits["pass@1_strict"] += rewards.accuracy_reward(c["text"], gold)
+            hits["pass@1_lenient"] += lenient is not None and rewards.answers_equal(lenient, gold)
+            hits["format"] += rewards.format_reward(c["text"]) == 1.0
+            samples.append({"gold": gold, "completion": c["text"], "finish_reason": c["finish_reason"]})
+        bar.update(len(greedy))
+        bar.set_postfix(strict=f"{hits['pass@1_strict'] / len(samples):.1%}",
+                        lenient=f"{hits['pass@1_lenient'] / len(samples):.1%}")
+    for i in range(0, len(rows) if maj_k else 0, batch):
+        groups = engine.generate(prompts[i:i + batch], n=maj_k, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 seed=seed + 1 + i)
+        for j, (gold, group) in enumerate(zip(golds[i:i + batch], groups)):
+            top = majority([g["text"] for g in group])
+            hits[f"maj@{maj_k}"] += rewards.accuracy_reward(f"<answer>{top}</answer>", gold)
+            samples[i + j]["majority"] = top
+        bar.update(len(groups) * maj_k)
+        bar.set_postfix(strict=f"{hits['pass@1_strict'] / len(rows):.1%}",
+                        **{f"maj@{maj_k}": f"{hits[f'maj@{maj_k}'] / min(i + batch, len(rows)):.1%}"})
+    bar.close()
+    out = {"n": len(rows)}
+    for k, v in hits.items():
+        out[k] = v / max(len(rows), 1)
+        out[k + "_ci95"] = list(wilson(v, len(rows)))
     return out | {"samples": samples}
 
 
 if __name__ == "__main__":
-    import torch
-    from infer_workers import TorchEngine
-    from models import load_model, load_tokenizer
+    import time
+    from infer_workers import make_engine
+    from models import load_tokenizer
     ap = argparse.ArgumentParser(description="Evaluate a model on the GSM8K test set.")
     ap.add_argument("--model", required=True, help="hub name, local HF folder, or smollm2")
     ap.add_argument("--data", default="openai/gsm8k", help="hub dataset or local folder with test.jsonl")
     ap.add_argument("--limit", type=int, default=0, help="first N test problems only (0 = all 1319)")
-    ap.add_argument("--maj-k", type=int, default=8)
+    ap.add_argument("--maj-k", type=int, default=8, help="samples per problem for maj@k (0 = greedy only)")
     ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--temperature", type=float, default=1.0, help="of the maj@k samples")
+    ap.add_argument("--engine", default="auto", choices=["auto", "vllm", "torch"], help="auto: vLLM if installed")
+    ap.add_argument("--batch", type=int, default=64, help="problems per engine call (and per progress update)")
     ap.add_argument("--out", default="", help="JSON path (default: eval_gsm8k.json beside the model)")
+    ap.add_argument("--record", default="", help="also put the metrics (no samples) into this JSON file ...")
+    ap.add_argument("--as", dest="tag", default="", help="... under this key (e.g. before / after)")
     a = ap.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = load_tokenizer(a.model)
-    engine = TorchEngine(load_model(a.model, torch.bfloat16 if dev == "cuda" else torch.float32, dev), tok)
     rows = load_split(a.data, "test")[:a.limit or None]
-    res = evaluate(engine, tok, rows, a.max_new_tokens, a.maj_k)
+    engine = make_engine(a.model, a.engine)
+    t0 = time.perf_counter()
+    res = evaluate(engine, load_tokenizer(a.model), rows, a.max_new_tokens, a.maj_k, a.temperature, batch=a.batch,
+                   progress=True)
+    res = {"model": a.model, "engine": type(engine).__name__, "max_new_tokens": a.max_new_tokens,
+           "eval_s": round(time.perf_counter() - t0, 1)} | res
     out = a.out or os.path.join(a.model if os.path.isdir(a.model) else ".", "eval_gsm8k.json")
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
-    print(json.dumps({k: v for k, v in res.items() if k != "samples"}), "->", out)
+    metrics = {k: v for k, v in res.items() if k != "samples"}
+    print(json.dumps(metrics), "->", out)
+    if a.record:  # e.g. res/<run>_eval.json: {"before": {...}, "after": {...}}
+        record = json.load(open(a.record)) if os.path.exists(a.record) else {}
+        record[a.tag or a.model] = metrics
+        with open(a.record + ".tmp", "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(a.record + ".tmp", a.record)

@@ -341,6 +341,40 @@ class VLLMEngine:
 
 # ----------------------------------------------------------------------------- the Ray Serve app
 
+def default_dtype(device) -> torch.dtype:
+    """The dtype an engine holds its weights in: bf16 on GPUs, fp32 on the CPU (no fast bf16 matmuls there)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def default_max_batch(device) -> int:
+    """TorchEngine rows per decode step: bounds its KV cache (256 x 2048 slots of a 0.5B model: ~6 GB)."""
+    return 256 if torch.device(device).type == "cuda" else 64
+
+
+def make_engine(model: str, engine: str = "auto", dtype: str = "auto", max_model_len: int = 2048,
+                gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1, seed: int = 0, cpu_core=None):
+    """An engine in this process. engine: vllm | torch | auto (vLLM where it is installed, else torch);
+    dtype: auto (default_dtype) or a name in weight_sync.DTYPES. On the CPU, vLLM binds its threads to
+    cpu_core (one per engine, so that replicas do not share cores) or to every core of this process."""
+    if engine == "auto":
+        engine = "vllm" if importlib.util.find_spec("vllm") else "torch"
+    if engine not in ("vllm", "torch"):
+        raise ValueError(f"engine={engine!r}: use vllm, torch or auto")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if engine == "vllm":
+        if dev == "cpu":  # vLLM-CPU: threads pinned, a small KV cache, the engine in this process
+            cores = sorted(os.sched_getaffinity(0))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(cpu_core) if cpu_core is not None
+                                  else f"{cores[0]}-{cores[-1]}" if cores == list(range(cores[0], cores[-1] + 1))
+                                  else ",".join(map(str, cores)))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        return VLLMEngine(model, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed)
+    dt = DTYPES[dtype] if dtype != "auto" else default_dtype(dev)
+    return TorchEngine(load_model(model, dt, dev), load_tokenizer(model), max_model_len=max_model_len,
+                       max_batch=default_max_batch(dev))
+
+
 class InferenceWorker:
     """One Serve replica: one engine. Requests and weight updates take turns on one asyncio lock, so
     a weight change waits for in-flight requests to drain and new ones wait for it: no completion
@@ -348,20 +382,14 @@ class InferenceWorker:
     def __init__(self, model, engine, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed):
         from ray import serve
         self.replica = serve.get_replica_context().replica_id.unique_id
-        if engine == "vllm":
-            if not torch.cuda.is_available():  # each CPU engine on its own core; in this process
-                cores = os.sched_getaffinity(0)
-                rank = serve.get_replica_context().rank
-                rank = getattr(rank, "rank", rank) or 0  # a core index only: never a process-group rank
-                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(sorted(cores)[rank % len(cores)]))
-                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-                os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            self.engine = VLLMEngine(model, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed)
-        else:
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-            dt = DTYPES.get(dtype, torch.bfloat16 if dev == "cuda" else torch.float32)
-            self.engine = TorchEngine(load_model(model, dt, dev), load_tokenizer(model), max_model_len=max_model_len,
-                                      max_batch=256 if dev == "cuda" else 64)  # rows per decode step
+        core = None
+        if not torch.cuda.is_available():  # CPU: each engine on its own core
+            cores = sorted(os.sched_getaffinity(0))
+            rank = serve.get_replica_context().rank
+            rank = getattr(rank, "rank", rank) or 0  # a core index only: never a process-group rank
+            core = cores[rank % len(cores)]
+        self.engine = make_engine(model, engine, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size,
+                                  seed, cpu_core=core)
         self.lock = asyncio.Lock()
         self.generation = None
 

@@ -1,42 +1,81 @@
-"""Plot a run's metrics.jsonl: reward, accuracy, completion length, KL, entropy (and eval) vs step.
+"""Plot a run's metrics.jsonl: reward, format rate, accuracy, validation accuracy, length, KL, entropy, clip
+fraction and the step time split, against the step.
 
-    python plot.py runs/cpu_smollm2            # -> runs/cpu_smollm2/curves.png and res/cpu_smollm2.png
+    python plot.py runs/cpu_smollm2                                   # -> runs/cpu_smollm2/curves.png
+    python plot.py runs/smollm2_r1zero --res res/smollm2_r1zero.png   # and a copy under res/ (tracked results)
+
+Per-step training metrics are drawn faint, with a moving average over `--smooth` steps on top; validation
+rows (written by train.py's in-loop eval, `val/...` keys) are drawn as points.
 """
+import argparse
 import json
 import os
 import shutil
-import sys
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt
 
-PANELS = [("reward", "reward"), ("accuracy", "train accuracy"), ("format", "format reward"),
-          ("completion_len", "completion length (tok)"), ("kl", "KL to reference"), ("entropy", "entropy (nats/tok)"),
-          ("eval/pass@1_strict", "eval pass@1 (strict)"), ("step_s", "step time (s)")]
+PANELS = [  # (title, [(metrics key, label)])
+    ("reward (format 0.5 + accuracy 1)", [("reward", "train")]),
+    ("format rate", [("format_rate", "train samples"), ("val/format", "validation, greedy")]),
+    ("accuracy", [("accuracy", "train samples"), ("val/pass@1_strict", "validation strict"),
+                  ("val/pass@1_lenient", "validation lenient")]),
+    ("completion length (tokens)", [("completion_len", "mean"), ("truncated", "share cut at max_new_tokens x 100")]),
+    ("KL to the initial model (k3, per token)", [("kl", "train")]),
+    ("entropy (nats / token)", [("entropy", "train")]),
+    ("clip fraction", [("clip_frac", "train")]),
+    ("step time (s)", [("gen_s", "generate"), ("train_s", "train"), ("sync_s", "sync"), ("reward_s", "reward")]),
+]
+SCALE = {"truncated": 100}  # drawn on the same axis as the length
 
 
-def plot(run_dir: str, res_dir: str = "res") -> str:
+def smooth(ys, k):
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y - (ys[i - k] if i >= k else 0.0)
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def plot(run_dir: str, res: str = "", k: int = 10) -> str:
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    assert rows, f"{run_dir}/metrics.jsonl is empty: nothing to plot"
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
-    for ax, (key, title) in zip(axes.flat, PANELS):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
-        ax.set_title(title)
+    if not rows:
+        raise SystemExit(f"{run_dir}/metrics.jsonl is empty: nothing to plot")
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
+    for ax, (title, series) in zip(axes.flat, PANELS):
+        for (key, label), color in zip(series, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+            pts = [(r["step"], r[key] * SCALE.get(key, 1)) for r in rows if r.get(key) is not None]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            if key.startswith("val/"):
+                ax.plot(xs, ys, "o-", color=color, label=label, ms=4)
+            elif len(pts) > 2 * k:
+                ax.plot(xs, ys, color=color, alpha=0.25, lw=0.8)
+                ax.plot(xs, smooth(list(ys), k), color=color, label=f"{label} ({k}-step mean)")
+            else:
+                ax.plot(xs, ys, ".-", color=color, label=label)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(os.path.basename(os.path.normpath(run_dir)))
     fig.tight_layout()
     out = os.path.join(run_dir, "curves.png")
     fig.savefig(out, dpi=80)
-    os.makedirs(res_dir, exist_ok=True)
-    shutil.copy(out, os.path.join(res_dir, os.path.basename(os.path.normpath(run_dir)) + ".png"))
+    if res:
+        os.makedirs(os.path.dirname(res) or ".", exist_ok=True)
+        shutil.copy(out, res)
     return out
 
 
 if __name__ == "__main__":
-    for d in sys.argv[1:] or ["runs/default"]:
-        print("wrote", plot(d))
+    ap = argparse.ArgumentParser(description="Plot a run's metrics.jsonl")
+    ap.add_argument("run_dir")
+    ap.add_argument("--res", default="", help="also copy the PNG here (e.g. res/<run>.png)")
+    ap.add_argument("--smooth", type=int, default=10, help="moving-average window, steps")
+    a = ap.parse_args()
+    print("wrote", plot(a.run_dir, a.res, a.smooth))

@@ -50,7 +50,8 @@ class Config:
     scale_rewards: bool = True  # divide advantages by the group std (Dr. GRPO turns this off)
     clip_eps_low: float = 0.2  # ratio clipped to [1 - low, 1 + high]
     clip_eps_high: float = 0.2  # DAPO's clip-higher uses 0.28
-    kl_coef: float = 0.0  # beta of the k3 KL to the frozen initial model; 0 = no reference model
+    kl_coef: float = 0.0  # beta of the k3 KL to the frozen initial model; 0 = no reference model (unless log_kl)
+    log_kl: bool = False  # with kl_coef 0: load the reference anyway and log the KL to it (one more forward per step)
     # --- optimizer
     lr: float = 1e-6  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
@@ -73,11 +74,14 @@ class Config:
     sync_bucket_mb: float = 1024.0  # weight-sync bucket size, MiB of the engine dtype
     sync_timeout_s: float = 300.0  # every sync wait and generate request gives up after this, s
     # --- eval, checkpoints, logging
-    eval_every: int = 0  # steps between in-loop evals on a fixed test subset; 0 = never
-    eval_size: int = 64  # test problems in that subset
+    val_size: int = 500  # last train problems held out as the validation set: in-loop eval, never trained on
+    eval_every: int = 0  # steps between in-loop evals (greedy, on the validation set); 0 = never
+    eval_size: int = 0  # validation problems in each eval (the first N); 0 = all val_size
     ckpt_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_ckpts: int = 2  # newest checkpoints kept on disk
     resume: bool = False  # continue from run_dir/ckpt/latest
+    stop_after_min: float = 0.0  # checkpoint and exit after the step that passes this many minutes (0 = never);
+    # for time-limited jobs: run again with --resume to go on
     wandb_project: str = ""  # "" = no wandb; WANDB_MODE=offline works
 
 
@@ -407,7 +411,7 @@ def main(cfg: Config, reward_fn=None):
     from tqdm import tqdm
     import gsm8k
     import rewards
-    from infer_workers import TorchEngine
+    from infer_workers import TorchEngine, default_dtype, default_max_batch
     from models import load_model, load_tokenizer
     reward_fn = reward_fn or rewards.reward_components
 
@@ -425,8 +429,8 @@ def main(cfg: Config, reward_fn=None):
             yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
 
     # --- data
-    train_rows = gsm8k.load_split(cfg.data, "train")
-    eval_rows = gsm8k.load_split(cfg.data, "test")[:cfg.eval_size]
+    train_rows, val_rows = gsm8k.split_train_val(gsm8k.load_split(cfg.data, "train"), cfg.val_size)
+    eval_rows = val_rows[:cfg.eval_size or None]
     sampler = gsm8k.Sampler(len(train_rows), cfg.seed)
 
     # --- models: the policy being trained, its frozen reference, and the inference engine
@@ -440,8 +444,7 @@ def main(cfg: Config, reward_fn=None):
     lm = load_model(model_src, torch.float32, dev)  # fp32 master weights; bf16 autocast on GPU
     if cfg.grad_checkpointing:
         lm.gradient_checkpointing_enable()
-    ref = load_model(cfg.model, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev).requires_grad_(False) \
-        if cfg.kl_coef > 0 else None
+    ref = load_model(cfg.model, default_dtype(dev), dev).requires_grad_(False) if cfg.kl_coef > 0 or cfg.log_kl else None
     if cfg.packing:
         for m in filter(None, (lm, ref)):
             use_packed_attention(m)
@@ -449,8 +452,7 @@ def main(cfg: Config, reward_fn=None):
         for m in filter(None, (lm, ref)):
             compile_model(m)
     if cfg.inference == "local":
-        engine = TorchEngine(load_model(model_src, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev), tok,
-                             max_batch=256 if dev.type == "cuda" else 64)  # rows per decode step
+        engine = TorchEngine(load_model(model_src, default_dtype(dev), dev), tok, max_batch=default_max_batch(dev))
     else:
         import ray
         from infer_workers import ServeClient
@@ -489,18 +491,34 @@ def main(cfg: Config, reward_fn=None):
         wandb.init(project=cfg.wandb_project, name=os.path.basename(cfg.run_dir), config=dataclasses.asdict(cfg),
                    dir=cfg.run_dir)
     metrics_f = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") if acc.is_main_process else None
+
+    def log(m):
+        if acc.is_main_process:
+            metrics_f.write(json.dumps(m) + "\n")
+            metrics_f.flush()
+            if wandb:
+                wandb.log(m, step=m["step"])
+
+    def validate(step):
+        """Greedy eval of the current weights (after `step` updates) on the validation problems: its own metrics
+        row. Main process only: the other ranks' engines hold the same weights."""
+        if acc.is_main_process:
+            t = time.perf_counter()
+            ev = gsm8k.evaluate(engine, tok, eval_rows, cfg.max_new_tokens, batch=256)
+            log({"step": step} | {f"val/{k}": v for k, v in ev.items() if isinstance(v, (int, float))}
+                | {"eval_s": time.perf_counter() - t})
+            acc.print(f"step {step}: validation pass@1 {ev['pass@1_strict']:.1%} strict, {ev['pass@1_lenient']:.1%} "
+                      f"lenient, format {ev['format']:.1%} (n={ev['n']})")
+
+    t_start = time.monotonic()
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not acc.is_main_process,
                dynamic_ncols=True)
-
     for step in bar:
+        # --- evaluation (greedy, held-out validation problems; step 0 = the initial model)
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            validate(step)
         t0 = time.perf_counter()
         m = {"step": step + 1, "lr": sched.get_last_lr()[0]}
-
-        # --- evaluation (main process, fixed subset, greedy)
-        if cfg.eval_every and step % cfg.eval_every == 0 and acc.is_main_process:
-            ev = gsm8k.evaluate(engine, tok, eval_rows, cfg.max_new_tokens)
-            m |= {f"eval/{k}": v for k, v in ev.items() if k != "samples"} | {"eval_s": time.perf_counter() - t0}
-        t_eval = time.perf_counter()
 
         # --- sample: every rank takes its share of the step's prompts, G completions each
         idx = sampler.next(cfg.prompts_per_step)[rank::world]  # same sequence on every rank
@@ -532,26 +550,33 @@ def main(cfg: Config, reward_fn=None):
         # --- log (averaged over ranks)
         lens = torch.tensor([len(c["token_ids"]) for c in completions], dtype=torch.float, device=dev)
         local = {k: torch.tensor([c[k] for c in comps], device=dev).mean() for k in comps[0]}  # reward + components
-        local |= {"completion_len": lens.mean(),
+        local |= {"format_rate": torch.tensor([c.get("format") == 1.0 for c in comps], device=dev).float().mean(),
+                  "completion_len": lens.mean(),
                   "truncated": torch.tensor([c["finish_reason"] == "length" for c in completions], device=dev).float().mean()}
         local |= {k: v.float() for k, v in stats.items()}
         m |= {k: acc.reduce(v, "mean").item() for k, v in local.items()}
         n_seq_tok = torch.tensor([float(sum(map(len, seq_prompts)))], device=dev) + n_tok  # prompt + completion
-        m |= {"version": version, "step_s": t_sync - t0, "gen_s": t_gen - t_eval,
+        m |= {"version": version, "step_s": t_sync - t0, "gen_s": t_gen - t0,
               "reward_s": t_reward - t_gen, "train_s": t_train - t_reward, "sync_s": t_sync - t_train,
-              "gen_tok_s": acc.reduce(n_tok, "sum").item() / (t_gen - t_eval),  # sampled tokens / s, all ranks
+              "gen_tok_s": acc.reduce(n_tok, "sum").item() / (t_gen - t0),  # sampled tokens / s, all ranks
               "train_tok_s": acc.reduce(n_seq_tok, "sum").item() / (t_train - t_reward)}  # tokens through fwd+bwd / s
-        if acc.is_main_process:
-            metrics_f.write(json.dumps(m) + "\n")
-            metrics_f.flush()
-            if wandb:
-                wandb.log(m, step=step + 1)
-            bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m.get('accuracy', 0):.0%}", len=f"{m['completion_len']:.0f}tok",
-                            step=f"{m['step_s']:.1f}s")
+        log(m)
+        bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m.get('accuracy', 0):.0%}",
+                        fmt=f"{m['format_rate']:.0%}", len=f"{m['completion_len']:.0f}tok", step=f"{m['step_s']:.1f}s")
 
-        # --- checkpoint
-        if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == cfg.max_steps:
+        # --- checkpoint (and a clean stop when the job's time is up)
+        stop = torch.tensor([float(bool(cfg.stop_after_min) and time.monotonic() - t_start > 60 * cfg.stop_after_min)],
+                            device=dev)
+        stop = acc.reduce(stop, "max").item() > 0 and step + 1 < cfg.max_steps  # every rank stops at the same step
+        if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == cfg.max_steps or stop:
             save_checkpoint(acc, policy, tok, opt, sched, sampler, cfg, step + 1)
+        if stop:
+            acc.print(f"stop_after_min={cfg.stop_after_min}: stopped after step {step + 1} of {cfg.max_steps}; "
+                      f"continue with --resume")
+            break
+    else:
+        if cfg.eval_every and start < cfg.max_steps:
+            validate(cfg.max_steps)  # the final weights
 
     if acc.is_main_process:
         metrics_f.close()

@@ -14,6 +14,25 @@ def test_local_jsonl_loads_both_splits():
     assert set(train[0]) == {"question", "answer"} and "####" in train[0]["answer"]
 
 
+def test_validation_split_is_held_out_of_training():
+    """The last val_size train problems are the validation set: disjoint from the rest, the same every time."""
+    rows = gsm8k.load_split(GSM8K, "train")
+    train, val = gsm8k.split_train_val(rows, 500)
+    assert (len(train), len(val)) == (6973, 500) and val == rows[-500:]
+    assert not {r["question"] for r in train} & {r["question"] for r in val}
+    with pytest.raises(ValueError, match="val_size=7473"):
+        gsm8k.split_train_val(rows, 7473)
+
+
+def test_wilson_interval_by_hand():
+    """95% Wilson interval: k=0 of 1319 -> [0, 0.29%]; 50 of 100 -> [40.4%, 59.6%]; inside [0, 1] always."""
+    lo, hi = gsm8k.wilson(0, 1319)
+    assert lo == 0 and hi == pytest.approx(0.00290, abs=1e-5)
+    lo, hi = gsm8k.wilson(50, 100)
+    assert (lo, hi) == (pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4))
+    assert gsm8k.wilson(7, 7)[1] == 1.0
+
+
 def test_missing_split_names_the_fix(tmp_path):
     """A folder without train.jsonl fails with the path and what it needs."""
     with pytest.raises(FileNotFoundError, match="train.jsonl"):
@@ -53,22 +72,30 @@ def test_prompt_uses_chat_template(tiny_model, tmp_path):
 class ScriptedEngine:
     """Replays fixed completions through the engine interface, to check evaluate()'s arithmetic."""
     def __init__(self, greedy, sampled):
-        self.greedy, self.sampled = greedy, sampled
+        self.greedy, self.sampled, self.seen = greedy, sampled, {}
 
     def generate(self, prompts, n=1, temperature=1.0, **kw):
         src = self.greedy if temperature == 0 else self.sampled
-        return [[{"text": t} for t in src[i]][:n] for i in range(len(prompts))]
+        first = self.seen.setdefault(temperature, 0)
+        self.seen[temperature] += len(prompts)
+        return [[{"text": t, "finish_reason": "stop"} for t in src[first + i]][:n] for i in range(len(prompts))]
 
 
-def test_evaluate_strict_lenient_and_majority(tiny_model):
-    """strict needs the tags, lenient takes the last number, maj@k votes over <answer> values."""
+@pytest.mark.parametrize("batch", [1, 64])
+def test_evaluate_strict_lenient_format_and_majority(tiny_model, batch):
+    """strict needs the tags, lenient takes the last number, format needs the exact form, maj@k votes over
+    <answer> values; each with its 95% interval; the batch size only changes how prompts are sent."""
     from models import load_tokenizer
-    rows = [{"question": "a", "answer": "x\n#### 18"}, {"question": "b", "answer": "#### 1,080"}]
-    greedy = [["so <answer>18</answer>"], ["the total is 1080"]]
+    rows = [{"question": "a", "answer": "x\n#### 18"}, {"question": "b", "answer": "#### 1,080"},
+            {"question": "c", "answer": "#### 5"}]
+    greedy = [["so <answer>18</answer>"], ["the total is 1080"], ["</think><answer>4</answer>"]]
     sampled = [["<answer>17</answer>", "<answer>17</answer>", "<answer>18</answer>"],
-               ["<answer>1,080</answer>", "<answer>$1080</answer>", "<answer>7</answer>"]]  # 1,080 = $1080 in the vote
-    res = gsm8k.evaluate(ScriptedEngine(greedy, sampled), load_tokenizer(tiny_model), rows, maj_k=3)
-    assert (res["pass@1_strict"], res["pass@1_lenient"], res["maj@3"]) == (0.5, 1.0, 0.5)
+               ["<answer>1,080</answer>", "<answer>$1080</answer>", "<answer>7</answer>"],  # 1,080 = $1080 in the vote
+               ["<answer>5</answer>", "no answer", "no answer"]]
+    res = gsm8k.evaluate(ScriptedEngine(greedy, sampled), load_tokenizer(tiny_model), rows, maj_k=3, batch=batch)
+    assert (res["pass@1_strict"], res["pass@1_lenient"], res["format"], res["maj@3"]) == (1 / 3, 2 / 3, 1 / 3, 2 / 3)
+    assert res["maj@3_ci95"] == list(gsm8k.wilson(2, 3)) and res["n"] == 3
+    assert [s["majority"] for s in res["samples"]] == ["17", "1080", "5"]
 
 
 def test_smollm2_from_the_wheel_loads_and_speaks():

@@ -4,6 +4,7 @@ Run as a script, this file is the FSDP2 tests' launch target (see use_cpu_fsdp a
 """
 import dataclasses
 import json
+import math
 import os
 import runpy
 import shutil
@@ -50,21 +51,38 @@ def fsdp2_launch(layer_cls):
 
 
 def test_three_steps_end_to_end(tiny_model, tmp_path):
-    """3 steps with the real GSM8K rewards and KL: metrics per step, config, eval and an HF checkpoint."""
+    """3 steps with the real GSM8K rewards and KL: metrics per step, validation rows (before steps 1 and 3, and
+    after the last), config and an HF checkpoint."""
     cfg = cfg_for(tiny_model, tmp_path / "run", max_steps=3, kl_coef=0.05, eval_every=2, eval_size=3)
     train.main(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert [r["version"] for r in rows] == [1, 2, 3], "the engine took one weight update per step"
-    assert "eval/pass@1_strict" in rows[0] and "eval/pass@1_strict" in rows[2] and "eval/pass@1_strict" not in rows[1]
-    for k in ("reward", "accuracy", "format", "kl", "entropy", "completion_len", "loss", "grad_norm", "gen_tok_s",
-              "train_tok_s"):
-        assert all(isinstance(r[k], float) for r in rows), k
+    steps, evals = [r for r in rows if "reward" in r], [r for r in rows if "val/pass@1_strict" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert [r["version"] for r in steps] == [1, 2, 3], "the engine took one weight update per step"
+    assert [r["step"] for r in evals] == [0, 2, 3], "weights after 0, 2 and 3 updates"
+    assert all(r["val/n"] == 3 and 0 <= r["val/format"] <= 1 for r in evals)
+    for k in ("reward", "accuracy", "format", "format_rate", "kl", "entropy", "completion_len", "loss", "grad_norm",
+              "gen_tok_s", "train_tok_s"):
+        assert all(math.isfinite(r[k]) for r in steps), k
     assert train.load_config([str(tmp_path / "run" / "config.yaml")]) == cfg
     ckpt = tmp_path / "run" / "ckpt" / "latest"
     assert os.readlink(ckpt) == "step_000003" and (ckpt / "model" / "config.json").exists()
     state = torch.load(ckpt / "state.pt", weights_only=False)
     assert state["step"] == 3 and state["config"] == dataclasses.asdict(cfg)
+
+
+def test_stop_after_min_checkpoints_and_resume_finishes(tiny_model, tmp_path):
+    """stop_after_min (a job's time limit): the run stops after the step that passes it, with a checkpoint, and
+    --resume goes on to max_steps; the last validation row is written only by the run that finishes."""
+    cfg = cfg_for(tiny_model, tmp_path / "run", max_steps=3, stop_after_min=1e-6, eval_every=10, eval_size=2)
+    train.main(cfg, reward_fn=digit_reward)
+    assert os.readlink(tmp_path / "run" / "ckpt" / "latest") == "step_000001"
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [(r["step"], "reward" in r) for r in rows] == [(0, False), (1, True)]
+    train.main(dataclasses.replace(cfg, resume=True, stop_after_min=0.0), reward_fn=digit_reward)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [(r["step"], "reward" in r) for r in rows] == [(0, False), (1, True), (2, True), (3, True), (3, False)]
+    assert os.readlink(tmp_path / "run" / "ckpt" / "latest") == "step_000003"
 
 
 class Crash(Exception):

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# An R1-Zero run end to end on one machine, for exps/NAME/config.yaml (each exps/*_r1zero/run_train.sh calls this):
+#   bash exps/r1zero.sh NAME [--key=value ...]        e.g. bash exps/r1zero.sh smollm2_r1zero --data=../shared/data/gsm8k
+# 1. baseline: the initial model on the whole GSM8K test set (greedy strict + lenient, maj@8), on GPU 0
+# 2. training: 2+ GPUs: GPU 0 trains, GPUs 1..N-1 each hold a torch-engine replica of the Serve app, weights
+#    over NCCL after every step (the app starts while the baseline runs); 1 GPU: the in-process engine
+# 3. the final checkpoint on the whole test set, then res/: metrics, curves, before/after evaluation
+# Run it again to go on after a stop (a time limit, --stop_after_min, a crash): finished parts are skipped and
+# training resumes from the last checkpoint. STOP_AT=<unix time>: a job's end; training stops (with a checkpoint)
+# a minute before it. INFERENCE=serve|local overrides the choice by GPU count; EVAL_LIMIT=N evaluates N problems.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NAME=$1 && shift
+CFG=exps/$NAME/config.yaml
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 NCCL_NVLS_ENABLE=0   # Ray on 127.0.0.1; no NVLink multicast
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}               # Ray workers import infer_workers from here
+# the resolved config (yaml + overrides) is the one source of every value below
+read -r RUN MODEL DATA MNT TEMP MAX < <(python -c "import sys, train; c = train.load_config(sys.argv[1:]); \
+print(c.run_dir, c.model, c.data, c.max_new_tokens, c.temperature, c.max_steps)" "$CFG" "$@")
+NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
+INFERENCE=${INFERENCE:-$([ "$NGPU" -ge 2 ] && echo serve || echo local)}
+BATCH=$([ "$NGPU" -ge 1 ] && echo 256 || echo 16)    # problems per eval call: one progress update each
+RES=${RES:-res}                                  # where the tracked results go
+mkdir -p "$RUN" "$RES"
+python -c "import models; models.resolve_model('$MODEL')"   # convert the GGUF once, before processes race
+evaluate() {  # evaluate MODEL_PATH TAG: the whole test set -> $RUN/eval_TAG.json, metrics into res/
+    CUDA_VISIBLE_DEVICES=${EVAL_GPU:-0} python gsm8k.py --model "$1" --data "$DATA" --max-new-tokens "$MNT" \
+        --temperature "$TEMP" --maj-k 8 --batch "$BATCH" --limit "${EVAL_LIMIT:-0}" --out "$RUN/eval_$2.json" \
+        --record "$RES/${NAME}_eval.json" --as "$2"
+}
+
+if [ "$INFERENCE" = serve ]; then   # the app: one torch-engine replica per GPU after the first (CPU: one replica)
+    export MODEL_NAME_OR_PATH=$MODEL INFER_ENGINE=torch NUM_INFER_WORKERS=${NUM_INFER_WORKERS:-$((NGPU > 1 ? NGPU - 1 : 1))}
+    GPUS=$([ "$NGPU" -ge 2 ] && seq -s, 1 "$NUM_INFER_WORKERS" || echo "")
+    CUDA_VISIBLE_DEVICES=$GPUS ray start --head --node-ip-address 127.0.0.1 --num-gpus "$([ "$NGPU" -ge 2 ] && \
+        echo "$NUM_INFER_WORKERS" || echo 0)" --num-cpus "$NUM_INFER_WORKERS" --include-dashboard false \
+        --disable-usage-stats >/dev/null
+    trap 'kill $SERVE_PID 2>/dev/null || true; ray stop --force >/dev/null 2>&1 || true' EXIT
+    serve run --address auto infer_workers:inference_app > "$RUN/serve.log" 2>&1 &   # HTTP on 127.0.0.1:8000
+    SERVE_PID=$!
+fi
+[ -e "$RUN/eval_before.json" ] || evaluate "$MODEL" before    # meanwhile the replicas start
+if [ "$INFERENCE" = serve ]; then
+    until python -c "import json, urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:8000/',
+            json.dumps({'prompts': ['hi'], 'max_new_tokens': 1}).encode(), {'Content-Type': 'application/json'}), timeout=60)" \
+            2>/dev/null; do                                          # ready when a replica answers
+        kill -0 $SERVE_PID 2>/dev/null || { tail -20 "$RUN/serve.log"; exit 1; }
+        sleep 2
+    done
+fi
+ARGS=(--inference="$INFERENCE")
+[ -e "$RUN/ckpt/latest" ] && ARGS+=(--resume)
+[ -n "${STOP_AT:-}" ] && ARGS+=(--stop_after_min="$(python -c "print(max(0.1, ($STOP_AT - $(date +%s) - 60) / 60))")")
+python train.py "$CFG" "${ARGS[@]}" "$@"        # trains on cuda:0 and sees every GPU (NCCL to the replicas)
+python plot.py "$RUN" --res "$RES/$NAME.png"
+cp "$RUN/metrics.jsonl" "$RES/$NAME.jsonl"
+FINAL=$RUN/ckpt/step_$(printf %06d "$MAX")
+[ -e "$FINAL" ] || { echo "stopped before step $MAX: run this again to go on"; exit 0; }
+[ -e "$RUN/eval_after.json" ] || evaluate "$FINAL/model" after
