@@ -32,8 +32,8 @@ evaluate() {  # evaluate MODEL_PATH TAG: the whole test set -> $RUN/eval_TAG.jso
 if [ "$INFERENCE" = serve ]; then   # the app: one torch-engine replica per GPU after the first (CPU: one replica)
     export MODEL_NAME_OR_PATH=$MODEL INFER_ENGINE=torch NUM_INFER_WORKERS=${NUM_INFER_WORKERS:-$((NGPU > 1 ? NGPU - 1 : 1))}
     GPUS=$([ "$NGPU" -ge 2 ] && seq -s, 1 "$NUM_INFER_WORKERS" || echo "")
-    CUDA_VISIBLE_DEVICES=$GPUS ray start --head --node-ip-address 127.0.0.1 --num-gpus "$([ "$NGPU" -ge 2 ] && \
-        echo "$NUM_INFER_WORKERS" || echo 0)" --num-cpus "$NUM_INFER_WORKERS" --include-dashboard false \
+    SLOTS=$([ "$NGPU" -ge 2 ] && echo "--num-gpus $NUM_INFER_WORKERS" || echo "--num-gpus 0 --num-cpus $NUM_INFER_WORKERS")
+    CUDA_VISIBLE_DEVICES=$GPUS ray start --head --node-ip-address 127.0.0.1 $SLOTS --include-dashboard false \
         --disable-usage-stats >/dev/null
     trap 'kill $SERVE_PID 2>/dev/null || true; ray stop --force >/dev/null 2>&1 || true' EXIT
     serve run --address auto infer_workers:inference_app > "$RUN/serve.log" 2>&1 &   # HTTP on 127.0.0.1:8000
