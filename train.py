@@ -1,7 +1,7 @@
 """GRPO on GSM8K with rule-based rewards (DeepSeek R1-Zero style), in plain PyTorch.
 
     python train.py exps/cpu_smollm2/config.yaml --max_steps=5             # one process
-    accelerate launch --num_processes 4 train.py exps/gsm8k_qwen05b/config.yaml  # DDP ranks
+    accelerate launch --num_processes 4 train.py exps/qwen05b_r1zero/config.yaml --inference=local  # DDP ranks
     accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP \\
         --fsdp_transformer_layer_cls_to_wrap Qwen2DecoderLayer --num_processes 4 train.py ...  # FSDP2 ranks
 
