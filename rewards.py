@@ -139,13 +139,19 @@ def extract_answer(completion: str) -> str | None:
 
 def format_reward(completion: str) -> float:
     """1.0 for exactly [<think>] ... </think> <answer> X </answer> (whitespace around and between,
-    one of each tag, X non-empty). The opening <think> may be missing because the trainer may put it
-    in the prompt; then the completion starts inside the think block. 0.5 when there is a gradable
-    answer block (extract_answer is non-empty) but anything else is off: a broken think part, text
-    before <think> or after </answer>, two answer blocks. 0.0 otherwise.
+    one of each tag, X holding a number). The opening <think> may be missing because the trainer may put
+    it in the prompt; then the completion starts inside the think block. 0.5 when there is a gradable
+    answer block (a number inside the last <answer>...</answer>) but anything else is off: a broken think
+    part, text before <think> or after </answer>, two answer blocks. 0.0 otherwise.
+
+    Why the number: GSM8K answers are numbers, and the system prompt shows the tags with placeholder text.
+    SmolLM2-135M, paid for the bare layout, learned within 50 steps to answer every question with the
+    prompt's own example "<think> reasoning process here </think><answer> answer here </answer>"
+    (README, Results); such an answer now earns no format credit.
     """
     _check_str(completion)
-    if not extract_answer(completion):
+    answer = extract_answer(completion)
+    if not answer or _last_number(answer[-MAX_ANSWER_CHARS:]) is None:
         return 0.0
     s = completion.strip()
     if s.count("<think>") > 1 or (s.count("<think>") == 1 and not s.startswith("<think>")):
