@@ -22,6 +22,15 @@ import random
 
 import rewards
 
+# R1-Zero's instruction, with one line added for GSM8K's numeric answers; rewards.format_reward checks its tags
+SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+    "the answer. The reasoning process and answer are enclosed within <think> </think> and "
+    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think>"
+    "<answer> answer here </answer>. The answer is just the final number, with no units or words."
+)
+
 
 def load_split(data: str, split: str) -> list[dict]:
     """[{"question": str, "answer": str}] from a local folder of jsonl or the hub (openai/gsm8k, main).
@@ -38,26 +47,31 @@ def load_split(data: str, split: str) -> list[dict]:
     return [dict(question=r["question"], answer=r["answer"]) for r in datasets.load_dataset(data, "main", split=split)]
 
 
-def build_prompt(tok, question: str) -> list[int]:
-    """Question -> prompt token ids, ending inside an opened <think> block.
+def build_prompts(tok, questions: list[str]) -> list[list[int]]:
+    """Questions -> prompt token ids, each ending inside an opened <think> block.
 
-    With a chat template: [system: rewards.SYSTEM_PROMPT, user: question] + assistant header + "<think>".
+    With a chat template: [system: SYSTEM_PROMPT, user: question] + assistant header + "<think>".
     Without one, R1-Zero's plain form: "{system}\nUser: {question}\nAssistant: <think>".
     Prefilling <think> is what R1-Zero did; rewards.format_reward accepts completions that start inside it.
+    Batched (one template render, one tokenizer call): the whole train split takes well under a second.
     """
     if tok.chat_template:
-        msgs = [{"role": "system", "content": rewards.SYSTEM_PROMPT}, {"role": "user", "content": question}]
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + "<think>"
+        chats = [[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q}] for q in questions]
+        texts = [t + "<think>" for t in tok.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)]
     else:
-        text = f"{rewards.SYSTEM_PROMPT}\nUser: {question}\nAssistant: <think>"
-    return tok(text, add_special_tokens=False).input_ids
+        texts = [f"{SYSTEM_PROMPT}\nUser: {q}\nAssistant: <think>" for q in questions]
+    return tok(texts, add_special_tokens=False).input_ids if texts else []
+
+
+def build_prompt(tok, question: str) -> list[int]:
+    return build_prompts(tok, [question])[0]
 
 
 class Sampler:
     """Endless seeded shuffle over n items, resumable from (epoch, pos).
 
-    >>> s = Sampler(5, seed=0); s.next(3), s.next(3), s.state()
-    ([4, 1, 3], [0, 2, 0], {'epoch': 1, 'pos': 1})   # (values depend on the seed; shapes don't)
+    >>> s = Sampler(5, seed=0); s.next(3), s.next(3), s.state()   # the second call crosses into epoch 1
+    ([2, 1, 0], [4, 3, 2], {'epoch': 1, 'pos': 1})
     """
     def __init__(self, n: int, seed: int, epoch: int = 0, pos: int = 0):
         self.n, self.seed, self.epoch, self.pos = n, seed, epoch, pos
@@ -118,7 +132,7 @@ def evaluate(engine, tok, rows, max_new_tokens=512, maj_k=0, temperature=1.0, se
     """
     from tqdm import tqdm
     golds = [rewards.parse_gold(r["answer"]) for r in rows]
-    prompts = [build_prompt(tok, r["question"]) for r in rows]
+    prompts = build_prompts(tok, [r["question"] for r in rows])
     hits = {"pass@1_strict": 0, "pass@1_lenient": 0, "format": 0} | ({f"maj@{maj_k}": 0} if maj_k else {})
     samples = []
     bar = tqdm(total=len(rows) * (1 + maj_k), unit="completion", disable=not progress, dynamic_ncols=True)
@@ -163,7 +177,8 @@ if __name__ == "__main__":
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--temperature", type=float, default=1.0, help="of the maj@k samples")
     ap.add_argument("--engine", default="auto", choices=["auto", "vllm", "torch"], help="auto: vLLM if installed")
-    ap.add_argument("--batch", type=int, default=64, help="problems per engine call (and per progress update)")
+    ap.add_argument("--batch", type=int, default=0, help="problems per engine call and progress update (0: 256 on a "
+                                                           "GPU, 8 on the CPU)")
     ap.add_argument("--out", default="", help="JSON path (default: eval_gsm8k.json beside the model)")
     ap.add_argument("--record", default="", help="also put the metrics (no samples) into this JSON file ...")
     ap.add_argument("--as", dest="tag", default="", help="... under this key (e.g. before / after)")
@@ -171,7 +186,9 @@ if __name__ == "__main__":
     rows = load_split(a.data, "test")[:a.limit or None]
     engine = make_engine(a.model, a.engine)
     t0 = time.perf_counter()
-    res = evaluate(engine, load_tokenizer(a.model), rows, a.max_new_tokens, a.maj_k, a.temperature, batch=a.batch,
+    import torch
+    batch = a.batch or (256 if torch.cuda.is_available() else 8)
+    res = evaluate(engine, load_tokenizer(a.model), rows, a.max_new_tokens, a.maj_k, a.temperature, batch=batch,
                    progress=True)
     res = {"model": a.model, "engine": type(engine).__name__, "max_new_tokens": a.max_new_tokens,
            "eval_s": round(time.perf_counter() - t0, 1)} | res

@@ -10,12 +10,18 @@
   - "random:<shape>" (shape in SHAPES: qwen0.5b, qwen1.5b, qwen7b, small): a Qwen2-shaped model with
     random weights (seed 0) and a word-level tokenizer, saved once under the same cache. For speed
     measurements at real sizes where no checkpoint can be downloaded; it learns nothing useful.
+
+Also here, as they set up the model for training speed: packed attention (sequences concatenated into one
+row, varlen flash attention on CUDA) and torch.compile of the decoder layers.
 """
 import importlib.util
 import os
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names in configs
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAPES = {  # Qwen2 family configs (Qwen2.5-0.5B/1.5B/7B sizes)
@@ -29,6 +35,12 @@ SHAPES = {  # Qwen2 family configs (Qwen2.5-0.5B/1.5B/7B sizes)
                    num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
 }
 CACHE = os.environ.get("SIMPLE_R1_CACHE", os.path.expanduser("~/.cache/simple-r1"))
+
+
+def default_dtype(device) -> torch.dtype:
+    """The dtype engines and the reference model hold weights in: bf16 on GPUs, fp32 on the CPU (no fast bf16
+    matmuls there). The policy itself keeps fp32 master weights (bf16 autocast on GPUs)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def resolve_model(name: str) -> str:
@@ -102,3 +114,43 @@ def eos_token_ids(tok, model=None) -> list[int]:
     extra = getattr(gen, "eos_token_id", None)
     ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
     return sorted(i for i in ids if i is not None)
+
+
+# ----------------------------------------------------------------------------- training-speed setup
+
+def compile_model(lm):
+    """torch.compile each decoder layer: norms, RoPE, SiLU and residual adds fuse into a few kernels around
+    the GEMMs. Weights are graph inputs, so all layers share one compiled graph; attention is left eager."""
+    for layer in lm.get_decoder().layers:
+        layer.compile(dynamic=True)
+    return lm
+
+
+@torch.compiler.disable  # a graph break in compiled layers: varlen takes Python ints, the CPU path a loop
+def packed_attention(module, q, k, v, attention_mask, scaling=None, cu_seq_lens_q=None, max_length_q=None, **_):
+    """Causal attention inside each of the sequences packed into one row (transformers attention hook).
+
+    q [1, H, N, D], k/v [1, Hkv, N, D], cu_seq_lens_q [S+1] int32 sequence starts (last = N) -> [1, N, H, D].
+    CUDA: flash varlen kernel, no padding and no [N, N] mask. CPU: one sdpa per sequence (tests, tiny runs).
+    """
+    assert cu_seq_lens_q is not None, "packed attention needs collate(..., packed=True) inputs"
+    if not q.is_cuda:
+        bounds = cu_seq_lens_q.tolist()
+        outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, scale=scaling,
+                                               enable_gqa=True) for s, e in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(outs, 2).transpose(1, 2), None
+    from torch.nn.attention.varlen import varlen_attn
+    dtype = q.dtype if q.dtype != torch.float32 else torch.bfloat16  # fp32 sneaks in through fp32 RoPE tables
+    k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))  # GQA: [1, H, N, D]
+    q, k, v = (x[0].transpose(0, 1).to(dtype).contiguous() for x in (q, k, v))  # [N, H, D]
+    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
+                      window_size=(-1, 0))  # (-1, 0) = causal
+    return out[None], None
+
+
+def use_packed_attention(model):
+    """Route the model's attention through packed_attention: it then takes collate(..., packed=True) inputs."""
+    from transformers import AttentionInterface
+    AttentionInterface.register("packed", packed_attention)
+    model.set_attn_implementation("packed")
+    return model

@@ -37,13 +37,6 @@ from math_verify import parse as mv_parse, verify as mv_verify
 from math_verify.errors import TimeoutException
 from sympy import Rational
 
-SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
-    "the answer. The reasoning process and answer are enclosed within <think> </think> and "
-    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think>"
-    "<answer> answer here </answer>. The answer is just the final number, with no units or words."
-)
 FORMAT_WEIGHT = 0.5       # format is a means to an end: a right answer (1.0) must beat perfect form (0.5)
 MAX_COMPLETION_CHARS = 20_000  # only the tail is searched for answers; the answer comes last anyway
 MAX_ANSWER_CHARS = 512    # "just the final number" never needs more; bounds every regex and sympy
@@ -51,9 +44,11 @@ MAX_NUM_CHARS = 100       # longer numbers are refused, not converted (str(int) 
 MV_TIMEOUT_S = 1          # per math-verify parse / verify call; int because it is signal.alarm
 REL_TOL = 1e-6            # answers_equal: relative tolerance, so "18.0000001" votes with "18"
 
-# Why answers were not graded the normal way; the trainer logs these. Keys: timeout, parse_error,
-# mathverify_skipped_thread, mathverify_refused, number_too_long, answer_too_long, gold_no_number.
-# Not locked: counts are approximate if several threads grade at once.
+# Why answers were not graded the normal way, counted since import; train.py logs each step's counts
+# (metrics.jsonl "rewards/<key>", the progress bar's "flagged"). Not locked: counts are approximate if several
+# threads grade at once.
+STAT_KEYS = ("timeout", "parse_error", "mathverify_skipped_thread", "mathverify_refused", "number_too_long",
+             "answer_too_long", "gold_no_number")
 STATS = Counter()
 
 _NUM = re.compile(r"(?:(?<![\w.])-)?(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")

@@ -25,7 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from models import DTYPES
 
 
 def make_plan(named_tensors, dtype: str, bucket_mb: float):
@@ -56,7 +56,7 @@ def make_plan(named_tensors, dtype: str, bucket_mb: float):
 
 
 def open_group(host, port, rank, world, generation, backend, timeout_s, is_master=False):
-    """A process group of its own (never the default one). Returns (store, group)."""
+    """A process group of its own (never the default one). Returns (store, group, this member's rank)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world_size=None, is_master=is_master, timeout=timeout, wait_for_workers=False)
     if rank is None:  # a worker: take the next free rank, 1..world-1
@@ -170,11 +170,9 @@ class WeightSync:
         self.expected_workers = world - 1
 
     @torch.no_grad()
-    def push(self, named_tensors, discard=False) -> int:
-        """Broadcast every tensor to every replica worker; returns the replicas' new (common) version.
-
-        discard=True: replicas receive every bucket and drop it (no load, no version bump): the
-        raw-broadcast baseline of bench/weight_sync.py. self.timing holds the last push's split, s."""
+    def push(self, named_tensors, version=None) -> int:
+        """Broadcast every tensor to every replica worker; returns the replicas' new (common) version
+        (version, or the last one + 1). self.timing holds the last push's split, s."""
         t0 = time.perf_counter()
         states = self._wait_for_replicas()
         if {(s["replica"], s["generation"]) for s in states} != self.members:
@@ -183,8 +181,9 @@ class WeightSync:
         assert len(dtypes) == 1, f"replicas run different dtypes {dtypes}: one push cannot serve them all"
         dtype = dtypes.pop()  # cast on the trainer: the wire carries what the engine holds (bf16 = half of fp32)
         buckets, aliases, tensors = make_plan(named_tensors, dtype, self.bucket_mb)
+        version = self.version + 1 if version is None else version
         plan = {"buckets": buckets, "aliases": aliases, "dtype": dtype, "generation": self.generation,
-                "version": self.version + 1, "discard": discard}
+                "version": version}
         t1 = time.perf_counter()
         resp = self._broadcast("receive_weights", plan, self.timeout_s)
         dtype, it = DTYPES[dtype], iter(tensors)
@@ -207,8 +206,6 @@ class WeightSync:
         self.timing = {"state_s": t1 - t0, "broadcast_s": t2 - t1, "load_wait_s": time.perf_counter() - t2,
                        "total_s": time.perf_counter() - t0, "bytes": sum(n for b in buckets for _, _, n in b) *
                        DTYPES[plan["dtype"]].itemsize, "buckets": len(buckets)}
-        if discard:
-            return self.version
-        assert all(r["version"] == self.version + 1 for r in res), f"replicas' versions after push {self.version + 1}: {res}"
-        self.version += 1
+        assert all(r["version"] == version for r in res), f"replicas' versions after push {version}: {res}"
+        self.version = version
         return self.version

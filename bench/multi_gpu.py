@@ -24,6 +24,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import models  # noqa: E402
+import plumbing  # noqa: E402
 import train  # noqa: E402
 from models import SHAPES, load_model  # noqa: E402
 
@@ -39,10 +41,10 @@ def main():
     from accelerate import Accelerator
 
     gpu = torch.cuda.is_available()
-    acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no", fsdp_plugin=train.fsdp_plugin())
+    acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no", fsdp_plugin=plumbing.fsdp_plugin())
     rank, world = acc.process_index, acc.num_processes
     torch.manual_seed(0)
-    lm = train.use_packed_attention(load_model(f"random:{a.shape}", torch.float32, acc.device))
+    lm = models.use_packed_attention(load_model(f"random:{a.shape}", torch.float32, acc.device))
     init = {k: v.detach().cpu().clone() for k, v in lm.state_dict().items()} if rank == 0 else None
     rng = random.Random(0)
     vocab = lm.config.vocab_size
@@ -57,7 +59,7 @@ def main():
 
     opt = torch.optim.SGD(lm.parameters(), lr=a.lr)
     policy, opt = acc.prepare(train.Policy(lm), opt)
-    train.check_prepared(acc, policy, opt)  # lm_head still tied, every parameter in opt
+    plumbing.check_prepared(acc, policy, opt)  # lm_head still tied, every parameter in opt
     stats, _ = train.policy_step(acc, policy, None, opt, seq_prompts, completions,
                                  adv[mine].flatten().to(acc.device), cfg, pad_id=0)
     loss, grad_norm = acc.reduce(stats["loss"], "mean").item(), float(stats["grad_norm"])

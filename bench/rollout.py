@@ -28,9 +28,9 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from infer_workers import TorchEngine  # noqa: E402
+from engine import TorchEngine, hf_greedy  # noqa: E402
 from models import SHAPES, load_model, load_tokenizer  # noqa: E402
-from weight_sync import DTYPES  # noqa: E402
+from models import DTYPES  # noqa: E402
 
 
 def sync(dev):
@@ -48,17 +48,6 @@ def timed(fn, iters, dev):
         sync(dev)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
-
-
-def stock_generate(model, prompts, new_tokens, eos):
-    """HF generate on the left-padded batch -> [rows][new_tokens] token ids."""
-    L, dev = max(map(len, prompts)), model.device
-    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=dev)
-    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=dev)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=0)
-    return out[:, L:].tolist()
 
 
 def ours_generate(engine, prompts, new_tokens):
@@ -111,8 +100,8 @@ def main():
         batch, res, tokens = prompts[:B], {}, {}
         for v in variants:
             if v == "stock":
-                stock_generate(model, batch, 8, eos)  # warm-up: kernels, allocator
-                run, iters = (lambda: stock_generate(model, batch, a.new_tokens, eos)), a.stock_iters
+                hf_greedy(model, batch, 8, eos)  # warm-up: kernels, allocator
+                run, iters = (lambda: hf_greedy(model, batch, a.new_tokens, eos)), a.stock_iters
             else:
                 e = engine(v, model, B)
                 first_s, _ = timed(lambda: ours_generate(e, batch, a.new_tokens), 1, dev)  # warm-up: cache, graphs
@@ -136,7 +125,7 @@ def main():
         del model
         model32 = load_model(name, torch.float32, dev)
         batch = prompts[:a.fp32_batch]
-        want = stock_generate(model32, batch, a.new_tokens, eos)
+        want = hf_greedy(model32, batch, a.new_tokens, eos)
         got = ours_generate(engine(variants[1], model32, len(batch)), batch, a.new_tokens)
         out |= {f"fp32_{variants[1]}_vs_stock_{k}": x for k, x in agreement(got, want).items()}
         out["fp32_batch"] = a.fp32_batch

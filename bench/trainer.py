@@ -26,6 +26,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import models  # noqa: E402
+import plumbing  # noqa: E402
 import train  # noqa: E402
 from models import SHAPES, load_model  # noqa: E402
 
@@ -113,10 +115,10 @@ def main():
         lm.load_state_dict(init)
         lm.set_attn_implementation("sdpa")
         if cfg.packing:
-            train.use_packed_attention(lm)
+            models.use_packed_attention(lm)
         lm.gradient_checkpointing_enable() if cfg.grad_checkpointing else lm.gradient_checkpointing_disable()
         if cfg.compile:
-            train.compile_model(lm)
+            models.compile_model(lm)
         opt = torch.optim.AdamW(lm.parameters(), lr=1e-6, fused=gpu)
         policy, opt = acc.prepare(train.Policy(lm, cfg.compile), opt)
 

@@ -6,8 +6,8 @@
 It starts Ray on 127.0.0.1 and a Serve app of K torch-engine replicas holding a random model of the
 given shape, then times, in alternation:
   ours: WeightSync.push: state RPC + pack (cast, concat) + bucketed broadcast + every replica loads
-  raw:  the same buckets broadcast over the same group, replicas receive and drop (push(discard=True)),
-        timed from the first to the last bucket on the trainer: the floor for this group
+  raw:  the same buckets broadcast over the same group, replicas receive and drop (this bench's DropWorker
+        replicas, switched by an RPC), timed from the first to the last bucket on the trainer: the group's floor
 and checks that the replicas' weights equal the trainer's afterwards (a greedy sample agrees).
 """
 import argparse
@@ -17,7 +17,6 @@ import socket
 import statistics
 import sys
 import threading
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,6 +25,29 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import torch  # noqa: E402
 
 from models import SHAPES, load_model, resolve_model  # noqa: E402
+import infer_workers  # noqa: E402
+
+
+class DropWorker(infer_workers.InferenceWorker):
+    """The app's replica with one bench-only switch: while `drop` is on, it takes part in every broadcast and
+    loads nothing (the raw floor). Production replicas have no such mode."""
+    drop = False
+
+    async def set_drop(self, drop: bool) -> None:
+        self.drop = drop
+
+    async def receive_weights(self, plan, timeout_s) -> dict:
+        if not self.drop:
+            return await super().receive_weights(plan, timeout_s)
+
+        def drain():
+            for _ in self.sync.receiver.receive(plan, timeout_s):
+                pass
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return plan["version"]
+        return {"replica": self.replica, "version": await self._locked(drain)}
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -37,7 +59,6 @@ def main():
     a = ap.parse_args()
     import ray
     from ray import serve
-    import infer_workers
 
     gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -47,16 +68,13 @@ def main():
     if gpu:  # CUDA is up in this process with every GPU; Ray (started now) hands replicas GPUs 1..n only
         assert torch.cuda.device_count() > a.replicas, f"{a.replicas} replicas + the trainer need more GPUs"
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(1, a.replicas + 1))
-    pythonpath = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))  # keep wheels found there
-    ray.init(num_cpus=max(a.replicas, 2), num_gpus=a.replicas if gpu else 0,
-             include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                                       "NCCL_NVLS_ENABLE": "0"}})
+    ray.init(num_cpus=max(a.replicas, 2), num_gpus=a.replicas if gpu else 0, include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": infer_workers.ray_env()})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = infer_workers.build_app({"model": f"random:{a.shape}", "engine": "torch", "num_workers": a.replicas,
-                                   "dtype": str(dtype).removeprefix("torch.")})
+                                   "dtype": str(dtype).removeprefix("torch.")}, worker_cls=DropWorker)
     deploy = threading.Thread(target=lambda: (serve.start(http_options={"host": "127.0.0.1", "port": port}),
                                               serve.run(app, name="bench", route_prefix="/bench")), daemon=True)
     deploy.start()
@@ -67,14 +85,22 @@ def main():
     state = list(model.state_dict().items())
     if gpu:
         torch.cuda.reset_peak_memory_stats()
+    def drop(on):  # every replica receives and drops (raw), or receives and loads (ours)
+        c.handle.broadcast("set_drop", on).results(timeout_s=60)
+
     c.update_weights(state)  # warm-up: forms the group
-    c.sync.push(state, discard=True)
+    drop(True)
+    c.update_weights(state)
     ours, raw = [], []
     for _ in range(a.iters):  # alternate, so drift hits both alike
+        drop(False)
         c.update_weights(state)
         ours.append(c.sync.timing)
-        c.sync.push(state, discard=True)
+        drop(True)
+        c.update_weights(state)
         raw.append(c.sync.timing)
+    drop(False)
+    c.update_weights(state)  # the replicas load the trainer's weights: the check below needs them
     with torch.no_grad():  # the replicas now hold the trainer's weights: their greedy sample matches ours
         prompt = [5, 6, 7, 8]
         want = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=4, do_sample=False)

@@ -19,13 +19,12 @@ read -r RUN MODEL DATA MNT TEMP MAX < <(python -c "import sys, train; c = train.
 print(c.run_dir, c.model, c.data, c.max_new_tokens, c.temperature, c.max_steps)" "$CFG" "$@")
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
 INFERENCE=${INFERENCE:-$([ "$NGPU" -ge 2 ] && echo serve || echo local)}
-BATCH=$([ "$NGPU" -ge 1 ] && echo 256 || echo 16)    # problems per eval call: one progress update each
 RES=${RES:-res}                                  # where the tracked results go
 mkdir -p "$RUN" "$RES"
 python -c "import models; models.resolve_model('$MODEL')"   # convert the GGUF once, before processes race
 evaluate() {  # evaluate MODEL_PATH TAG: the whole test set -> $RUN/eval_TAG.json, metrics into res/
     CUDA_VISIBLE_DEVICES=${EVAL_GPU:-0} python gsm8k.py --model "$1" --data "$DATA" --max-new-tokens "$MNT" \
-        --temperature "$TEMP" --maj-k 8 --batch "$BATCH" --limit "${EVAL_LIMIT:-0}" --out "$RUN/eval_$2.json" \
+        --temperature "$TEMP" --maj-k 8 --limit "${EVAL_LIMIT:-0}" --out "$RUN/eval_$2.json" \
         --record "$RES/${NAME}_eval.json" --as "$2"
 }
 
@@ -52,7 +51,7 @@ ARGS=(--inference="$INFERENCE")
 [ -e "$RUN/ckpt/latest" ] && ARGS+=(--resume)
 [ -n "${STOP_AT:-}" ] && ARGS+=(--stop_after_min="$(python -c "print(max(0.1, ($STOP_AT - $(date +%s) - 60) / 60))")")
 python train.py "$CFG" "${ARGS[@]}" "$@"        # trains on cuda:0 and sees every GPU (NCCL to the replicas)
-python plot.py "$RUN" --res "$RES/$NAME.png"
+python exps/plot.py "$RUN" --res "$RES/$NAME.png"
 cp "$RUN/metrics.jsonl" "$RES/$NAME.jsonl"
 FINAL=$RUN/ckpt/step_$(printf %06d "$MAX")
 [ -e "$FINAL" ] || { echo "stopped before step $MAX: run this again to go on"; exit 0; }

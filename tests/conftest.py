@@ -4,6 +4,8 @@ Nothing is downloaded. The tokenizer is a byte-level BPE fit on GSM8K-like text 
 second; the model has head_dim 32, which vLLM's CPU attention accepts.
 """
 import os
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -37,6 +39,63 @@ def make_tiny_model(path, vocab=512, hidden=64, layers=2, heads=2, kv_heads=1, s
     return str(path)
 
 
+def run_group(cmd, timeout, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True) in a process group of its own: on timeout the whole group
+    is killed (a launcher's hung ranks too, not just the launcher) and TimeoutError shows the output's tail."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise TimeoutError(f"{' '.join(map(str, cmd))[:200]} ran past {timeout} s; its process group was killed\n"
+                           f"{(out + err)[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [30, 31, 32], [100, 101, 102, 103], [7, 7, 7]]
+
+
+def check_engine_contract(engine, model_dir):
+    """engine.Engine, as the trainer and the evaluation use it, for any engine holding the model in model_dir (fp32):
+    completions well formed, seeded sampling repeatable, update_weights -> the new int version, carried by the
+    completions, and what the engine computes with: perturbed weights change greedy output, the originals restore it."""
+    import torch
+    from safetensors.torch import load_file
+    from engine import Engine
+    assert isinstance(engine, Engine), type(engine)
+    out = engine.generate(PROMPTS, n=2, max_new_tokens=6, temperature=1.0, seed=1)
+    assert [len(g) for g in out] == [2] * len(PROMPTS)
+    for c in (c for g in out for c in g):
+        assert set(c) >= {"token_ids", "logprobs", "text", "finish_reason", "version"}, c.keys()
+        assert 0 < len(c["token_ids"]) == len(c["logprobs"]) <= 6 and all(lp <= 0 for lp in c["logprobs"])
+        assert c["finish_reason"] in ("stop", "length") and isinstance(c["text"], str)
+    assert engine.generate(PROMPTS, n=2, max_new_tokens=6, temperature=1.0, seed=1) == out, "same seed, same samples"
+
+    def greedy():
+        return [g[0]["token_ids"] for g in engine.generate(PROMPTS, max_new_tokens=8, temperature=0)]
+
+    before, original = greedy(), load_file(os.path.join(model_dir, "model.safetensors"))
+    if "lm_head.weight" not in original:  # tied: engines that keep their own head (vLLM) need it named
+        original["lm_head.weight"] = original["model.embed_tokens.weight"]
+    torch.manual_seed(0)
+    perturbed = {k: v + 0.5 * torch.randn_like(v) for k, v in original.items()}
+    perturbed["lm_head.weight"] = perturbed["model.embed_tokens.weight"]  # keep the tie
+    v1 = engine.update_weights(perturbed.items())
+    assert isinstance(v1, int) and v1 == engine.version, (v1, engine.version)
+    comps = engine.generate(PROMPTS, max_new_tokens=8, temperature=0)
+    assert [g[0]["token_ids"] for g in comps] != before and {g[0]["version"] for g in comps} == {v1}
+    assert engine.update_weights(original.items()) == v1 + 1 == engine.version
+    assert greedy() == before, "the original weights restore the original greedy output"
+
+
+if __name__ == "__main__":  # python tests/conftest.py vllm MODEL_DIR: the contract on an in-process VLLMEngine
+    sys.argv[1] == "vllm" or sys.exit(f"unknown engine {sys.argv[1]!r}")
+    from infer_workers import make_engine
+    check_engine_contract(make_engine(sys.argv[2], "vllm", dtype="float32", max_model_len=1024), sys.argv[2])
+    print("contract ok")

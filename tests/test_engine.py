@@ -5,7 +5,7 @@ repeated token. CUDA-only tests (graphs vs eager vs stock generate) are skipped 
 import pytest
 import torch
 
-from infer_workers import TorchEngine
+from engine import TorchEngine, hf_greedy
 from models import load_tokenizer
 
 VOCAB = 512  # the tiny_model tokenizer's: pad 0, eos 1
@@ -30,17 +30,6 @@ def build(arch, device="cpu"):
 def random_prompts(lengths, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in lengths]
-
-
-def hf_greedy(model, prompts, max_new_tokens):
-    """Stock HF generate on the left-padded batch -> per row the new tokens, up to and with its first eos."""
-    L = max(map(len, prompts))
-    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    return [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in out[:, L:].tolist()]
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +129,20 @@ def test_cuda_graphs_equal_eager_and_hf_generate_and_follow_weight_updates(tok):
         e.update_weights(state.items())
     assert run(graphs) == run(eager) == hf_greedy(model, prompts, 60)
     assert {k: g for k, (g, _) in graphs.graphs.items()} == captured  # the same CUDAGraph objects
+
+
+@pytest.mark.parametrize("kind", ["torch", pytest.param("vllm", marks=pytest.mark.slow)])
+def test_engine_protocol(kind, tiny_model):
+    """TorchEngine and VLLMEngine (in its own process: vLLM pins the process's threads) satisfy engine.Engine
+    (conftest.check_engine_contract; ServeClient takes the same check in test_serve.py)."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT, check_engine_contract
+    if kind == "torch":
+        from models import load_model
+        check_engine_contract(TorchEngine(load_model(tiny_model), load_tokenizer(tiny_model)), tiny_model)
+        return
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "conftest.py"), "vllm", tiny_model], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": ROOT})
+    assert p.returncode == 0 and "contract ok" in p.stdout, (p.stdout + p.stderr)[-3000:]

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import models
 import train
 from test_train import cfg_for, digit_reward
 
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 def test_bf16_engine_logprobs_track_fp32_trainer(tiny_model):
     """The bf16 GPU engine's sampled-token logprobs agree with the fp32 trainer's within bf16 noise."""
-    from infer_workers import TorchEngine
+    from engine import TorchEngine
     from models import load_model, load_tokenizer
     tok = load_tokenizer(tiny_model)
     engine = TorchEngine(load_model(tiny_model, torch.bfloat16, "cuda"), tok)
@@ -43,7 +44,7 @@ def test_packed_varlen_attention_matches_padded_on_cuda(tiny_model):
     import copy
     from models import load_model
     lm = load_model(tiny_model, torch.float32, "cuda")
-    packed_lm = train.use_packed_attention(copy.deepcopy(lm))
+    packed_lm = models.use_packed_attention(copy.deepcopy(lm))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 500, (n,), generator=g).tolist() for n in (7, 30, 3, 64)]
     comps = [{"token_ids": torch.randint(2, 500, (n,), generator=g).tolist(), "logprobs": [-1.0] * n} for n in (40, 5, 90, 17)]

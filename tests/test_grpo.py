@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import models
 import train
 from train import Config, collate, group_advantages, grpo_loss, load_config, loss_norm, token_logprobs
 
@@ -52,7 +53,7 @@ def test_logprob_chunks_do_not_change_values_or_grads(lm):
 
 def test_engine_logprobs_equal_trainer_logprobs(lm, tiny_model):
     """The engine's sampled-token logprobs line up with the trainer's (same weights, fp32): ratio == 1."""
-    from infer_workers import TorchEngine
+    from engine import TorchEngine
     from models import load_model, load_tokenizer
     tok = load_tokenizer(tiny_model)
     engine = TorchEngine(load_model(tiny_model), tok)
@@ -67,7 +68,7 @@ def test_engine_logprobs_equal_trainer_logprobs(lm, tiny_model):
 
 def test_engine_batching_and_padding_do_not_change_greedy_output(tiny_model):
     """A prompt's greedy completion is the same alone or left-padded in a batch with a longer one."""
-    from infer_workers import TorchEngine
+    from engine import TorchEngine
     from models import load_model, load_tokenizer
     engine = TorchEngine(load_model(tiny_model), load_tokenizer(tiny_model))
     short, long = [5, 6, 7], list(range(20, 40))
@@ -96,8 +97,8 @@ def test_packed_and_compiled_logprobs_and_grads_equal_padded(lm):
     """Packing and torch.compile are speed knobs only: same log-probs, entropies and gradients as the
     padded eager batch (compiled: two packed batches of different lengths, one compiled graph each)."""
     import copy
-    packed_lm = train.use_packed_attention(copy.deepcopy(lm))
-    compiled_lm = train.compile_model(train.use_packed_attention(copy.deepcopy(lm)))
+    packed_lm = models.use_packed_attention(copy.deepcopy(lm))
+    compiled_lm = models.compile_model(models.use_packed_attention(copy.deepcopy(lm)))
     prompts = [[5, 6, 7], list(range(10, 19)), [20]]
     comps = [{"token_ids": list(range(30, 30 + n)), "logprobs": [-1.0] * n} for n in (6, 2, 4)]
     for sl in (slice(0, 3), slice(1, 3)):
@@ -227,5 +228,5 @@ def test_config_yaml_then_cli(tmp_path):
         load_config(["--group_size=2.5"])
     with pytest.raises(TypeError, match="lr"):
         load_config(["--lr=fast"])
-    with pytest.raises(AssertionError, match="loss_type"):
+    with pytest.raises(ValueError, match="loss_type='ppo': use one of grpo, dr_grpo, dapo"):
         load_config(["--loss_type=ppo"])

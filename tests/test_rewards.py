@@ -173,10 +173,18 @@ def test_reward_components():
     assert right_messy > wrong, (right_messy, wrong)
 
 
+def test_every_counted_reason_is_logged():
+    """Each reason rewards.py counts in STATS is one of STAT_KEYS, which train.py logs every step (rewards/<key>)."""
+    import inspect
+    import re
+    assert set(re.findall(r'STATS\["(\w+)"\]', inspect.getsource(rewards))) == set(rewards.STAT_KEYS)
+
+
 def test_system_prompt_names_the_tags():
+    import gsm8k
     """The system prompt asks for the exact tags format_reward checks."""
     for tag in ("<think>", "</think>", "<answer>", "</answer>"):
-        assert tag in rewards.SYSTEM_PROMPT
+        assert tag in gsm8k.SYSTEM_PROMPT
 
 
 @pytest.mark.parametrize("fn, args", [
@@ -244,6 +252,7 @@ def test_bug_in_our_code_is_not_swallowed(monkeypatch):
         rewards.accuracy_reward(wrap("18"), "18")
 
 
+@pytest.mark.slow
 def test_import_is_light():
     """rewards imports no torch, so evaluation and tests can use it alone."""
     code = "import rewards, sys; assert 'torch' not in sys.modules, 'torch imported'"

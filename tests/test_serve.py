@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import GSM8K, ROOT
 from test_train import cfg_for, digit_reward
 
-PROMPTS = [[5, 6, 7, 8, 9], [30, 31, 32], [100, 101, 102, 103], [7, 7, 7]]
+from conftest import PROMPTS, check_engine_contract
+
+pytestmark = pytest.mark.slow  # a Ray cluster and its replicas
 
 
 def free_port():
@@ -29,9 +30,9 @@ def cluster():
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind 127.0.0.1 only
     import ray
     from ray import serve
+    import infer_workers
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
-                                       "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})  # ROOT + any wheels found there
+             runtime_env={"env_vars": infer_workers.ray_env()})  # this repo + any wheels on PYTHONPATH
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
@@ -46,7 +47,7 @@ def app(request, cluster, tiny_model):
     import infer_workers
     name = f"tiny_{request.param}"
     serve.run(infer_workers.build_app({"model": tiny_model, "engine": request.param, "num_workers": 2,
-                                       "dtype": "float32", "max_model_len": 1024}),
+                                       "dtype": "float32", "max_model_len": 2048}),
               name=name, route_prefix=f"/{name}")
     yield name, cluster
     serve.delete(name)
@@ -77,6 +78,12 @@ def test_generate_through_handle_and_http(app, tiny_model):
     http = json.load(urllib.request.urlopen(req, timeout=60))
     assert http["completions"][0][0]["token_ids"] == greedy(c)[0]
     assert len(http["completions"][1][0]["token_ids"]) > 0
+
+
+def test_serve_client_satisfies_the_engine_contract(app, tiny_model):
+    """The app seen from the trainer (ServeClient over 2 replicas) is an engine.Engine like the in-process ones."""
+    name, _ = app
+    check_engine_contract(client(name), tiny_model)
 
 
 def test_push_perturbed_then_original(app, tiny_model):
@@ -131,10 +138,8 @@ def test_killed_replica_is_replaced_and_rejoins(app, tiny_model):
                if a["name"].startswith(f"SERVE_REPLICA::{name}#")]
     assert len(victims) == 2, victims
     ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
-    t0 = time.monotonic()
     assert c.update_weights(hf_state.items()) == v + 1  # waits for the restart, re-forms the group, pushes
-    assert c.sync.generation == gen_before + 1 and len(c.sync.members) == 2
-    assert time.monotonic() - t0 < 300
+    assert c.sync.generation == gen_before + 1 and len(c.sync.members) == 2  # (a hang would have raised at 300 s)
     assert len(greedy(c)) == len(PROMPTS)
 
 

@@ -8,7 +8,11 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # a real `serve run` process and its Ray
 
 
 def test_serve_run_cli_serves_over_http(tiny_model, tmp_path):

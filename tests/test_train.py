@@ -8,14 +8,15 @@ import math
 import os
 import runpy
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import GSM8K, ROOT  # before train: it puts the repo root on sys.path (also when launched as a script)
+from conftest import GSM8K, ROOT, run_group  # before train: it puts the repo root on sys.path (also when launched as a script)
+import plumbing
+import rewards
 import train
 
 
@@ -35,8 +36,9 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
 
 
 def launch(cmd, timeout=300):
-    """Run an accelerate launch command; on failure show rank 0's traceback (torchrun's summary hides it)."""
-    p = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True, cwd=ROOT)
+    """Run an accelerate launch command (every rank killed on timeout); on failure show rank 0's traceback
+    (torchrun's summary hides it)."""
+    p = run_group(cmd, timeout, cwd=ROOT)
     rank0 = [line for line in p.stderr.splitlines() if line.startswith("[rank0]")]
     assert p.returncode == 0, "\n".join(rank0[-40:]) or p.stderr[-3000:]
     return p
@@ -44,7 +46,7 @@ def launch(cmd, timeout=300):
 
 def fsdp2_launch(layer_cls):
     """accelerate launch with FSDP2 on 2 CPU ranks: this file as the script, which then runs the real one. Launch's
-    default --fsdp_cpu_ram_efficient_loading true is spelled out: train.fsdp_plugin must override it."""
+    default --fsdp_cpu_ram_efficient_loading true is spelled out: plumbing.fsdp_plugin must override it."""
     return LAUNCH + ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
                      "--fsdp_transformer_layer_cls_to_wrap", layer_cls, "--fsdp_state_dict_type", "FULL_STATE_DICT",
                      "--fsdp_cpu_ram_efficient_loading", "true", os.path.abspath(__file__)]
@@ -62,7 +64,7 @@ def test_three_steps_end_to_end(tiny_model, tmp_path):
     assert [r["step"] for r in evals] == [0, 2, 3], "weights after 0, 2 and 3 updates"
     assert all(r["val/n"] == 3 and 0 <= r["val/format"] <= 1 for r in evals)
     for k in ("reward", "accuracy", "format", "format_rate", "kl", "entropy", "completion_len", "loss", "grad_norm",
-              "gen_tok_s", "train_tok_s"):
+              "gen_tok_s", "train_tok_s", "rewards_flagged") + tuple(f"rewards/{k}" for k in rewards.STAT_KEYS):
         assert all(math.isfinite(r[k]) for r in steps), k
     assert train.load_config([str(tmp_path / "run" / "config.yaml")]) == cfg
     ckpt = tmp_path / "run" / "ckpt" / "latest"
@@ -127,6 +129,7 @@ def test_tiny_model_learns_toy_reward(tiny_model, tmp_path):
     assert last > first + 0.1, (first, last, r)
 
 
+@pytest.mark.slow
 def test_two_ranks_with_accelerate_launch(tiny_model, tmp_path):
     """accelerate launch with 2 CPU processes (gloo DDP) trains and checkpoints."""
     run = tmp_path / "ddp"
@@ -144,7 +147,7 @@ def multi_gpu_ref(tmp_path_factory):
     """bench/multi_gpu.py's 1-rank reference run: its folder, and the script + args that compare against it."""
     ref = tmp_path_factory.mktemp("mg_ref")
     script = [os.path.join(ROOT, "bench", "multi_gpu.py"), "--shape", "small", "--prompts", "4", "--ref", str(ref)]
-    subprocess.run([sys.executable] + script, check=True, timeout=600, capture_output=True)
+    assert run_group([sys.executable] + script, 600).returncode == 0
     return script
 
 
@@ -152,6 +155,7 @@ def run_multi_gpu(cmd):
     return json.loads(launch(cmd, timeout=600).stdout.strip().splitlines()[-1])  # the JSON line of the bench
 
 
+@pytest.mark.slow
 def test_two_rank_step_equals_one_rank(multi_gpu_ref):
     """bench/multi_gpu.py on CPU (gloo DDP): 2 ranks' GRPO step = 1 rank's: loss, grad norm, weights."""
     r = run_multi_gpu(LAUNCH + ["--multi_gpu"] + multi_gpu_ref)
@@ -160,14 +164,14 @@ def test_two_rank_step_equals_one_rank(multi_gpu_ref):
 
 
 def test_fsdp_plugin_keeps_fp32_and_full_loading(monkeypatch):
-    """train.fsdp_plugin under launch --use_fsdp: accelerate's bf16 leaves params and gradient reduction fp32
+    """plumbing.fsdp_plugin under launch --use_fsdp: accelerate's bf16 leaves params and gradient reduction fp32
     (regression: its default bf16 param/reduce dtypes, ~1% loss off DDP on GPU), and every rank loads full weights
     (regression: zeros in the local engines and reference model off local rank 0). None without FSDP."""
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
-    assert train.fsdp_plugin() is None
+    assert plumbing.fsdp_plugin() is None
     for k, v in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}.items():
         monkeypatch.setenv(k, v)  # as accelerate launch --use_fsdp --fsdp_version 2 sets them
-    plugin = train.fsdp_plugin()
+    plugin = plumbing.fsdp_plugin()
     plugin.set_mixed_precision("bf16")  # what accelerate does under mixed_precision="bf16"
     mp = plugin.mixed_precision_policy
     assert mp.param_dtype is None and mp.reduce_dtype is None, mp
@@ -175,15 +179,17 @@ def test_fsdp_plugin_keeps_fp32_and_full_loading(monkeypatch):
     assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "False"  # what transformers' from_pretrained reads
 
 
+@pytest.mark.slow
 def test_fsdp2_step_equals_one_rank(multi_gpu_ref):
     """The same under accelerate's FSDP2 (2 CPU ranks, DTensor shards), and prepare keeps lm_head tied to
-    embed_tokens with every parameter in the optimizer (train.check_prepared, else the run fails)."""
+    embed_tokens with every parameter in the optimizer (plumbing.check_prepared, else the run fails)."""
     r = run_multi_gpu(fsdp2_launch("Qwen2DecoderLayer") + multi_gpu_ref)
     assert r["world"] == 2 and r["distributed"] == "FSDP", r
     assert r["loss_rel_diff"] < 1e-5 and r["grad_norm_rel_diff"] < 1e-4, r
     assert r["weights_rel_err_max"] < 1e-3 and r["unchanged_tensors"] == 0, r
 
 
+@pytest.mark.slow
 def test_fsdp2_train_checkpoint_and_resume(tiny_model, tmp_path):
     """train.py under FSDP2 (2 CPU ranks, a local engine per rank): every rank's engine and reference model hold the
     trainer's full weights (ratio 1 and KL 0 before the first update; regression: with rank-0-only loading, rank 1's

@@ -17,4 +17,4 @@ until curl -sf -m 60 -H 'Content-Type: application/json' -d '{"prompts": ["hi"],
     sleep 3
 done
 python train.py exps/cpu_serve/config.yaml "$@"
-python plot.py runs/cpu_serve
+python exps/plot.py runs/cpu_serve

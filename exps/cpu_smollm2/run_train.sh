@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 python train.py exps/cpu_smollm2/config.yaml "$@"
-python plot.py runs/cpu_smollm2
+python exps/plot.py runs/cpu_smollm2

@@ -21,4 +21,4 @@ until python -c "import json, urllib.request as u; u.urlopen(u.Request('http://1
     sleep 3
 done
 python train.py exps/gpu_serve/config.yaml "$@"   # sees every GPU, trains on cuda:0 (NCCL P2P to the replicas)
-python plot.py runs/gpu_serve
+python exps/plot.py runs/gpu_serve

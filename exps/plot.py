@@ -1,8 +1,8 @@
 """Plot a run's metrics.jsonl: reward, format rate, accuracy, validation accuracy, length, KL, entropy, clip
 fraction and the step time split, against the step.
 
-    python plot.py runs/cpu_smollm2                                   # -> runs/cpu_smollm2/curves.png
-    python plot.py runs/smollm2_r1zero --res res/smollm2_r1zero.png   # and a copy under res/ (tracked results)
+    python exps/plot.py runs/cpu_smollm2                                   # -> runs/cpu_smollm2/curves.png
+    python exps/plot.py runs/smollm2_r1zero --res res/smollm2_r1zero.png   # and a copy under res/ (tracked results)
 
 Per-step training metrics are drawn faint, with a moving average over `--smooth` steps on top; validation
 rows (written by train.py's in-loop eval, `val/...` keys) are drawn as points.

@@ -1,0 +1,253 @@
+"""What train.py's loop needs that is not the algorithm: the engine each rank samples from and the weight push to
+it, multi-GPU care (FSDP2 settings, a check after prepare, full tensors from shards), full checkpoints (written
+atomically) and their resume, the clean stop of a time-limited job, and the metrics log.
+
+Under DDP or one process these are thin: every rank holds whole tensors. Under FSDP2 (accelerate launch
+--use_fsdp --fsdp_version 2) each rank holds DTensor shards; everything here that gathers is a collective,
+so every rank calls it, in the same order.
+"""
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+
+import torch
+import yaml
+
+from rewards import STAT_KEYS
+
+
+def fsdp_plugin():
+    """Under accelerate launch --use_fsdp: FSDP2 as we need it, else None.
+    - No casts (fp32 params, fp32 gradient reduce-scatter): bf16 comes from autocast alone, as with DDP. accelerate's
+      bf16 default (param_dtype = reduce_dtype = bf16) runs embeddings, norms and the residual stream in bf16: ~1% off.
+    - Every rank loads full weights. With cpu_ram_efficient_loading (launch's default) transformers loads them on local
+      rank 0 only and gives zeros elsewhere: prepare broadcasts the policy's, but not the local engine's or the
+      reference model's. We load the full model on every device anyway, so that mode saves nothing here. (It also
+      makes prepare reload the policy from the meta device, which unties lm_head from embed_tokens.)"""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return FullyShardedDataParallelPlugin(mixed_precision_policy=MixedPrecisionPolicy(),  # None dtypes: no casts
+                                          cpu_ram_efficient_loading=False)
+
+
+def check_prepared(acc, policy, opt):
+    """Fail loudly if acc.prepare broke the embedding tie or left a parameter out of the optimizer."""
+    lm = acc.unwrap_model(policy).lm
+    if lm.config.tie_word_embeddings:
+        assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight, \
+            "prepare untied lm_head from embed_tokens (was cpu_ram_efficient_loading turned back on?)"
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    left = [n for n, p in lm.named_parameters(remove_duplicate=False) if id(p) not in in_opt]
+    assert not left, f"{len(left)} parameters the optimizer does not update, e.g. {left[:5]}"
+
+
+def full_tensor(t):
+    """A DTensor (an FSDP2 shard, or a result computed from shards) -> the whole tensor as a plain one; other tensors
+    as they are. Gathering is a collective: every rank makes the same calls in the same order."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def save_checkpoint(acc, policy, tok, opt, sched, sampler, cfg, step):
+    """Write ckpt/step_N atomically (a .tmp folder renamed into place), then point ckpt/latest at it.
+    Every rank calls this; rank 0 writes. Under FSDP2 each rank holds shards (DTensors), gathered here, full,
+    onto rank 0's CPU: the model (an HF folder as usual) and the optimizer state (keyed by parameter name)."""
+    lm, model_sd, opt_sd = acc.unwrap_model(policy).lm, None, opt.state_dict()  # one process / DDP: rank 0 has it all
+    if acc.is_fsdp2:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        full = acc.get_state_dict(policy)  # {"lm.<name>": full tensor} on rank 0's CPU, {} elsewhere
+        # a tied lm_head comes back as its own copy of embed_tokens, which save_pretrained would write too: drop it
+        tied = dict(lm.named_parameters(remove_duplicate=False)).keys() - dict(lm.named_parameters()).keys()
+        model_sd = {k.removeprefix("lm."): v for k, v in full.items() if k.removeprefix("lm.") not in tied}
+        opt_sd = get_optimizer_state_dict(policy, opt.optimizer,
+                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if acc.is_main_process:
+        root = os.path.join(cfg.run_dir, "ckpt")
+        final, tmp = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".tmp_step_{step:06d}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd)  # HF folder: gsm8k.py, engines load it
+        tok.save_pretrained(os.path.join(tmp, "model"))
+        torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(),
+                    "sampler": sampler.state(), "config": dataclasses.asdict(cfg),
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+                   os.path.join(tmp, "state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        link = os.path.join(root, "latest")
+        os.symlink(os.path.basename(final), link + ".tmp")
+        os.replace(link + ".tmp", link)  # atomic: latest is always a complete checkpoint
+        for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-cfg.keep_ckpts]:
+            shutil.rmtree(os.path.join(root, old))
+    acc.wait_for_everyone()  # no rank goes on (or resumes from latest) before the checkpoint is complete
+
+
+def load_optimizer(acc, policy, opt, opt_sd):
+    """save_checkpoint's optimizer state -> opt. Under FSDP2 rank 0's full state is sent to every rank, which
+    keeps its own shards; every rank calls this."""
+    if acc.is_fsdp2:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(policy, opt.optimizer, opt_sd,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        opt.load_state_dict(opt_sd)
+
+
+def policy_weights(acc, policy, full_on_every_rank: bool):
+    """(name, full tensor) of the policy's weights. full_on_every_rank: gathered one at a time on every rank (each
+    rank's local engine needs them); else all gathered onto rank 0 (a push to the Serve app), empty elsewhere."""
+    if full_on_every_rank:
+        return ((k, full_tensor(v.detach())) for k, v in acc.unwrap_model(policy).lm.named_parameters())
+    full = acc.get_state_dict(policy)  # every rank takes part: FSDP / ZeRO-3 gather full params to rank 0
+    return [(k.removeprefix("lm."), v) for k, v in full.items()] if acc.is_main_process else []
+
+
+def load_checkpoint(run_dir: str) -> dict:
+    """run_dir/ckpt/latest -> its state.pt (step, optimizer, scheduler, sampler, config, RNG) and its model folder."""
+    latest = os.path.join(run_dir, "ckpt", "latest")
+    if not os.path.exists(os.path.join(latest, "state.pt")):
+        raise FileNotFoundError(f"--resume, but no checkpoint at {latest}: drop --resume to start afresh")
+    state = torch.load(os.path.join(latest, "state.pt"), weights_only=False)
+    return state | {"model_dir": os.path.join(latest, "model")}
+
+
+def restore(acc, policy, opt, sched, state) -> None:
+    """A checkpoint's optimizer, scheduler and RNG state -> the live objects (every rank calls this)."""
+    load_optimizer(acc, policy, opt, state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+
+
+def make_engine(cfg, acc, tok, model_src: str, min_model_len: int):
+    """The engine this rank samples from: its own TorchEngine (inference local) or the Serve app (serve)."""
+    from engine import TorchEngine, default_max_batch
+    from models import default_dtype, load_model
+    if cfg.inference == "local":
+        return TorchEngine(load_model(model_src, default_dtype(acc.device), acc.device), tok,
+                           max_batch=default_max_batch(acc.device), max_model_len=max(2048, min_model_len))
+    import ray
+    from infer_workers import ServeClient
+    ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=False)
+    sync = dict(host=cfg.sync_host, port=cfg.sync_port, bucket_mb=cfg.sync_bucket_mb, timeout_s=cfg.sync_timeout_s,
+                device=acc.device) if acc.is_main_process else None  # rank 0 pushes; every rank samples
+    return ServeClient(cfg.serve_app, cfg.sync_timeout_s, sync, model=cfg.model, min_model_len=min_model_len)
+
+
+def push_weights(acc, policy, engine, cfg):
+    """Policy weights -> the engine. Returns the engine's new weight version (None on ranks that don't push)."""
+    if cfg.inference == "local":  # each rank has its own engine, which needs the full weights
+        return engine.update_weights(policy_weights(acc, policy, full_on_every_rank=True))
+    named = policy_weights(acc, policy, full_on_every_rank=False)
+    version = engine.update_weights(named) if acc.is_main_process else None
+    acc.wait_for_everyone()  # no rank samples before the push is done
+    return version
+
+
+class RunLog:
+    """metrics.jsonl (one line per step, and one per validation eval) and wandb, written by the main process."""
+    def __init__(self, cfg, acc):
+        self.main = acc.is_main_process
+        self.file = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") if self.main else None
+        self.wandb = None
+        if cfg.wandb_project and self.main:
+            import wandb
+            wandb.init(project=cfg.wandb_project, name=os.path.basename(cfg.run_dir), config=dataclasses.asdict(cfg),
+                       dir=cfg.run_dir)
+            self.wandb = wandb
+
+    def write(self, m: dict):
+        if self.main:
+            self.file.write(json.dumps(m) + "\n")
+            self.file.flush()
+            if self.wandb:
+                self.wandb.log(m, step=m["step"])
+
+    def close(self):
+        if self.main:
+            self.file.close()
+            if self.wandb:
+                self.wandb.finish()
+
+
+def start_run(cfg, acc) -> None:
+    """Seeds, the run folder, and the resolved config in it (what --resume and readers of the run rely on)."""
+    if cfg.prompts_per_step % acc.num_processes:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the {acc.num_processes} ranks: "
+                         f"make it a multiple of {acc.num_processes}, or launch a divisor of it as --num_processes")
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    if acc.is_main_process:
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    acc.print(f"{acc.num_processes} rank(s) on {acc.device}; run folder {cfg.run_dir}")
+
+
+class Deadline:
+    """stop_after_min: has this job's time run out? Every rank gets the same answer (rank clocks differ)."""
+    def __init__(self, minutes: float):
+        self.minutes, self.t0 = minutes, time.monotonic()
+
+    def passed(self, acc) -> bool:
+        late = bool(self.minutes) and time.monotonic() - self.t0 > 60 * self.minutes
+        return acc.reduce(torch.tensor([float(late)], device=acc.device), "max").item() > 0
+
+
+def parse_config(cls, argv: list[str]):
+    """[config.yaml] [--key=value ...] -> cls (a dataclass). Unknown keys and wrong types are errors."""
+    cfg, fields = {}, {f.name: f for f in dataclasses.fields(cls)}
+    if argv and not argv[0].startswith("--"):
+        with open(argv[0]) as f:
+            cfg = yaml.safe_load(f) or {}
+        argv = argv[1:]
+    for arg in argv:
+        assert arg.startswith("--"), f"expected --key=value, got {arg!r}"
+        key, _, val = arg[2:].partition("=")
+        cfg[key] = yaml.safe_load(val) if val else True  # a bare --flag means True
+    for key, val in cfg.items():
+        if key not in fields:
+            raise ValueError(f"unknown config key {key!r}; known: {', '.join(fields)}")
+        want = fields[key].type
+        if want is float and not isinstance(val, bool) and isinstance(val, (int, str)):
+            try:  # YAML reads 1e-6 (no dot) as a string, and 2 as an int
+                val = cfg[key] = float(val)
+            except ValueError:
+                pass  # reported below
+        if want is str and not isinstance(val, str) and val is not None and not isinstance(val, bool):
+            val = cfg[key] = str(val)  # --model=123 is still a name
+        if type(val) is not want:
+            raise TypeError(f"config {key}={val!r} is {type(val).__name__}, expected {want.__name__}")
+    return cls(**cfg)
+
+
+def validate(acc, engine, tok, rows, cfg, step: int, log: RunLog):
+    """Greedy eval of the current weights (after `step` updates) on the held-out validation problems, as its own
+    metrics row. Main process only: the other ranks' engines hold the same weights."""
+    import gsm8k
+    if acc.is_main_process:
+        t = time.perf_counter()
+        ev = gsm8k.evaluate(engine, tok, rows, cfg.max_new_tokens, batch=256)
+        log.write({"step": step} | {f"val/{k}": v for k, v in ev.items() if isinstance(v, (int, float))}
+                  | {"eval_s": time.perf_counter() - t})
+        acc.print(f"step {step}: validation pass@1 {ev['pass@1_strict']:.1%} strict, {ev['pass@1_lenient']:.1%} "
+                  f"lenient, format {ev['format']:.1%} (n={ev['n']})")
+
+
+def step_metrics(acc, scores, completions, stats, flagged) -> dict:
+    """One step's numbers, averaged over ranks: reward and its components, format rate, length, truncation and
+    the loss's stats; summed over ranks: this step's completions the graders flagged (rewards.STATS keys)."""
+    dev = acc.device
+    local = {k: torch.tensor([s[k] for s in scores], device=dev).mean() for k in scores[0]}  # reward + components
+    local |= {"format_rate": torch.tensor([s.get("format") == 1.0 for s in scores], device=dev).float().mean(),
+              "completion_len": torch.tensor([len(c["token_ids"]) for c in completions], device=dev).float().mean(),
+              "truncated": torch.tensor([c["finish_reason"] == "length" for c in completions], device=dev).float().mean()}
+    local |= {k: v.float() for k, v in stats.items()}
+    m = {k: acc.reduce(v, "mean").item() for k, v in local.items()}
+    counts = acc.reduce(torch.tensor([float(flagged[k]) for k in STAT_KEYS], device=dev), "sum").tolist()
+    return m | {f"rewards/{k}": v for k, v in zip(STAT_KEYS, counts)} | {"rewards_flagged": sum(counts)}
