@@ -35,16 +35,41 @@ SYSTEM_PROMPT = (
 def load_split(data: str, split: str) -> list[dict]:
     """[{"question": str, "answer": str}] from a local folder of jsonl or the hub (openai/gsm8k, main).
 
-    A local folder holds {split}.jsonl, e.g. ../shared/data/gsm8k/train.jsonl.
+    A local folder holds {split}.jsonl, e.g. ../shared/data/gsm8k/train.jsonl. Every row is checked here, at load
+    (check_row), so a bad one is an error naming its file and line, not a crash at the step that first samples it.
     """
     if os.path.isdir(data):
         path = os.path.join(data, f"{split}.jsonl")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} missing: a local data folder needs train.jsonl and test.jsonl")
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        rows = []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                    rows.append(check_row(row, f"{path}:{n}"))
+        if not rows:
+            raise ValueError(f"{path} holds no rows")
+        return rows
     import datasets  # only for hub datasets: it is slow to import
-    return [dict(question=r["question"], answer=r["answer"]) for r in datasets.load_dataset(data, "main", split=split)]
+    return [check_row(dict(r), f"{data} ({split} split) row {i}")
+            for i, r in enumerate(datasets.load_dataset(data, "main", split=split))]
+
+
+def check_row(row, where: str) -> dict:
+    """A GSM8K row as the trainer needs it: a non-empty question and an answer whose final number (after "####")
+    can be graded. Returns {"question", "answer"}; raises ValueError naming `where` otherwise."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a row must be a JSON object with question and answer, got {type(row).__name__}")
+    for key in ("question", "answer"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise ValueError(f"{where}: {key!r} is missing or empty (keys: {sorted(row)[:10]})")
+    if rewards.lenient_answer(row["answer"].rpartition("####")[2]) is None:
+        raise ValueError(f"{where}: the answer has no final number after '####' to grade against")
+    return {"question": row["question"], "answer": row["answer"]}
 
 
 def build_prompts(tok, questions: list[str]) -> list[list[int]]:
@@ -178,16 +203,19 @@ if __name__ == "__main__":
     ap.add_argument("--temperature", type=float, default=1.0, help="of the maj@k samples")
     ap.add_argument("--engine", default="auto", choices=["auto", "vllm", "torch"], help="auto: vLLM if installed")
     ap.add_argument("--batch", type=int, default=0, help="problems per engine call and progress update (0: 256 on a "
-                                                           "GPU, 8 on the CPU)")
+                                                           "GPU, 16 on the CPU)")
     ap.add_argument("--out", default="", help="JSON path (default: eval_gsm8k.json beside the model)")
     ap.add_argument("--record", default="", help="also put the metrics (no samples) into this JSON file ...")
     ap.add_argument("--as", dest="tag", default="", help="... under this key (e.g. before / after)")
     a = ap.parse_args()
+    from models import check_source
+    check_source(a.model)
+    check_source(a.data, "dataset")
     rows = load_split(a.data, "test")[:a.limit or None]
     engine = make_engine(a.model, a.engine)
     t0 = time.perf_counter()
     import torch
-    batch = a.batch or (256 if torch.cuda.is_available() else 8)
+    batch = a.batch or (256 if torch.cuda.is_available() else 16)
     res = evaluate(engine, load_tokenizer(a.model), rows, a.max_new_tokens, a.maj_k, a.temperature, batch=batch,
                    progress=True)
     res = {"model": a.model, "engine": type(engine).__name__, "max_new_tokens": a.max_new_tokens,

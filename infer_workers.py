@@ -7,16 +7,22 @@ Configured by environment variables:
     MODEL_NAME_OR_PATH (smollm2)  NUM_INFER_WORKERS (1)  INFER_ENGINE (vllm if importable, else torch)
     INFER_DTYPE (auto: bfloat16 on GPU, float32 on CPU)  MAX_MODEL_LEN (2048)
     GPU_MEMORY_UTILIZATION (0.85)  TENSOR_PARALLEL_SIZE (1)  VLLM_CPU_KVCACHE_SPACE (GiB, 1 here)
+    HTTP_MAX_N (64)  HTTP_MAX_NEW_TOKENS (4096)  HTTP_MAX_BODY_BYTES (1000000): caps on one HTTP request
 or as builder arguments: `serve run infer_workers:build_app model=smollm2 num_workers=2 engine=torch`.
 
 Weights reach a replica over weight_sync's group, through its sync endpoint (the replica hooks, apart from
 generation): LocalSync receives in the replica's process and calls the engine's update_weights; VLLMSync has
 every vLLM worker receive and load through VLLMWorkerExtension (with TP > 1 each worker is a group member).
 Replicas report their model, context length, dtype and weight version (sync_state); the trainer checks them.
+Faults (docs/reliability.md): a bad HTTP request gets a 4xx saying what is wrong; a replica that restarted refuses to
+sample (StaleWeights) until it holds the trainer's weights; ServeClient retries requests a lost replica dropped.
 """
 import asyncio
 import importlib.util
+import json
+import logging
 import os
+import time
 
 import torch
 
@@ -32,9 +38,14 @@ class VLLMWorkerExtension:
     weights at start-up, so there `model_runner.reload_weights(..., is_checkpoint_format=True)` is the
     path that works; on GPUs the model's own `load_weights` takes checkpoint-format names directly.
     """
-    def join_sync_group(self, host, port, world, generation, backend, timeout_s) -> int:
-        self.sync_receiver = Receiver(self.device if torch.device(self.device).type == "cuda" else "cpu")
-        return self.sync_receiver.join(host, port, world, generation, backend, timeout_s)
+    def join_sync_group(self, host, port, world, key, backend, timeout_s) -> int:
+        if not hasattr(self, "sync_receiver"):
+            self.sync_receiver = Receiver(self.device if torch.device(self.device).type == "cuda" else "cpu")
+        return self.sync_receiver.join(host, port, world, key, backend, timeout_s)
+
+    def leave_sync_group(self) -> None:
+        if hasattr(self, "sync_receiver"):
+            self.sync_receiver.leave()
 
     def receive_weights(self, plan, timeout_s) -> int:
         self.load_named_weights(self.sync_receiver.receive(plan, timeout_s))
@@ -49,7 +60,10 @@ class VLLMWorkerExtension:
 
 
 class VLLMEngine:
-    """vLLM behind the engine interface. Log-probs are "processed" (after temperature), as the trainer's."""
+    """vLLM behind the engine interface. Log-probs are "processed": after temperature, as the trainer's. With
+    top_p < 1 (or top_k) vLLM also renormalises them over the nucleus, which the trainer's full softmax does not: the
+    importance ratio would then be biased by the nucleus mass. The trainer refuses top_p < 1 with vLLM replicas
+    (ServeClient); HTTP users who ask for it get the nucleus-renormalised log-probs."""
     def __init__(self, model, dtype="auto", max_model_len=2048, gpu_memory_utilization=0.85,
                  tensor_parallel_size=1, seed=0):
         from vllm import LLM
@@ -57,6 +71,10 @@ class VLLMEngine:
         # over steps: there, every prompt is prefilled in one step
         cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False, "enforce_eager": True,
                                                     "max_num_batched_tokens": max(8192, max_model_len)}
+        # the checkpoint's fp32 weights narrowed to a bf16 engine is what we ask for: not one warning per tensor (a
+        # filter, not a level: vLLM's logging config resets the levels of its loggers when the engine starts)
+        logging.getLogger("vllm.model_executor.models.utils").addFilter(
+            lambda r: not r.getMessage().startswith("Attempted to load weight"))
         self.llm = LLM(model=resolve_model(model), dtype=dtype, max_model_len=max_model_len, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                        worker_extension_cls="infer_workers.VLLMWorkerExtension", logprobs_mode="processed_logprobs",
@@ -114,9 +132,13 @@ class LocalSync:
     def __init__(self, engine):
         self.engine = engine
 
-    def join_sync_group(self, host, port, world, generation, backend, timeout_s) -> int:
-        self.receiver = Receiver(self.engine.model.device)
-        return self.receiver.join(host, port, world, generation, backend, timeout_s)
+    def join_sync_group(self, host, port, world, key, backend, timeout_s) -> int:
+        self.receiver = getattr(self, "receiver", None) or Receiver(self.engine.model.device)
+        return self.receiver.join(host, port, world, key, backend, timeout_s)
+
+    def leave_sync_group(self) -> None:
+        if getattr(self, "receiver", None):
+            self.receiver.leave()
 
     def receive_weights(self, plan, timeout_s) -> int:
         version = self.engine.update_weights(self.receiver.receive(plan, timeout_s), plan["version"])
@@ -130,9 +152,11 @@ class VLLMSync:
     def __init__(self, engine):
         self.engine, self.num_workers = engine, engine.num_workers
 
-    def join_sync_group(self, host, port, world, generation, backend, timeout_s) -> int:
-        return min(self.engine.llm.collective_rpc("join_sync_group",
-                                                  args=(host, port, world, generation, backend, timeout_s)))
+    def join_sync_group(self, host, port, world, key, backend, timeout_s) -> int:
+        return min(self.engine.llm.collective_rpc("join_sync_group", args=(host, port, world, key, backend, timeout_s)))
+
+    def leave_sync_group(self) -> None:
+        self.engine.llm.collective_rpc("leave_sync_group")
 
     def receive_weights(self, plan, timeout_s) -> int:
         self.engine.llm.collective_rpc("receive_weights", args=(plan, timeout_s))
@@ -141,11 +165,67 @@ class VLLMSync:
         return self.engine.version
 
 
+class StaleWeights(RuntimeError):
+    """A replica was asked to sample from weights it does not hold (it restarted, and has not been pushed the
+    trainer's current weights yet): the request goes to another replica, or waits for the re-push."""
+
+
+LIMITS = {"max_n": ("HTTP_MAX_N", 64), "max_new_tokens": ("HTTP_MAX_NEW_TOKENS", 4096),
+          "max_body_bytes": ("HTTP_MAX_BODY_BYTES", 1_000_000)}  # HTTP request caps: env var, default
+SAMPLING_KEYS = {"n": int, "max_new_tokens": int, "temperature": (int, float), "top_p": (int, float), "seed": int}
+
+
+def parse_http_request(body: bytes, tok, max_model_len: int, limits: dict) -> dict:
+    """An HTTP request body -> engine.generate's keyword arguments, or ValueError saying what is wrong with it.
+
+    {"prompts": ["text", or [token ids], ...], "n", "max_new_tokens", "temperature", "top_p", "seed"} (all but prompts
+    optional). Caps (LIMITS): n <= max_n, max_new_tokens <= max_new_tokens, body <= max_body_bytes, and every prompt
+    plus max_new_tokens within the engine's context."""
+    if len(body) > limits["max_body_bytes"]:
+        raise ValueError(f"request body of {len(body)} bytes is over the {limits['max_body_bytes']}-byte cap")
+    try:
+        req = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"the body is not JSON ({e})") from None
+    if not isinstance(req, dict):
+        raise ValueError("the body must be a JSON object with a 'prompts' list")
+    unknown = set(req) - set(SAMPLING_KEYS) - {"prompts"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}; known: prompts, {', '.join(SAMPLING_KEYS)}")
+    prompts = req.pop("prompts", None)
+    if not isinstance(prompts, list) or not prompts:
+        raise ValueError("'prompts' must be a non-empty list of strings or of token-id lists")
+    for k, v in req.items():
+        if isinstance(v, bool) or not isinstance(v, SAMPLING_KEYS[k]):
+            raise ValueError(f"{k!r} must be a number ({SAMPLING_KEYS[k]}), got {v!r}")
+    n, new = req.get("n", 1), req.get("max_new_tokens", 256)
+    checks = [(1 <= n <= limits["max_n"], f"'n' must be in [1, {limits['max_n']}]"),
+              (1 <= new <= limits["max_new_tokens"], f"'max_new_tokens' must be in [1, {limits['max_new_tokens']}]"),
+              (req.get("temperature", 1.0) >= 0, "'temperature' must be >= 0 (0 = greedy)"),
+              (0 < req.get("top_p", 1.0) <= 1, "'top_p' must be in (0, 1]")]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+    ids = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str) and p:
+            if len(p) > max_model_len * 8:  # no tokenizer needed to know it cannot fit
+                raise ValueError(f"prompt {i} has {len(p)} characters: too long for a {max_model_len}-token context")
+            p = tok(p, add_special_tokens=False).input_ids
+        elif not (isinstance(p, list) and p and all(isinstance(t, int) and 0 <= t < len(tok) for t in p)):
+            raise ValueError(f"prompt {i} must be a non-empty string or a list of token ids in [0, {len(tok)})")
+        if len(p) + new > max_model_len:
+            raise ValueError(f"prompt {i} ({len(p)} tokens) + max_new_tokens {new} > the {max_model_len}-token context")
+        ids.append(p)
+    return {"prompts": ids, **req}
+
+
 class InferenceWorker:
     """One Serve replica: one engine and its sync endpoint. Requests and weight updates take turns on one
     asyncio lock, so a weight change waits for in-flight requests to drain and new ones wait for it: no
     completion mixes weight versions."""
-    def __init__(self, model, engine, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed):
+    def __init__(self, model, engine, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed,
+                 limits=None):
         from ray import serve
         self.replica = serve.get_replica_context().replica_id.unique_id
         core = None
@@ -154,7 +234,7 @@ class InferenceWorker:
             rank = serve.get_replica_context().rank
             rank = getattr(rank, "rank", rank) or 0  # a core index only: never a process-group rank
             core = cores[rank % len(cores)]
-        self.model = model
+        self.model, self.limits = model, limits or {k: default for k, (_, default) in LIMITS.items()}
         self.engine = make_engine(model, engine, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size,
                                   seed, cpu_core=core)
         self.sync = VLLMSync(self.engine) if isinstance(self.engine, VLLMEngine) else LocalSync(self.engine)
@@ -166,40 +246,68 @@ class InferenceWorker:
             return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def generate(self, request: dict) -> list:
-        """request: {"prompts": [[token ids]], "n", "max_new_tokens", "temperature", "top_p", "seed"}."""
-        return await self._locked(self.engine.generate, **request)
+        """request: {"prompts": [[token ids]], "n", "max_new_tokens", "temperature", "top_p", "seed"}, and from the
+        trainer "version": the weights it pushed last; a replica holding others raises StaleWeights."""
+        request = dict(request)
+        want = request.pop("version", None)
+        async with self.lock:  # the version is checked under the lock that weight updates take too
+            if want is not None and self.engine.version != want:
+                raise StaleWeights(f"replica {self.replica} holds weight version {self.engine.version}, the trainer "
+                                   f"pushed {want}")
+            return await asyncio.to_thread(self.engine.generate, **request)
 
     async def __call__(self, http_request):
-        """HTTP: POST JSON {"prompts": ["text", ...] or [[ids], ...], "n": 2, ...} -> {"completions": [[...]]}."""
-        req = await http_request.json()
-        prompts = [p if isinstance(p, list) else self.engine.tok(p, add_special_tokens=False).input_ids
-                   for p in req.pop("prompts")]
-        return {"completions": await self.generate({"prompts": prompts, **req}), "replica": self.replica}
+        """HTTP: POST JSON {"prompts": ["text", ...] or [[ids], ...], "n": 2, ...} -> {"completions": [[...]]}.
+        A bad request gets a 4xx with what is wrong (parse_http_request); the replica stays up."""
+        from starlette.responses import JSONResponse
+        if http_request.method != "POST":
+            return JSONResponse({"error": "POST a JSON body: {\"prompts\": [...], \"n\": ..., ...}"}, 405)
+        size = int(http_request.headers.get("content-length") or 0)
+        if size > self.limits["max_body_bytes"]:  # refuse before reading it
+            return JSONResponse({"error": f"request body of {size} bytes is over the "
+                                          f"{self.limits['max_body_bytes']}-byte cap"}, 413)
+        try:
+            req = parse_http_request(await http_request.body(), self.engine.tok, self.engine.max_model_len, self.limits)
+        except ValueError as e:
+            return JSONResponse({"error": str(e)}, 413 if "byte cap" in str(e) else 400)
+        return {"completions": await self.generate(req), "replica": self.replica}
 
     async def sync_state(self) -> dict:  # async: answered on the replica's loop, no thread hop
-        return {"replica": self.replica, "generation": self.generation, "version": self.engine.version,
+        return {"replica": self.replica, "pid": os.getpid(), "generation": self.generation, "version": self.engine.version,
                 "num_workers": self.sync.num_workers, "dtype": self.engine.dtype, "model": self.model,
+                "engine": type(self.engine).__name__,
                 "max_model_len": self.engine.max_model_len}
 
-    async def join_sync_group(self, host, port, world, generation, backend, timeout_s) -> str:
-        await self._locked(self.sync.join_sync_group, host, port, world, generation, backend, timeout_s)
+    async def join_sync_group(self, host, port, world, generation, key, backend, timeout_s) -> str:
+        await self._locked(self.sync.join_sync_group, host, port, world, key, backend, timeout_s)
         self.generation = generation
         return self.replica
 
+    async def leave_sync_group(self) -> str:
+        await self._locked(self.sync.leave_sync_group)
+        self.generation = None
+        return self.replica
+
     async def receive_weights(self, plan, timeout_s) -> dict:
-        assert plan["generation"] == self.generation, \
-            f"replica {self.replica} is in sync group {self.generation}, the trainer pushes on {plan['generation']}"
+        if plan["generation"] != self.generation:
+            raise RuntimeError(f"replica {self.replica} is in sync group {self.generation}, the trainer pushes on "
+                               f"{plan['generation']}")
         version = await self._locked(self.sync.receive_weights, plan, timeout_s)
         return {"replica": self.replica, "version": version}
 
 
 class ServeClient:
     """The engine interface over a running app (trainer side): a batch is split over the replicas and
-    sent through the DeploymentHandle; update_weights broadcasts through weight_sync.WeightSync."""
+    sent through the DeploymentHandle; update_weights broadcasts through weight_sync.WeightSync.
+
+    A replica lost mid-request (killed, restarted) costs a retry, not the run: the request goes again, to a live
+    replica, until timeout_s. A restarted replica holds the initial weights and refuses to sample (StaleWeights)
+    until it has the trainer's: the pushing rank re-pushes them (resync, set by the trainer) so that it can."""
     def __init__(self, app_name="default", timeout_s=600.0, sync: dict | None = None, model: str | None = None,
-                 min_model_len: int = 0):
-        """model, min_model_len: what the trainer needs of every replica (its model, and a context of at least
-        the longest prompt + max_new_tokens): a replica that differs is an error here, not nonsense later."""
+                 min_model_len: int = 0, top_p: float = 1.0):
+        """model, min_model_len, top_p: what the trainer needs of every replica (its model, a context of at least
+        the longest prompt + max_new_tokens, log-probs of the full distribution when it samples with top_p < 1): a
+        replica that differs is an error here, not nonsense later."""
         from ray import serve
         from weight_sync import WeightSync
         self.app, self.timeout_s = app_name, timeout_s
@@ -210,34 +318,62 @@ class ServeClient:
             if model is not None and s["model"] != model and resolve_model(s["model"]) != resolve_model(model):
                 raise ValueError(f"app {app_name!r}: replica {s['replica']} serves model {s['model']!r}, the trainer "
                                  f"trains {model!r}: restart the app with MODEL_NAME_OR_PATH={model}")
+            if top_p < 1 and s["engine"] == "VLLMEngine":
+                raise ValueError(f"app {app_name!r}: top_p={top_p} with vLLM replicas: vLLM renormalises its log-probs "
+                                 f"over the top-p nucleus, which biases the importance ratio: train with top_p=1.0, or "
+                                 f"restart the app with INFER_ENGINE=torch (full-distribution log-probs)")
             if s["max_model_len"] < min_model_len:
                 raise ValueError(f"app {app_name!r}: replica {s['replica']} has max_model_len {s['max_model_len']}, "
                                  f"the trainer needs {min_model_len} (longest prompt + max_new_tokens): restart the "
                                  f"app with MAX_MODEL_LEN={min_model_len} or more, or lower max_new_tokens")
         self.num_replicas = len(states)
         self.version = None  # unknown until the first push (replicas may hold an earlier trainer's weights)
+        self.resync = None  # () -> re-push the current weights; set by the trainer on the pushing rank
 
     def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, seed=0):
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
         k = min(len(prompts), self.num_replicas)  # one request per replica; Serve balances them
         bounds = [len(prompts) * i // k for i in range(k + 1)]
-        resps = [self.handle.generate.remote({"prompts": prompts[a:b], "n": n, "max_new_tokens": max_new_tokens,
-                                              "temperature": temperature, "top_p": top_p, "seed": seed + i})
-                 for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-        out = []
-        for i, r in enumerate(resps):
-            try:
-                out += r.result(timeout_s=self.timeout_s)
-            except TimeoutError as e:
-                raise TimeoutError(f"app {self.app!r}: generate request {i + 1}/{k} got no answer in {self.timeout_s} s") from e
+        reqs = [{"prompts": prompts[a:b], "n": n, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                 "top_p": top_p, "seed": seed + i, "version": self.version} for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        resps = [self.handle.generate.remote(r) for r in reqs]
+        deadline, out = time.monotonic() + self.timeout_s, []
+        for i, req in enumerate(reqs):
+            while True:
+                try:
+                    out += resps[i].result(timeout_s=max(1.0, deadline - time.monotonic()))
+                    break
+                except (ActorDiedError, ActorUnavailableError, RayActorError, StaleWeights) as e:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"app {self.app!r}: generate request {i + 1}/{k} found no live replica "
+                                           f"with weight version {self.version} in {self.timeout_s} s: {e}") from e
+                    if isinstance(e, StaleWeights) and self.resync is not None:
+                        self.resync()  # brings a restarted replica to the current weights (re-forms the group)
+                    time.sleep(0.5)
+                    resps[i] = self.handle.generate.remote(req)
+                except TimeoutError as e:
+                    raise TimeoutError(f"app {self.app!r}: generate request {i + 1}/{k} got no answer in "
+                                       f"{self.timeout_s} s") from e
         versions = {c["version"] for g in out for c in g}
-        assert len(versions) == 1 and (self.version is None or versions == {self.version}), \
-            f"completions from weight versions {versions}, trainer pushed version {self.version}"
+        if len(versions) != 1 or (self.version is not None and versions != {self.version}):
+            raise RuntimeError(f"completions from weight versions {versions}, the trainer pushed {self.version}")
         return out
 
     def update_weights(self, named_tensors, version=None) -> int:
-        self.version = self.sync.push(named_tensors, version)
+        """Push to every replica. A replica lost during the push costs one more try: the sync waits for Serve to
+        replace it, re-forms the group and pushes again; a second failure is the error."""
+        named = list(named_tensors)
+        try:
+            self.version = self.sync.push(named, version)
+        except (RuntimeError, TimeoutError) as e:
+            print(f"weight sync failed, trying once more: {str(e)[:500]}", flush=True)
+            self.version = self.sync.push(named, version if version is not None else self.sync.version + 1)
         self.num_replicas = len(self.sync.members)
         return self.version
+
+    def close(self):
+        if self.sync is not None:
+            self.sync.close()
 
 
 def ray_env() -> dict:
@@ -259,14 +395,16 @@ def build_app(args: dict, worker_cls=None):
     gpu = torch.cuda.is_available()
     tp = int(opt("tensor_parallel_size", "TENSOR_PARALLEL_SIZE", 1))
     engine = opt("engine", "INFER_ENGINE", "vllm" if importlib.util.find_spec("vllm") else "torch")
-    assert engine in ("vllm", "torch"), f"engine={engine!r}: use vllm or torch"
+    if engine not in ("vllm", "torch"):
+        raise ValueError(f"engine={engine!r} (INFER_ENGINE): use vllm or torch")
     deployment = serve.deployment(
         worker_cls or InferenceWorker, name="InferenceWorker", num_replicas=int(opt("num_workers", "NUM_INFER_WORKERS", 1)),
         ray_actor_options={"num_gpus": tp} if gpu else {"num_cpus": 1}, max_ongoing_requests=16)
+    limits = {k: int(opt(k, env_var, default)) for k, (env_var, default) in LIMITS.items()}
     return deployment.bind(opt("model", "MODEL_NAME_OR_PATH", "smollm2"), engine, opt("dtype", "INFER_DTYPE", "auto"),
                            int(opt("max_model_len", "MAX_MODEL_LEN", 2048)),
                            float(opt("gpu_memory_utilization", "GPU_MEMORY_UTILIZATION", 0.85)), tp,
-                           int(opt("seed", "INFER_SEED", 0)))
+                           int(opt("seed", "INFER_SEED", 0)), limits)
 
 
 inference_app = build_app({}) if importlib.util.find_spec("ray") else None  # importable without Ray (train.py)

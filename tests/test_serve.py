@@ -3,8 +3,10 @@ engines) of a tiny model, the trainer's weight sync over gloo, and GRPO steps th
 import dataclasses
 import json
 import os
+import signal
 import socket
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -148,6 +150,178 @@ def test_replica_that_never_joins_fails_clearly(app):
     name, _ = app
     c = client(name, timeout_s=5, expected_workers=3)
     t0 = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"expected 3 replica workers, 2 up after 5 s"):
+    with pytest.raises(TimeoutError, match=r"expected 3 replica workers, 2 answered within 5 s"):
         c.update_weights([("model.norm.weight", torch.ones(64))])
     assert time.monotonic() - t0 < 30
+
+
+# ----------------------------------------------------------------------------- faults (docs/reliability.md)
+
+def replica_processes(name, n=2, timeout_s=300):
+    """[(replica id, pid)] of the app's replicas, as they report themselves, once n of them answer (a replica an
+    earlier test killed may still be restarting)."""
+    from ray import serve
+    deadline = time.monotonic() + timeout_s
+    while True:
+        res = serve.get_app_handle(name).broadcast("sync_state").results(timeout_s=60, return_exceptions=True)
+        states = [s for s in res if not isinstance(s, BaseException)]
+        if len(states) == n or time.monotonic() > deadline:
+            return sorted((s["replica"], s["pid"]) for s in states)
+        time.sleep(1)
+
+
+def original_state(tiny_model):
+    return list(load_file(os.path.join(tiny_model, "model.safetensors")).items())
+
+
+def test_frozen_replica_fails_the_push_naming_it(app, tiny_model):
+    """A replica frozen (SIGSTOP) when a push starts: the push fails within its timeout with an error that names the
+    replica and the operation, not a hang; thawed, the next push re-forms the group and succeeds."""
+    name, _ = app
+    replica_processes(name)  # both up
+    c = client(name, timeout_s=8)
+    v = c.update_weights(original_state(tiny_model))  # the group exists; both replicas are members
+    victim, pid = replica_processes(name)[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises((TimeoutError, RuntimeError), match=rf"sync_state.*no answer from replicas \['{victim}'\]"):
+            c.sync.push(original_state(tiny_model))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert c.update_weights(original_state(tiny_model)) > v and len(c.sync.members) == 2
+
+
+def test_replica_killed_during_generation_costs_a_retry(app, tiny_model):
+    """SIGKILL a replica as a batch is sent: the batch still comes back whole, every completion from the trainer's
+    current weights; the restarted replica (initial weights) is re-pushed them (resync) before it serves."""
+    name, _ = app
+    replica_processes(name)  # both up
+    c = client(name, timeout_s=300)
+    state = original_state(tiny_model)
+    torch.manual_seed(1)
+    trained = [(k, v + 0.3 * torch.randn_like(v)) for k, v in state]  # "the trainer's" weights: not the initial ones
+    v = c.update_weights(trained)
+    resyncs = []
+    c.resync = lambda: resyncs.append(c.update_weights(trained, c.version))  # what train.py sets on the pushing rank
+    victim, pid = replica_processes(name)[0]
+    os.kill(pid, signal.SIGKILL)
+    out = c.generate(PROMPTS * 4, n=4, max_new_tokens=32, temperature=1.0, seed=3)
+    assert len(out) == 16 and all(comp["version"] == v for g in out for comp in g)
+    assert victim not in dict(replica_processes(name)) and len(replica_processes(name)) == 2  # restarted
+    for _ in range(4):  # the replacement holds version 0: it refuses until resync has pushed it version v
+        assert {comp["version"] for g in c.generate(PROMPTS * 4, max_new_tokens=4) for comp in g} == {v}
+    assert resyncs == [v] and victim not in {r for r, _ in c.sync.members}
+    c.update_weights(state)  # leave the app as the other tests expect it
+
+
+def test_replica_killed_during_a_push_costs_a_retry(app, tiny_model, monkeypatch):
+    """SIGKILL a replica while weights are on the wire (after the trainer's third bucket): the push is tried once
+    more, after Serve has replaced the replica, and every replica ends up with the pushed weights."""
+    import weight_sync
+    name, _ = app
+    replica_processes(name)  # both up
+    c = client(name, timeout_s=300, bucket_mb=0.0002)  # a bucket per tensor: ~20 broadcasts per push
+    state = original_state(tiny_model)
+    v = c.update_weights(state)
+    before, (victim, pid) = greedy(c), replica_processes(name)[1]
+    real, sent = weight_sync.broadcast, []
+
+    def broadcast_then_kill(group, tensor, timeout_s):  # the trainer's side of each bucket; the replicas are real
+        sent.append(tensor.numel())
+        if len(sent) == 3:
+            os.kill(pid, signal.SIGKILL)
+        return real(group, tensor, timeout_s)
+
+    monkeypatch.setattr(weight_sync, "broadcast", broadcast_then_kill)
+    assert c.update_weights(state) == v + 1
+    assert victim not in {r for r, _ in c.sync.members} and len(c.sync.members) == 2  # its replacement holds v + 1
+    assert greedy(c) == before
+
+
+def test_stranger_on_the_sync_port_changes_nothing(app, tiny_model):
+    """Someone who reaches the sync store (no secret) grabs the ranks it can guess and sends garbage: the push goes
+    on, to the real replicas, with the right weights."""
+    import datetime
+    name, _ = app
+    replica_processes(name)  # both up
+    c = client(name)
+    state = original_state(tiny_model)
+    c.update_weights(state)
+    before = greedy(c)
+    stranger = torch.distributed.TCPStore("127.0.0.1", c.sync.port, world_size=None, is_master=False,
+                                          timeout=datetime.timedelta(seconds=10))
+    for g in range(1, 6):
+        stranger.add(f"g{g}/next_rank", 1)
+        stranger.set(f"g{g}/0", b"garbage")
+    with socket.create_connection(("127.0.0.1", c.sync.port)) as raw:
+        raw.sendall(os.urandom(4096))
+    c.sync.close_group()  # force a new group (a new generation) while the stranger is connected
+    torch.manual_seed(2)
+    c.update_weights([(k, v + 0.5 * torch.randn_like(v)) for k, v in state])
+    assert greedy(c) != before
+    c.update_weights(state)
+    assert greedy(c) == before
+
+
+@pytest.mark.parametrize("body, status, says", [
+    (b"{not json", 400, "not JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (b'{"n": 2}', 400, "'prompts' must be"),
+    (b'{"prompts": []}', 400, "'prompts' must be"),
+    (b'{"prompts": ["hi"], "n": -1}', 400, "'n' must be in"),
+    (b'{"prompts": ["hi"], "n": 100000}', 400, "'n' must be in"),
+    (b'{"prompts": ["hi"], "max_new_tokens": 100000000}', 400, "'max_new_tokens' must be in"),
+    (b'{"prompts": ["hi"], "temperature": -1}', 400, "'temperature' must be >= 0"),
+    (b'{"prompts": ["hi"], "top_p": 0}', 400, "'top_p'"),
+    (b'{"prompts": ["hi"], "n": "2"}', 400, "'n' must be a number"),
+    (b'{"prompts": ["hi"], "steps": 2}', 400, "unknown keys ['steps']"),
+    (b'{"prompts": [[99999999]]}', 400, "token ids in"),
+    (json.dumps({"prompts": ["x" * 200_000]}).encode(), 400, "characters: too long"),
+    (json.dumps({"prompts": ["x " * 600_000]}).encode(), 413, "byte cap"),
+    (None, 405, "POST a JSON body"),
+])
+def test_bad_http_request_gets_a_4xx_and_the_app_stays_up(app, body, status, says):
+    """Each bad request is answered 4xx with what is wrong; a good request right after it still works."""
+    name, port = app
+    url = f"http://127.0.0.1:{port}/{name}"
+    req = urllib.request.Request(url, body, {"Content-Type": "application/json"}) if body is not None else url
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == status and says in json.load(e.value)["error"], (e.value.code, says)
+    good = urllib.request.Request(url, json.dumps({"prompts": ["2+3="], "max_new_tokens": 3}).encode(),
+                                  {"Content-Type": "application/json"})
+    assert len(json.load(urllib.request.urlopen(good, timeout=60))["completions"][0][0]["token_ids"]) > 0
+
+
+def test_app_with_another_model_or_a_short_context_is_refused(app, tiny_model):
+    """The trainer checks what the replicas report before it trains: another model, or a context shorter than its
+    longest prompt + max_new_tokens, is an error that says how to restart the app."""
+    name, _ = app
+    from infer_workers import ServeClient
+    with pytest.raises(ValueError, match="serves model .* restart the app with MODEL_NAME_OR_PATH=random:small"):
+        ServeClient(name, model="random:small")
+    with pytest.raises(ValueError, match="has max_model_len 2048, the trainer needs 5000 .* MAX_MODEL_LEN=5000"):
+        ServeClient(name, model=tiny_model, min_model_len=5000)
+
+
+def test_top_p_below_one_is_refused_with_vllm_replicas(app):
+    """vLLM's log-probs with top_p < 1 are renormalised over the nucleus (its "processed" mode), the trainer's are
+    of the full softmax: a trainer sampling with top_p < 1 from vLLM replicas is refused; torch replicas are fine."""
+    name, _ = app
+    from infer_workers import ServeClient
+    if name.endswith("vllm"):
+        with pytest.raises(ValueError, match=r"top_p=0.9 with vLLM replicas: .* INFER_ENGINE=torch"):
+            ServeClient(name, top_p=0.9)
+    else:
+        assert ServeClient(name, top_p=0.9).num_replicas == 2
+
+
+def test_trainer_leaves_the_sync_group_at_the_end(app, tiny_model, tmp_path):
+    """At the end of a run the trainer has every replica leave the sync group before its store closes (regression:
+    replicas printed 'TCPStore server has shut down' stack traces after every GPU run)."""
+    name, _ = app
+    cfg = dataclasses.replace(cfg_for(tiny_model, tmp_path / "bye", max_steps=1), inference="serve", serve_app=name)
+    train.main(cfg, reward_fn=digit_reward)
+    from ray import serve
+    states = serve.get_app_handle(name).broadcast("sync_state").results(timeout_s=60)
+    assert [s["generation"] for s in states] == [None, None], states

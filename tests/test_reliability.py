@@ -1,0 +1,197 @@
+"""Faults a run must survive or refuse clearly (docs/reliability.md): bad settings and data fail before anything
+loads, with the fix in the message; a trainer SIGKILLed mid-step or mid-checkpoint resumes exactly. The Serve app's
+faults (frozen or killed replicas, bad HTTP requests, strangers on the sync port) are in test_serve.py."""
+import dataclasses
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import GSM8K, ROOT
+from test_train import cfg_for, digit_reward
+
+
+@pytest.mark.parametrize("arg, says", [
+    ("--temperature=0", "temperature=0.0 is outside (0.0, inf): sampling and its log-probs divide"),
+    ("--group_size=1", "group_size=1 is outside [2, inf): GRPO compares completions within a group"),
+    ("--max_new_tokens=0", "max_new_tokens=0 is outside [1, inf)"),
+    ("--keep_ckpts=0", "keep_ckpts=0 is outside [1, inf)"),
+    ("--prompts_per_step=0", "prompts_per_step=0 is outside [1, inf)"),
+    ("--micro_batch_size=0", "micro_batch_size=0 is outside [1, inf)"),
+    ("--lr=-1", "lr=-1.0 is outside (0.0, inf)"),
+    ("--top_p=1.5", "top_p=1.5 is outside (0.0, 1.0]"),
+    ("--sync_port=70000", "sync_port=70000 is outside"),
+    ("--loss_type=ppo", "loss_type='ppo': use one of grpo, dr_grpo, dapo"),
+    ("--inference=remote", "inference='remote': use one of local, serve"),
+])
+def test_bad_setting_is_one_clear_error(arg, says):
+    """Each bad value found by trying the CLI (NaN training, kept checkpoints, IndexErrors after a step) is now a
+    ValueError naming the field, its range and why, raised when the config is read (not an assert: python -O)."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        train.load_config([arg])
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("model", "/no/such/model", "no such folder here, and not a hub id"),
+    ("model", "smolm2", "is not a folder here and the hub could not be reached|no such repository on the hub"),
+    ("data", "../shared/data/gsm8kk", "no such folder here, and not a hub id"),
+])
+def test_wrong_model_or_data_fails_before_anything_loads(tiny_model, tmp_path, field, value, says):
+    """A missing local path or a typo in a name is an error that says so, before the run folder or a model exists
+    (regression: it was tried as a hub name, with a misleading error or a minute of retries)."""
+    cfg = dataclasses.replace(cfg_for(tiny_model, tmp_path / "run"), **{field: value})
+    with pytest.raises(ValueError, match=says):
+        train.main(cfg, reward_fn=digit_reward)
+    assert not (tmp_path / "run").exists()
+
+
+def test_sync_port_in_use_fails_before_anything_loads(tiny_model, tmp_path):
+    """--sync_port taken by another process: one clear error before the models load, not deep in the first push."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        cfg = cfg_for(tiny_model, tmp_path / "run", inference="serve", sync_port=s.getsockname()[1])
+        with pytest.raises(ValueError, match=rf"sync_port={s.getsockname()[1]} is in use .* 0 for any free port"):
+            train.main(cfg, reward_fn=digit_reward)
+
+
+def write_jsonl(folder, lines):
+    folder.mkdir(exist_ok=True)
+    (folder / "train.jsonl").write_text("".join(line + "\n" for line in lines))
+    (folder / "test.jsonl").write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
+    return str(folder)
+
+
+GOOD = json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"})
+
+
+@pytest.mark.parametrize("bad, says", [
+    ('{"question": "q", "answer": "#### 1"', "train.jsonl:3: not valid JSON"),
+    (json.dumps({"question": "q"}), "train.jsonl:3: 'answer' is missing or empty"),
+    (json.dumps({"question": " ", "answer": "#### 1"}), "train.jsonl:3: 'question' is missing or empty"),
+    (json.dumps({"question": "q", "answer": "no final number"}), "train.jsonl:3: the answer has no final number"),
+    (json.dumps(["q", "#### 1"]), "train.jsonl:3: a row must be a JSON object"),
+])
+def test_bad_data_row_is_named_by_file_and_line(tmp_path, bad, says):
+    """A malformed row fails the load with its file and line (regression: a KeyError at the step that first
+    sampled it, hours in; a JSONDecodeError with neither file nor line)."""
+    import gsm8k
+    data = write_jsonl(tmp_path / "data", [GOOD, GOOD, bad, GOOD])
+    with pytest.raises(ValueError, match=says):
+        gsm8k.load_split(data, "train")
+
+
+def run_train(args, timeout=300):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def train_args(tiny_model, run_dir, **kw):
+    base = dict(model=tiny_model, data=GSM8K, run_dir=run_dir, prompts_per_step=2, group_size=4, max_new_tokens=12,
+                micro_batch_size=3, lr=1e-3, seed=0, max_steps=4, ckpt_every=1, val_size=20, eval_every=2, eval_size=2)
+    return [f"--{k}={v}" for k, v in (base | kw).items()]
+
+
+def kill_when(p, ready, timeout=300):
+    """SIGKILL the whole process group of p the moment ready() holds; True if it did (False: p ended first)."""
+    deadline = time.monotonic() + timeout
+    while p.poll() is None and time.monotonic() < deadline:
+        if ready():
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def finish(p, timeout=300):
+    out, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, out[-3000:]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, tmp_path_factory):
+    """The same 4 steps, never killed: what every interrupted run must end equal to."""
+    run = tmp_path_factory.mktemp("whole")
+    finish(run_train(train_args(tiny_model, run)))
+    return run
+
+
+def assert_same_run(a, b):
+    wa = load_file(os.path.join(a, "ckpt", "latest", "model", "model.safetensors"))
+    wb = load_file(os.path.join(b, "ckpt", "latest", "model", "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
+    rows = [json.loads(line) for line in open(os.path.join(b, "metrics.jsonl"))]
+    steps = [r["step"] for r in rows if "reward" in r]
+    evals = [r["step"] for r in rows if "val/n" in r]
+    assert steps == [1, 2, 3, 4] and evals == [0, 2, 4], (steps, evals)  # each once: no duplicated rows
+    assert [r["version"] for r in rows if "reward" in r] == [1, 2, 3, 4], "weight versions run on across the resume"
+    want = [json.loads(line) for line in open(os.path.join(a, "metrics.jsonl"))]
+    assert [r["reward"] for r in rows if "reward" in r] == [r["reward"] for r in want if "reward" in r], \
+        "same prompts, same samples: the data order and the RNG continue exactly"
+
+
+@pytest.mark.slow
+def test_trainer_killed_between_log_and_checkpoint_resumes_exactly(tiny_model, tmp_path, uninterrupted):
+    """SIGKILL right after step 3's metrics row is written, before its checkpoint: --resume redoes step 3 from
+    step 2's checkpoint, drops the orphan row (regression: a duplicated step in the curves) and ends equal."""
+    run = tmp_path / "killed"
+    metrics = run / "metrics.jsonl"
+    p = run_train(train_args(tiny_model, run))
+
+    def step3_logged():
+        return metrics.exists() and '"step": 3, "lr"' in metrics.read_text()
+    assert kill_when(p, step3_logged), "the run ended before step 3 was logged"
+    assert os.readlink(run / "ckpt" / "latest") in ("step_000002", "step_000003")
+    finish(run_train(train_args(tiny_model, run) + ["--resume"]))
+    assert_same_run(uninterrupted, run)
+
+
+@pytest.mark.slow
+def test_trainer_killed_mid_checkpoint_never_loads_half_of_it(tiny_model, tmp_path, uninterrupted):
+    """SIGKILL while step 3's checkpoint is being written (its .tmp folder exists): ckpt/latest still points at a
+    complete checkpoint, --resume continues from it, and the run ends equal to the uninterrupted one."""
+    run = tmp_path / "killed"
+    ckpt = run / "ckpt"
+    p = run_train(train_args(tiny_model, run))
+
+    def writing_step3():
+        return (ckpt / ".tmp_step_000003").exists()
+    assert kill_when(p, writing_step3), "the run ended before step 3's checkpoint was written"
+    latest = os.readlink(ckpt / "latest")
+    assert latest in ("step_000002", "step_000003") and (ckpt / latest / "state.pt").exists()
+    finish(run_train(train_args(tiny_model, run) + ["--resume"]))
+    assert_same_run(uninterrupted, run)
+
+
+def test_resume_with_more_steps_keeps_the_schedule(tiny_model, tmp_path):
+    """Resuming with a larger max_steps extends the run at the schedule's end value; the schedule itself (warmup,
+    cosine to max_steps) stays the one the run started with (regression: step 7 took the old schedule's last value,
+    step 8 the new one's)."""
+    cfg = cfg_for(tiny_model, tmp_path / "run", max_steps=4, lr=1e-3, min_lr_ratio=0.1, warmup_steps=1)
+    train.main(cfg, reward_fn=digit_reward)
+    train.main(dataclasses.replace(cfg, max_steps=6, resume=True), reward_fn=digit_reward)
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    want = [1e-3 * train.lr_at(s, cfg) for s in range(4)] + [1e-3 * 0.1] * 2
+    assert lrs == pytest.approx(want), (lrs, want)
+
+
+@pytest.mark.slow
+def test_batch_not_divisible_by_ranks_is_one_clear_error(tiny_model, tmp_path):
+    """prompts_per_step=3 on 2 ranks: every rank stops with one message saying how to fix it, before models load."""
+    from conftest import run_group
+    from test_train import LAUNCH
+    p = run_group(LAUNCH + ["--multi_gpu", os.path.join(ROOT, "train.py")] +
+                  train_args(tiny_model, tmp_path / "run", prompts_per_step=3), 300, cwd=ROOT)
+    assert p.returncode != 0
+    assert "prompts_per_step=3 is not divisible by the 2 ranks: make it a multiple of 2" in p.stdout + p.stderr
