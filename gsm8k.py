@@ -1,6 +1,6 @@
 """GSM8K: loading, the held-out validation split, the R1-Zero prompt, a resumable sampler, evaluation.
 
-    python gsm8k.py --model smollm2 --data ../shared/data/gsm8k --limit 50      # a quick look (CPU: ~4 min)
+    python gsm8k.py --model smollm2 --data ../shared/data/gsm8k --limit 50      # a quick look (CPU: ~8 min)
     python gsm8k.py --model runs/x/ckpt/latest/model --data ../shared/data/gsm8k  # all 1319 test problems
 
 Splits: "train" and "test" as published; the trainer holds out the LAST val_size problems of train as its
@@ -43,11 +43,13 @@ def load_split(data: str, split: str) -> list[dict]:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} missing: a local data folder needs train.jsonl and test.jsonl")
         rows = []
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if raw.strip():
                     try:
-                        row = json.loads(line)
+                        row = json.loads(raw.decode("utf-8"))
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
                     rows.append(check_row(row, f"{path}:{n}"))

@@ -66,7 +66,8 @@ def test_sync_port_in_use_fails_before_anything_loads(tiny_model, tmp_path):
 
 def write_jsonl(folder, lines):
     folder.mkdir(exist_ok=True)
-    (folder / "train.jsonl").write_text("".join(line + "\n" for line in lines))
+    (folder / "train.jsonl").write_bytes(b"".join(line.encode("latin-1" if "\xff" in line else "utf-8") + b"\n"
+                                                  for line in lines))
     (folder / "test.jsonl").write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
     return str(folder)
 
@@ -80,6 +81,7 @@ GOOD = json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"})
     (json.dumps({"question": " ", "answer": "#### 1"}), "train.jsonl:3: 'question' is missing or empty"),
     (json.dumps({"question": "q", "answer": "no final number"}), "train.jsonl:3: the answer has no final number"),
     (json.dumps(["q", "#### 1"]), "train.jsonl:3: a row must be a JSON object"),
+    ('{"question": "\xff", "answer": "#### 1"}', "train.jsonl:3: not UTF-8"),
 ])
 def test_bad_data_row_is_named_by_file_and_line(tmp_path, bad, says):
     """A malformed row fails the load with its file and line (regression: a KeyError at the step that first
