@@ -6,7 +6,8 @@ DeploymentHandle (ServeClient, the trainer's side: itself an Engine) or over HTT
 Configured by environment variables:
     MODEL_NAME_OR_PATH (smollm2)  NUM_INFER_WORKERS (1)  INFER_ENGINE (vllm if importable, else torch)
     INFER_DTYPE (auto: bfloat16 on GPU, float32 on CPU)  MAX_MODEL_LEN (2048)
-    GPU_MEMORY_UTILIZATION (0.85)  TENSOR_PARALLEL_SIZE (1)  VLLM_CPU_KVCACHE_SPACE (GiB, 1 here)
+    GPU_MEMORY_UTILIZATION (0.85)  TENSOR_PARALLEL_SIZE (1)  ENFORCE_EAGER (0: vLLM with CUDA graphs)
+    VLLM_CPU_KVCACHE_SPACE (GiB, 1 here)
     HTTP_MAX_N (64)  HTTP_MAX_NEW_TOKENS (4096)  HTTP_MAX_BODY_BYTES (1000000): caps on one HTTP request
 or as builder arguments: `serve run infer_workers:build_app model=smollm2 num_workers=2 engine=torch`.
 
@@ -53,7 +54,7 @@ class VLLMWorkerExtension:
 
     def load_named_weights(self, weights) -> None:
         if torch.device(self.device).type == "cuda":
-            self.model_runner.model.load_weights(weights=weights)
+            self.model_runner.get_model().load_weights(weights=weights)  # copies into the live tensors: graphs see them
             torch.cuda.synchronize(self.device)  # "loaded" means loaded, not queued
         else:
             self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
@@ -65,12 +66,20 @@ class VLLMEngine:
     importance ratio would then be biased by the nucleus mass. The trainer refuses top_p < 1 with vLLM replicas
     (ServeClient); HTTP users who ask for it get the nucleus-renormalised log-probs."""
     def __init__(self, model, dtype="auto", max_model_len=2048, gpu_memory_utilization=0.85,
-                 tensor_parallel_size=1, seed=0):
+                 tensor_parallel_size=1, seed=0, enforce_eager=False):
         from vllm import LLM
-        # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is split
-        # over steps: there, every prompt is prefilled in one step
-        cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False, "enforce_eager": True,
-                                                    "max_num_batched_tokens": max(8192, max_model_len)}
+        if torch.cuda.is_available():
+            if importlib.util.find_spec("flashinfer") is None:  # else its top-k/top-p sampler fails to import
+                os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+            # the engine in this process (a Serve replica is its own process already): collective_rpc is a call, not
+            # a message, and no fork after torch work (one such start hung on an H200)
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            from vllm.config import WeightTransferConfig  # vLLM's own NCCL transfer, for bench/weight_sync.py
+            extra = {"weight_transfer_config": WeightTransferConfig(backend="nccl"), "enforce_eager": enforce_eager}
+        else:  # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is
+            # split over steps: there, every prompt is prefilled in one step
+            extra = {"enable_chunked_prefill": False, "enforce_eager": True,
+                     "max_num_batched_tokens": max(8192, max_model_len)}
         # the checkpoint's fp32 weights narrowed to a bf16 engine is what we ask for: not one warning per tensor (a
         # filter, not a level: vLLM's logging config resets the levels of its loggers when the engine starts)
         logging.getLogger("vllm.model_executor.models.utils").addFilter(
@@ -78,7 +87,7 @@ class VLLMEngine:
         self.llm = LLM(model=resolve_model(model), dtype=dtype, max_model_len=max_model_len, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                        worker_extension_cls="infer_workers.VLLMWorkerExtension", logprobs_mode="processed_logprobs",
-                       **cpu)
+                       **extra)
         self.tok = self.llm.get_tokenizer()
         self.num_workers, self.version, self.max_model_len = tensor_parallel_size, 0, max_model_len
         self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
@@ -102,10 +111,12 @@ class VLLMEngine:
 
 
 def make_engine(model: str, engine: str = "auto", dtype: str = "auto", max_model_len: int = 2048,
-                gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1, seed: int = 0, cpu_core=None):
+                gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1, seed: int = 0, cpu_core=None,
+                enforce_eager: bool = False):
     """An engine in this process. engine: vllm | torch | auto (vLLM where it is installed, else torch);
     dtype: auto (models.default_dtype) or a name in models.DTYPES. On the CPU, vLLM binds its threads to
-    cpu_core (one per engine, so that replicas do not share cores) or to every core of this process."""
+    cpu_core (one per engine, so that replicas do not share cores) or to every core of this process. enforce_eager:
+    vLLM without CUDA graphs or torch.compile (starts in seconds; generates slower)."""
     if engine == "auto":
         engine = "vllm" if importlib.util.find_spec("vllm") else "torch"
     if engine not in ("vllm", "torch"):
@@ -119,7 +130,7 @@ def make_engine(model: str, engine: str = "auto", dtype: str = "auto", max_model
                                   else ",".join(map(str, cores)))
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        return VLLMEngine(model, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed)
+        return VLLMEngine(model, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed, enforce_eager)
     dt = DTYPES[dtype] if dtype != "auto" else default_dtype(dev)
     return TorchEngine(load_model(model, dt, dev), load_tokenizer(model), max_model_len=max_model_len,
                        max_batch=default_max_batch(dev))
@@ -225,7 +236,7 @@ class InferenceWorker:
     asyncio lock, so a weight change waits for in-flight requests to drain and new ones wait for it: no
     completion mixes weight versions."""
     def __init__(self, model, engine, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed,
-                 limits=None):
+                 limits=None, enforce_eager=False):
         from ray import serve
         self.replica = serve.get_replica_context().replica_id.unique_id
         core = None
@@ -236,7 +247,7 @@ class InferenceWorker:
             core = cores[rank % len(cores)]
         self.model, self.limits = model, limits or {k: default for k, (_, default) in LIMITS.items()}
         self.engine = make_engine(model, engine, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size,
-                                  seed, cpu_core=core)
+                                  seed, cpu_core=core, enforce_eager=enforce_eager)
         self.sync = VLLMSync(self.engine) if isinstance(self.engine, VLLMEngine) else LocalSync(self.engine)
         self.lock = asyncio.Lock()
         self.generation = None
@@ -289,11 +300,13 @@ class InferenceWorker:
         return self.replica
 
     async def receive_weights(self, plan, timeout_s) -> dict:
+        """Receive and load a push; the reply carries when it arrived and when the load was done (time.time())."""
+        arrive = time.time()
         if plan["generation"] != self.generation:
             raise RuntimeError(f"replica {self.replica} is in sync group {self.generation}, the trainer pushes on "
                                f"{plan['generation']}")
         version = await self._locked(self.sync.receive_weights, plan, timeout_s)
-        return {"replica": self.replica, "version": version}
+        return {"replica": self.replica, "version": version, "t_arrive": arrive, "t_done": time.time()}
 
 
 class ServeClient:
@@ -329,6 +342,7 @@ class ServeClient:
         self.num_replicas = len(states)
         self.version = None  # unknown until the first push (replicas may hold an earlier trainer's weights)
         self.resync = None  # () -> re-push the current weights; set by the trainer on the pushing rank
+        self.pushes = 0  # update_weights calls so far
 
     def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, seed=0):
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -337,6 +351,7 @@ class ServeClient:
         reqs = [{"prompts": prompts[a:b], "n": n, "max_new_tokens": max_new_tokens, "temperature": temperature,
                  "top_p": top_p, "seed": seed + i, "version": self.version} for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
         resps = [self.handle.generate.remote(r) for r in reqs]
+        sent_at = [self.pushes] * k  # pushes made before each request went out
         deadline, out = time.monotonic() + self.timeout_s, []
         for i, req in enumerate(reqs):
             while True:
@@ -347,10 +362,11 @@ class ServeClient:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"app {self.app!r}: generate request {i + 1}/{k} found no live replica "
                                            f"with weight version {self.version} in {self.timeout_s} s: {e}") from e
-                    if isinstance(e, StaleWeights) and self.resync is not None:
-                        self.resync()  # brings a restarted replica to the current weights (re-forms the group)
+                    if isinstance(e, StaleWeights) and self.resync is not None and self.pushes == sent_at[i]:
+                        self.resync()  # brings a restarted replica to the current weights (re-forms the group); not
+                        # again for requests refused before an earlier resync, which a retry now answers
                     time.sleep(0.5)
-                    resps[i] = self.handle.generate.remote(req)
+                    resps[i], sent_at[i] = self.handle.generate.remote(req), self.pushes
                 except TimeoutError as e:
                     raise TimeoutError(f"app {self.app!r}: generate request {i + 1}/{k} got no answer in "
                                        f"{self.timeout_s} s") from e
@@ -363,6 +379,7 @@ class ServeClient:
         """Push to every replica. A replica lost during the push costs one more try: the sync waits for Serve to
         replace it, re-forms the group and pushes again; a second failure is the error."""
         named = list(named_tensors)
+        self.pushes += 1
         try:
             self.version = self.sync.push(named, version)
         except (RuntimeError, TimeoutError) as e:
@@ -404,7 +421,8 @@ def build_app(args: dict, worker_cls=None):
     return deployment.bind(opt("model", "MODEL_NAME_OR_PATH", "smollm2"), engine, opt("dtype", "INFER_DTYPE", "auto"),
                            int(opt("max_model_len", "MAX_MODEL_LEN", 2048)),
                            float(opt("gpu_memory_utilization", "GPU_MEMORY_UTILIZATION", 0.85)), tp,
-                           int(opt("seed", "INFER_SEED", 0)), limits)
+                           int(opt("seed", "INFER_SEED", 0)), limits,
+                           str(opt("enforce_eager", "ENFORCE_EAGER", "0")).lower() in ("1", "true"))
 
 
 inference_app = build_app({}) if importlib.util.find_spec("ray") else None  # importable without Ray (train.py)

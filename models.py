@@ -114,7 +114,8 @@ def random_model(shape: str, out: str) -> str:
     cfg = AutoConfig.for_model("qwen2", **({"tie_word_embeddings": True, "rope_theta": 1e6,
                                             "max_position_embeddings": 4096} | SHAPES[shape]))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 7B shape: seconds on a GPU, minutes here
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     wl = Tokenizer(models.WordLevel({f"t{i}": i for i in range(cfg.vocab_size)}, unk_token="t2"))
     wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # one token per word: prompts get realistic lengths
     tok = PreTrainedTokenizerFast(tokenizer_object=wl, eos_token="t1", pad_token="t0")

@@ -348,6 +348,8 @@ def main(cfg: Config, reward_fn=None):
         seq_prompts = [prompts[i] for i in idx for _ in range(cfg.group_size)]
         stats, n_tok = policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg, tok.pad_token_id)
         sched.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # the step's kernels count as training, not as the sync that follows
         t_train = time.perf_counter()
 
         # --- sync: the engine samples the next step from the new weights

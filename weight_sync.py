@@ -93,10 +93,13 @@ def close_group(group, abort=False) -> None:
         pass
 
 
-def broadcast(group, tensor, timeout_s):
+def broadcast(group, tensor, timeout_s, wait=True):
+    """Rank 0's tensor to every member. wait=False: the pending work (its .wait(): gloo blocks the host until done,
+    NCCL makes the current CUDA stream wait)."""
     opts = dist.BroadcastOptions()
     opts.rootRank, opts.rootTensor, opts.timeout = 0, 0, datetime.timedelta(seconds=timeout_s)
-    group.broadcast([tensor], opts).wait()
+    work = group.broadcast([tensor], opts)
+    return work.wait() if wait else work
 
 
 class Receiver:
@@ -114,12 +117,21 @@ class Receiver:
         self.group = self.store = None
 
     def receive(self, plan, timeout_s):
-        """Yields (name, tensor) for every planned tensor and alias, bucket by bucket, as they arrive."""
+        """Yields (name, tensor) for every planned tensor and alias, bucket by bucket, as they arrive. Bucket k + 1 is
+        posted before bucket k is handed out, so it travels while the caller loads k (on GPUs the loader's copies
+        queue behind k's arrival, nothing waits on the host)."""
         buckets, aliases, dtype = plan["buckets"], plan["aliases"], DTYPES[plan["dtype"]]
-        by_name = {}
-        for bucket in buckets:
-            buf = torch.empty(sum(n for _, _, n in bucket), dtype=dtype, device=self.device)  # fresh: loaders may keep views
-            broadcast(self.group, buf, timeout_s)
+
+        def post(bucket):  # a fresh buffer per bucket: loaders may keep views of it
+            buf = torch.empty(sum(n for _, _, n in bucket), dtype=dtype, device=self.device)
+            return buf, broadcast(self.group, buf, timeout_s, wait=False)
+
+        by_name, nxt = {}, post(buckets[0]) if buckets else None
+        for k, bucket in enumerate(buckets):
+            buf, work = nxt
+            work.wait()  # gloo: here when it has arrived; NCCL: our stream waits for it
+            if k + 1 < len(buckets):
+                nxt = post(buckets[k + 1])
             off = 0
             for name, shape, n in bucket:
                 by_name[name] = buf[off:off + n].view(shape)
@@ -177,7 +189,7 @@ class WeightSync:
 
     def connect(self, states):
         """Form a new group (generation + 1) with every replica worker in `states`."""
-        self.close_group()
+        self.close_group(abort=True)  # the old one may have lost a member: never wait on it
         self.generation += 1
         g, world, key = self.generation, 1 + sum(s["num_workers"] for s in states), f"{self.secret}/g{self.generation}"
         if self.expected_workers is not None and world - 1 != self.expected_workers:
@@ -221,6 +233,31 @@ class WeightSync:
             return [r for r in res if isinstance(r, BaseException)]
         return []
 
+    def _send(self, buckets, tensors, dtype):
+        """Broadcast the buckets. Each is packed (cast to the wire dtype, one copy) into one of two buffers kept
+        across pushes, so bucket k + 1 is packed while bucket k is on the wire; a bucket that is one tensor already in
+        the wire's dtype and layout goes as it is. Nothing here waits on the host for NCCL."""
+        sizes = [sum(n for _, _, n in b) for b in buckets]
+        ring = getattr(self, "_ring", [])
+        if ring and (ring[0].dtype != dtype or ring[0].numel() < max(sizes)):
+            ring.clear()  # let the old pair go first
+        self._ring = ring
+        it, works = iter(tensors), []
+        for k, (bucket, size) in enumerate(zip(buckets, sizes)):
+            src = [next(it).detach() for _ in bucket]
+            if len(src) == 1 and src[0].dtype == dtype and src[0].device == self.device and src[0].is_contiguous():
+                buf = src[0]
+            else:
+                if k >= 2:
+                    works[k - 2].wait()  # this buffer's last bucket has left (NCCL: our stream waits for it)
+                while len(ring) <= k % 2:  # made on first use, kept for the next pushes
+                    ring.append(torch.empty(max(sizes), dtype=dtype, device=self.device))
+                buf = ring[k % 2][:size]
+                torch._foreach_copy_(list(buf.split([n for _, _, n in bucket])), [t.reshape(-1) for t in src])
+            works.append(broadcast(self.group, buf, self.timeout_s, wait=False))
+        for w in works:
+            w.wait()
+
     @torch.no_grad()
     def push(self, named_tensors, version=None) -> int:
         """Broadcast every tensor to every replica worker; returns the replicas' new (common) version
@@ -236,16 +273,14 @@ class WeightSync:
         version = self.version + 1 if version is None else version
         plan = {"buckets": buckets, "aliases": aliases, "dtype": dtype, "generation": self.generation,
                 "version": version}
-        t1 = time.perf_counter()
+        t1, sent = time.perf_counter(), time.time()
         resp = self._broadcast("receive_weights", plan, self.timeout_s)
-        dtype, it, failure = DTYPES[dtype], iter(tensors), None
         try:
-            for bucket in buckets:
-                buf = torch.cat([next(it).detach().to(self.device, dtype).reshape(-1) for _ in bucket])  # one pack
-                broadcast(self.group, buf, self.timeout_s)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            self._send(buckets, tensors, DTYPES[dtype])
             t2 = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # our end is done when every member has the last bucket
+            failure = None
         except Exception as e:
             failure = f"{type(e).__name__}: {str(e)[:300]}"  # not the exception: its frames hold the group
         if failure is not None:
@@ -254,15 +289,21 @@ class WeightSync:
             gc.collect()                  # timeout (the gloo group's sockets close when the object dies)
             raise RuntimeError(f"weight sync group {self.generation}: broadcast of version {version} failed "
                                f"({failure}); {self._who(resp.result(), members)}")
+        t3 = time.perf_counter()
         res = resp.result()
+        t4, got = time.perf_counter(), time.time()
         if any(isinstance(x, BaseException) for x in res):
             members = self.members
             self.close_group()
             raise RuntimeError(f"weight sync group {self.generation}: receive_weights of version {version} failed; "
                                f"{self._who(res, members)}")
-        self.timing = {"state_s": t1 - t0, "broadcast_s": t2 - t1, "load_wait_s": time.perf_counter() - t2,
-                       "total_s": time.perf_counter() - t0, "bytes": sum(n for b in buckets for _, _, n in b) *
-                       DTYPES[plan["dtype"]].itemsize, "buckets": len(buckets)}
+        # the split, from our clock and the replicas' (one host, or NTP-close ones): state RPC; RPC to the last
+        # replica's start; our sends queued; the transfer done on our side; the last replica's load done; its reply
+        arrive, done = max(r["t_arrive"] for r in res), max(r["t_done"] for r in res)
+        self.timing = {"state_s": t1 - t0, "enqueue_s": t2 - t1, "broadcast_s": t3 - t1, "load_wait_s": t4 - t3,
+                       "dispatch_s": arrive - sent, "reply_s": got - done, "replica_s": done - arrive,
+                       "total_s": t4 - t0, "bytes": sum(n for b in buckets for _, _, n in b) * DTYPES[dtype].itemsize,
+                       "buckets": len(buckets)}
         assert all(r["version"] == version for r in res), f"replicas' versions after push {version}: {res}"
         self.version = version
         return self.version

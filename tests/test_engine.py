@@ -2,6 +2,8 @@
 seeds, weight updates. Tiny random fp32 models built here (Llama with GQA, Qwen2 with qkv biases and tied
 embeddings, GPT-2 for the HF fallback); weights drawn at std 0.3 so greedy paths are varied, not one
 repeated token. CUDA-only tests (graphs vs eager vs stock generate) are skipped without a GPU."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -131,7 +133,8 @@ def test_cuda_graphs_equal_eager_and_hf_generate_and_follow_weight_updates(tok):
     assert {k: g for k, (g, _) in graphs.graphs.items()} == captured  # the same CUDAGraph objects
 
 
-@pytest.mark.parametrize("kind", ["torch", pytest.param("vllm", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["torch", pytest.param("vllm", marks=[pytest.mark.slow, pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="needs vLLM")])])
 def test_engine_protocol(kind, tiny_model):
     """TorchEngine and VLLMEngine (in its own process: vLLM pins the process's threads) satisfy engine.Engine
     (conftest.check_engine_contract; ServeClient takes the same check in test_serve.py)."""

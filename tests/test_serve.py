@@ -226,11 +226,11 @@ def test_replica_killed_during_a_push_costs_a_retry(app, tiny_model, monkeypatch
     before, (victim, pid) = greedy(c), replica_processes(name)[1]
     real, sent = weight_sync.broadcast, []
 
-    def broadcast_then_kill(group, tensor, timeout_s):  # the trainer's side of each bucket; the replicas are real
+    def broadcast_then_kill(group, tensor, timeout_s, wait=True):  # the trainer's side of each bucket; the replicas are real
         sent.append(tensor.numel())
         if len(sent) == 3:
             os.kill(pid, signal.SIGKILL)
-        return real(group, tensor, timeout_s)
+        return real(group, tensor, timeout_s, wait)
 
     monkeypatch.setattr(weight_sync, "broadcast", broadcast_then_kill)
     assert c.update_weights(state) == v + 1
