@@ -1,22 +1,26 @@
-"""Rollout throughput: TorchEngine vs stock HF `generate`, greedy, same prompts, in one run. One JSON line.
+"""Rollout throughput: vLLM vs our TorchEngine vs stock HF `generate`, greedy, same prompts, in one run. One JSON line.
 
-    python bench/rollout.py                                     # GPU: random:qwen0.5b in bf16, bs 256 and 64
+    python bench/rollout.py                                     # GPU: random:qwen0.5b in bf16, bs 512, 256 and 64
     python bench/rollout.py --shape small --device cpu --batch 8 4 --new-tokens 32 --fp32-batch 4
 
 Prompts are random token ids (fixed seed, lengths drawn from --prompt-len), left-padded. Every row
-generates exactly --new-tokens: the eos is an id no row can emit (the vocab size) in both engines, so both
-do identical work. Variants, per batch size, each after a warm-up:
+generates exactly --new-tokens: the eos is an id no row can emit (the vocab size) in our engine and stock, and vLLM
+ignores eos, so all do identical work. Variants (--variants), per batch size, each after a warm-up:
   stock:  model.generate(do_sample=False), its default dynamic cache (timed --stock-iters times: it is slow)
   graphs: TorchEngine with its static cache, decode steps replayed as CUDA graphs (CUDA only)
   eager:  TorchEngine with its static cache, no graphs
-tokens/s = rows x new tokens / s (median). Ours is timed end to end through `generate` (sampling, logprobs,
-lists and text included); stock returns a tensor. Checks: the share of rows whose greedy tokens equal
-stock's, and where the others first differ (bf16 near-ties can flip); then the same on a smaller fp32
-copy (--fp32-batch rows), where every row should match. Peak memory is the CUDA allocator's peak during
-the variant's timed runs, weights included; each engine is built fresh and freed after its variant.
+  vllm:   vLLM as its defaults run it (engine core in its own process, async scheduling, CUDA graphs), prompts as
+          token ids, the sampled token's logprob on (logprobs=0, as the trainer asks); also timed with logprobs off
+  vllm_inproc: the same engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), as a Serve replica runs it
+tokens/s = rows x new tokens / s (median). Ours and vLLM are timed end to end (sampling, logprobs, lists and text
+included); stock returns a tensor. Checks: the share of rows whose greedy tokens equal stock's, and where the others
+first differ (bf16 near-ties can flip); then ours on a smaller fp32 copy (--fp32-batch rows), where every row should
+match. Peak memory is the CUDA allocator's peak during the variant's timed runs, weights included (not for vLLM,
+which takes --vllm-memory of the card up front); each engine is built fresh and freed after its variant.
 """
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -54,6 +58,22 @@ def ours_generate(engine, prompts, new_tokens):
     return [g[0]["token_ids"] for g in engine.generate(prompts, max_new_tokens=new_tokens, temperature=0)]
 
 
+def vllm_engine(name, dtype, max_seqs, max_len, memory):
+    """vLLM as it runs by default (CUDA graphs, async scheduling), room for every row in one batch."""
+    from vllm import LLM
+    from models import resolve_model
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # FlashInfer is not installed on our GPU machines
+    return LLM(model=resolve_model(name), dtype=str(dtype).removeprefix("torch."), max_model_len=max_len, seed=0,
+               gpu_memory_utilization=memory, max_num_seqs=max_seqs, logprobs_mode="processed_logprobs")
+
+
+def vllm_generate(llm, prompts, new_tokens, logprobs):
+    from vllm import SamplingParams
+    sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=0 if logprobs else None)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
 def agreement(got, want) -> dict:
     """Share of rows equal token for token, and the mean index of the first differing token among the others."""
     first = [next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
@@ -67,7 +87,10 @@ def main():
     ap.add_argument("--shape", default="qwen0.5b", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--batch", type=int, nargs="+", default=[256, 64], help="rows per generate call")
+    ap.add_argument("--batch", type=int, nargs="+", default=[512, 256, 64], help="rows per generate call")
+    ap.add_argument("--variants", nargs="+", default=None, help="default: stock graphs eager (+ vllm vllm_inproc if "
+                    "installed) on CUDA, stock eager on the CPU")
+    ap.add_argument("--vllm-memory", type=float, default=0.5, help="vLLM's gpu_memory_utilization")
     ap.add_argument("--prompt-len", type=int, nargs=2, default=[150, 250], help="prompt lengths: uniform in [lo, hi]")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--iters", type=int, default=3, help="timed runs of our engine (median)")
@@ -83,7 +106,9 @@ def main():
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(a.prompt_len[0], a.prompt_len[1] + 1, (max(a.batch),), generator=g)
     prompts = [torch.randint(2, V, (int(n),), generator=g).tolist() for n in lengths]
-    variants = ["stock", "graphs", "eager"] if dev.type == "cuda" else ["stock", "eager"]
+    variants = a.variants or (["stock", "graphs", "eager"] + (["vllm", "vllm_inproc"] if importlib.util.find_spec(
+        "vllm") else []) if dev.type == "cuda" else ["stock", "eager"])
+    torch_variants = [v for v in variants if not v.startswith("vllm")]
 
     def engine(variant, model, max_batch):
         e = TorchEngine(model, tok, max_batch=max_batch, cuda_graphs=variant == "graphs")
@@ -96,9 +121,10 @@ def main():
     out = {"bench": "rollout", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "shape": a.shape, "params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype)[6:],
            "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "iters": a.iters, "stock_iters": a.stock_iters}
+    results, all_tokens = {B: {} for B in a.batch}, {B: {} for B in a.batch}
     for B in a.batch:
-        batch, res, tokens = prompts[:B], {}, {}
-        for v in variants:
+        batch, res, tokens = prompts[:B], results[B], all_tokens[B]
+        for v in torch_variants:
             if v == "stock":
                 hf_greedy(model, batch, 8, eos)  # warm-up: kernels, allocator
                 run, iters = (lambda: hf_greedy(model, batch, a.new_tokens, eos)), a.stock_iters
@@ -111,23 +137,41 @@ def main():
                 torch.cuda.reset_peak_memory_stats(dev)
             s, tokens[v] = timed(run, iters, dev)
             res |= {f"{v}_tok_s": round(B * a.new_tokens / s, 1), f"{v}_peak_mb": peak_mb()}
+            print(f"bs{B} {v}: {res[f'{v}_tok_s']} tok/s", file=sys.stderr, flush=True)  # a run cut short keeps these
             run = e = None  # free this variant's engine (cache, graphs) before the next one
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+    for v in [v for v in variants if v.startswith("vllm")]:  # one engine for every batch size
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if v == "vllm_inproc" else "1"
+        llm = vllm_engine(name, dtype, max(a.batch), a.prompt_len[1] + a.new_tokens, a.vllm_memory)
+        for B in a.batch:
+            res, batch = results[B], prompts[:B]
+            t0 = time.perf_counter()
+            vllm_generate(llm, batch, a.new_tokens, logprobs=True)  # warm-up
+            res[f"{v}_first_run_s"] = round(time.perf_counter() - t0, 2)
+            s_on, all_tokens[B][v] = timed(lambda: vllm_generate(llm, batch, a.new_tokens, logprobs=True), a.iters, dev)
+            s_off, _ = timed(lambda: vllm_generate(llm, batch, a.new_tokens, logprobs=False), a.iters, dev)
+            res |= {f"{v}_tok_s": round(B * a.new_tokens / s_on, 1), f"{v}_logprobs_off_tok_s": round(B * a.new_tokens / s_off, 1)}
+            print(f"bs{B} {v}: {res[f'{v}_tok_s']} tok/s ({res[f'{v}_logprobs_off_tok_s']} without logprobs)",
+                  file=sys.stderr, flush=True)
+        llm = None
+        gc.collect()
+    for B in a.batch:
+        res, tokens = results[B], all_tokens[B]
         for v in variants[1:]:
             res[f"{v}_over_stock"] = round(res[f"{v}_tok_s"] / res["stock_tok_s"], 2)
             res |= {f"{v}_vs_stock_{k}": x for k, x in agreement(tokens[v], tokens["stock"]).items()}
-        if "graphs" in tokens:
+        if "graphs" in tokens and "eager" in tokens:
             res["graphs_vs_eager_identical_rows"] = agreement(tokens["graphs"], tokens["eager"])["identical_rows"]
         out[f"bs{B}"] = res
-    if a.fp32_batch:  # fp32: no bf16 near-ties, so ours should equal stock row for row
+    if a.fp32_batch and len(torch_variants) > 1:  # fp32: no bf16 near-ties, so ours should equal stock row for row
         del model
         model32 = load_model(name, torch.float32, dev)
         batch = prompts[:a.fp32_batch]
         want = hf_greedy(model32, batch, a.new_tokens, eos)
-        got = ours_generate(engine(variants[1], model32, len(batch)), batch, a.new_tokens)
-        out |= {f"fp32_{variants[1]}_vs_stock_{k}": x for k, x in agreement(got, want).items()}
+        got = ours_generate(engine(torch_variants[1], model32, len(batch)), batch, a.new_tokens)
+        out |= {f"fp32_{torch_variants[1]}_vs_stock_{k}": x for k, x in agreement(got, want).items()}
         out["fp32_batch"] = a.fp32_batch
     print(json.dumps(out))
 

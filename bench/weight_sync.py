@@ -1,13 +1,19 @@
-"""Trainer -> K replicas weight sync vs a raw broadcast of the same bytes, in one run. One JSON line.
+"""Trainer -> K replicas weight sync against the broadcast floor (and vLLM's own transfer), in one run. One JSON line.
 
-    python bench/weight_sync.py --replicas 2 --shape small          # CPU: gloo, torch-engine replicas
-    python bench/weight_sync.py --replicas 1 --shape qwen0.5b       # GPU: NCCL (trainer on GPU 0)
+    python bench/weight_sync.py --replicas 2 --shape small                  # CPU: gloo, torch-engine replicas
+    python bench/weight_sync.py --replicas 1 --shape qwen0.5b               # GPU: NCCL (trainer on GPU 0)
+    python bench/weight_sync.py --replicas 1 --shape qwen0.5b --engine vllm # + vLLM's native NCCL transfer
 
-It starts Ray on 127.0.0.1 and a Serve app of K torch-engine replicas holding a random model of the
-given shape, then times, in alternation:
-  ours: WeightSync.push: state RPC + pack (cast, concat) + bucketed broadcast + every replica loads
-  raw:  the same buckets broadcast over the same group, replicas receive and drop (this bench's DropWorker
-        replicas, switched by an RPC), timed from the first to the last bucket on the trainer: the group's floor
+It starts Ray on 127.0.0.1 and a Serve app of K replicas (--engine) holding a random model of the given shape, and
+times, in alternation, over the same buckets:
+  floor:  the buckets broadcast over our group with every member already waiting for them (an RPC starts a loop of
+          --iters rounds on the replicas; the trainer times each round, and the first, which waits for the RPC, is
+          left out); nothing is packed or loaded: the transfer alone
+  ours:   WeightSync.push end to end: state RPC, pack (cast, one copy per bucket), bucketed broadcast, every replica
+          loads into its engine and answers; with its split (trainer and replica clocks, one host)
+  native: (vLLM replicas) vLLM's NCCL weight transfer (vllm.distributed.weight_transfer, packed buffers of the same
+          size): one RPC that runs start_weight_update / update_weights / finish_weight_update on the replica while
+          the trainer sends with trainer_send_weights
 and checks that the replicas' weights equal the trainer's afterwards (a greedy sample agrees).
 """
 import argparse
@@ -17,6 +23,7 @@ import socket
 import statistics
 import sys
 import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -25,45 +32,63 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import torch  # noqa: E402
 
 from models import SHAPES, load_model, resolve_model  # noqa: E402
+from weight_sync import broadcast, make_plan  # noqa: E402
 import infer_workers  # noqa: E402
 
 
-class DropWorker(infer_workers.InferenceWorker):
-    """The app's replica with one bench-only switch: while `drop` is on, it takes part in every broadcast and
-    loads nothing (the raw floor). Production replicas have no such mode."""
-    drop = False
+def drain(receiver, plan, rounds, timeout_s):
+    """Receive `rounds` pushes of `plan` and keep nothing (the floor's receiving side)."""
+    for _ in range(rounds):
+        for _ in receiver.receive(plan, timeout_s):
+            pass
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
-    async def set_drop(self, drop: bool) -> None:
-        self.drop = drop
 
-    async def receive_weights(self, plan, timeout_s) -> dict:
-        if not self.drop:
-            return await super().receive_weights(plan, timeout_s)
+class BenchWorker(infer_workers.InferenceWorker):
+    """The app's replica plus what only this bench needs: the floor's receive loop, and vLLM's own transfer."""
+    async def floor(self, plan, rounds, timeout_s) -> int:
+        if isinstance(self.sync, infer_workers.LocalSync):
+            await self._locked(drain, self.sync.receiver, plan, rounds, timeout_s)
+        else:  # the receiver lives in the vLLM worker
+            await self._locked(self.engine.llm.collective_rpc,
+                               lambda worker: drain(worker.sync_receiver, plan, rounds, timeout_s))
+        return rounds
 
-        def drain():
-            for _ in self.sync.receiver.receive(plan, timeout_s):
-                pass
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            return plan["version"]
-        return {"replica": self.replica, "version": await self._locked(drain)}
+    async def native_init(self, init_info) -> None:
+        await self._locked(self.engine.llm.init_weight_transfer_engine, {"init_info": init_info})
+
+    async def native_receive(self, update_info) -> dict:
+        arrive = time.time()
+
+        def receive():
+            llm = self.engine.llm
+            llm.start_weight_update(is_checkpoint_format=True)
+            llm.update_weights({"update_info": update_info})
+            llm.finish_weight_update()
+            llm.reset_prefix_cache()
+        await self._locked(receive)
+        return {"replica": self.replica, "t_arrive": arrive, "t_done": time.time()}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    ap.add_argument("--engine", default="torch", choices=["torch", "vllm"])
     ap.add_argument("--bucket-mb", type=float, default=256.0)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--deploy-timeout-s", type=float, default=300.0)
+    ap.add_argument("--deploy-timeout-s", type=float, default=600.0)
     a = ap.parse_args()
     import ray
     from ray import serve
 
     gpu = torch.cuda.is_available()
+    assert gpu or a.engine == "torch", "the vLLM variant (its native transfer is NCCL) needs GPUs"
     dtype = torch.bfloat16 if gpu else torch.float32
-    path = resolve_model(f"random:{a.shape}")
-    model = load_model(path, dtype, "cuda:0" if gpu else "cpu")  # the trainer's copy
+    t_start = time.perf_counter()
+    path = resolve_model(f"random:{a.shape}")  # built once, before the replicas race to it
+    model = load_model(path, dtype, "cuda:0" if gpu else "cpu").eval()  # the trainer's copy
     n_params = sum(p.numel() for p in model.parameters())
     if gpu:  # CUDA is up in this process with every GPU; Ray (started now) hands replicas GPUs 1..n only
         assert torch.cuda.device_count() > a.replicas, f"{a.replicas} replicas + the trainer need more GPUs"
@@ -73,51 +98,109 @@ def main():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = infer_workers.build_app({"model": f"random:{a.shape}", "engine": "torch", "num_workers": a.replicas,
-                                   "dtype": str(dtype).removeprefix("torch.")}, worker_cls=DropWorker)
+    app = infer_workers.build_app({"model": f"random:{a.shape}", "engine": a.engine, "num_workers": a.replicas,
+                                   "dtype": str(dtype).removeprefix("torch."), "enforce_eager": "1",
+                                   "gpu_memory_utilization": 0.5, "max_model_len": 1024}, worker_cls=BenchWorker)
     deploy = threading.Thread(target=lambda: (serve.start(http_options={"host": "127.0.0.1", "port": port}),
                                               serve.run(app, name="bench", route_prefix="/bench")), daemon=True)
     deploy.start()
     deploy.join(a.deploy_timeout_s)  # serve.run itself waits without a limit
     assert not deploy.is_alive(), f"the app was not up after {a.deploy_timeout_s} s: see the replica errors above"
+    deploy_s = time.perf_counter() - t_start
     c = infer_workers.ServeClient("bench", timeout_s=300, sync={"bucket_mb": a.bucket_mb, "timeout_s": 300,
                                                                  "device": "cuda:0" if gpu else "cpu"})
     state = list(model.state_dict().items())
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    def drop(on):  # every replica receives and drops (raw), or receives and loads (ours)
-        c.handle.broadcast("set_drop", on).results(timeout_s=60)
-
     c.update_weights(state)  # warm-up: forms the group
-    drop(True)
     c.update_weights(state)
-    ours, raw = [], []
-    for _ in range(a.iters):  # alternate, so drift hits both alike
-        drop(False)
+
+    # the floor: the same buckets over the same group, every member waiting
+    wire = str(dtype).removeprefix("torch.")
+    buckets, aliases, tensors = make_plan(state, wire, a.bucket_mb)
+    plan = {"buckets": buckets, "aliases": aliases, "dtype": wire}
+    it = iter(tensors)
+    packed = [torch.cat([next(it).reshape(-1) for _ in b]) for b in buckets]
+    rounds = a.iters + 1
+
+    def floor_rounds():
+        resp = c.sync._broadcast("floor", plan, rounds, 300)
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for buf in packed:
+                broadcast(c.sync.group, buf, 300)
+            if gpu:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        assert all(r == rounds for r in resp.result()), resp.result()
+        return times[1:]  # the first round waited for the RPC to reach the replicas
+
+    native, native_error = None, None
+    if a.engine == "vllm":  # vLLM's own NCCL transfer, a group of its own
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            nport = s.getsockname()[1]
+        info = {"master_address": "127.0.0.1", "master_port": nport, "world_size": 1 + a.replicas}
+        resp = c.sync._broadcast("native_init", info | {"rank_offset": 1})
+        group = NCCLWeightTransferEngine.trainer_init(info)
+        errors = [r for r in resp.result() if isinstance(r, BaseException)]
+        assert not errors, errors
+        sent = [(n, t) for n, t in state if n not in aliases]  # tied weights once, as ours
+        update = {"names": [n for n, _ in sent], "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in sent],
+                  "shapes": [list(t.shape) for _, t in sent], "packed": True,
+                  "packed_buffer_size_bytes": int(a.bucket_mb * 2**20)}
+
+        def native_push():
+            t0 = time.perf_counter()
+            resp = c.sync._broadcast("native_receive", update)
+            NCCLWeightTransferEngine.trainer_send_weights(iter(sent), {
+                "group": group, "packed": True, "packed_buffer_size_bytes": update["packed_buffer_size_bytes"]})
+            torch.cuda.synchronize()
+            res = resp.result()
+            errors = [r for r in res if isinstance(r, BaseException)]
+            assert not errors, errors
+            return time.perf_counter() - t0
+        try:
+            native_push()  # warm-up
+            native = []
+        except Exception as e:  # reported, not fatal: ours and the floor are still measured
+            native_error = f"{type(e).__name__}: {str(e)[:500]}"
+
+    floors, ours = [], []
+    for _ in range(a.iters):  # alternate, so drift hits every variant alike
+        floors += floor_rounds()
         c.update_weights(state)
         ours.append(c.sync.timing)
-        drop(True)
-        c.update_weights(state)
-        raw.append(c.sync.timing)
-    drop(False)
-    c.update_weights(state)  # the replicas load the trainer's weights: the check below needs them
-    with torch.no_grad():  # the replicas now hold the trainer's weights: their greedy sample matches ours
+        if native is not None:
+            native.append(native_push())
+
+    with torch.no_grad():  # the replicas hold the trainer's weights: their greedy sample matches ours
         prompt = [5, 6, 7, 8]
         want = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=4, do_sample=False)
         got = c.generate([prompt], max_new_tokens=4, temperature=0)[0][0]["token_ids"]
-    med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
+    med = lambda xs, k: round(1e3 * statistics.median(x[k] for x in xs), 2)  # noqa: E731
     out = {"bench": "weight_sync", "device": torch.cuda.get_device_name(0) if gpu else "cpu",
-           "backend": c.sync.backend, "shape": a.shape, "params": n_params, "dtype": str(dtype).removeprefix("torch."),
-           "replicas": a.replicas, "bucket_mb": a.bucket_mb, "buckets": ours[0]["buckets"],
-           "mbytes": round(ours[0]["bytes"] / 2**20, 1), "ours_ms": round(1e3 * med(ours, "total_s"), 2),
-           "ours_broadcast_ms": round(1e3 * med(ours, "broadcast_s"), 2),
-           "ours_load_wait_ms": round(1e3 * med(ours, "load_wait_s"), 2), "raw_ms": round(1e3 * med(raw, "broadcast_s"), 2),
-           "greedy_match": got == want[0, len(prompt):].tolist()}
-    out["ours_over_raw"] = round(out["ours_ms"] / out["raw_ms"], 2)
+           "backend": c.sync.backend, "engine": a.engine, "shape": a.shape, "params": n_params,
+           "dtype": str(dtype).removeprefix("torch."), "replicas": a.replicas, "bucket_mb": a.bucket_mb,
+           "buckets": ours[0]["buckets"], "mbytes": round(ours[0]["bytes"] / 2**20, 1), "iters": a.iters,
+           "deploy_s": round(deploy_s, 1), "floor_ms": round(1e3 * statistics.median(floors), 2),
+           "ours_ms": med(ours, "total_s")}
+    out |= {f"ours_{k.removesuffix('_s')}_ms": med(ours, k) for k in
+            ("state_s", "dispatch_s", "enqueue_s", "broadcast_s", "replica_s", "load_wait_s", "reply_s")}
+    out["ours_over_floor"] = round(out["ours_ms"] / out["floor_ms"], 2)
+    out["ours_without_state_over_floor"] = round((out["ours_ms"] - out["ours_state_ms"]) / out["floor_ms"], 2)
+    if native_error:
+        out["native_error"] = native_error
+    if native is not None:
+        out["native_ms"] = round(1e3 * statistics.median(native), 2)
+        out["native_over_floor"] = round(out["native_ms"] / out["floor_ms"], 2)
+    out["greedy_match"] = got == want[0, len(prompt):].tolist()
     if gpu:
         out["trainer_peak_extra_mb"] = round((torch.cuda.max_memory_allocated() - sum(
             p.numel() * p.element_size() for p in model.parameters())) / 2**20, 1)
-    print(json.dumps(out))
+    print(json.dumps(out), flush=True)
     serve.shutdown()
     ray.shutdown()
 
