@@ -72,7 +72,7 @@ class Config:
     ray_address: str = "auto"  # the Ray cluster the app runs on
     sync_host: str = "127.0.0.1"  # address replicas reach this trainer's sync store on (its IP, multi-node)
     sync_port: int = 0  # port of that store; 0 = any free one
-    sync_bucket_mb: float = 1024.0  # weight-sync bucket size, MiB of the engine dtype
+    sync_bucket_mb: float = 1024.0  # weight-sync bucket size, MiB of the engine dtype (the pusher keeps 2 pack buffers)
     sync_timeout_s: float = 300.0  # every sync wait and generate request gives up after this, s
     # --- eval, checkpoints, logging
     val_size: int = 500  # last train problems held out as the validation set: in-loop eval, never trained on
