@@ -159,6 +159,7 @@ class WeightSync:
         self.generation, self.group, self.members, self.version = 0, None, None, 0
         self.secret = secrets.token_hex(16)  # every key of our groups starts with it; it travels only over Ray
         self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="weight-sync-rpc")
+        self._ring = []  # _send's two pack buffers, made on first use
 
     def _broadcast(self, method, *args):
         """Call `method` on every replica, starting now (a Serve broadcast is only sent once its results are
@@ -237,11 +238,9 @@ class WeightSync:
         """Broadcast the buckets. Each is packed (cast to the wire dtype, one copy) into one of two buffers kept
         across pushes, so bucket k + 1 is packed while bucket k is on the wire; a bucket that is one tensor already in
         the wire's dtype and layout goes as it is. Nothing here waits on the host for NCCL."""
-        sizes = [sum(n for _, _, n in b) for b in buckets]
-        ring = getattr(self, "_ring", [])
+        sizes, ring = [sum(n for _, _, n in b) for b in buckets], self._ring
         if ring and (ring[0].dtype != dtype or ring[0].numel() < max(sizes)):
             ring.clear()  # let the old pair go first
-        self._ring = ring
         it, works = iter(tensors), []
         for k, (bucket, size) in enumerate(zip(buckets, sizes)):
             src = [next(it).detach() for _ in bucket]

@@ -36,6 +36,12 @@ from weight_sync import broadcast, make_plan  # noqa: E402
 import infer_workers  # noqa: E402
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def drain(receiver, plan, rounds, timeout_s):
     """Receive `rounds` pushes of `plan` and keep nothing (the floor's receiving side)."""
     for _ in range(rounds):
@@ -95,9 +101,7 @@ def main():
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(1, a.replicas + 1))
     ray.init(num_cpus=max(a.replicas, 2), num_gpus=a.replicas if gpu else 0, include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": infer_workers.ray_env()})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app = infer_workers.build_app({"model": f"random:{a.shape}", "engine": a.engine, "num_workers": a.replicas,
                                    "dtype": str(dtype).removeprefix("torch."), "enforce_eager": "1",
                                    "gpu_memory_utilization": 0.5, "max_model_len": 1024}, worker_cls=BenchWorker)
@@ -139,10 +143,7 @@ def main():
     native, native_error = None, None
     if a.engine == "vllm":  # vLLM's own NCCL transfer, a group of its own
         from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            nport = s.getsockname()[1]
-        info = {"master_address": "127.0.0.1", "master_port": nport, "world_size": 1 + a.replicas}
+        info = {"master_address": "127.0.0.1", "master_port": free_port(), "world_size": 1 + a.replicas}
         resp = c.sync._broadcast("native_init", info | {"rank_offset": 1})
         group = NCCLWeightTransferEngine.trainer_init(info)
         errors = [r for r in resp.result() if isinstance(r, BaseException)]
