@@ -1,7 +1,8 @@
-"""GSM8K: loading, the held-out validation split, the R1-Zero prompt, a resumable sampler, evaluation.
+"""GSM8K: loading, the held-out validation split, the prompts (PROMPTS), a resumable sampler, evaluation.
 
     python gsm8k.py --model smollm2 --data ../shared/data/gsm8k --limit 50      # a quick look (CPU: ~8 min)
     python gsm8k.py --model runs/x/ckpt/latest/model --data ../shared/data/gsm8k  # all 1319 test problems
+    python gsm8k.py --model qwen-coder --prompt cot --maj-k 0 ...   # the model's own chain of thought (reference)
 
 Splits: "train" and "test" as published; the trainer holds out the LAST val_size problems of train as its
 validation set (in-loop eval, hyper-parameter choices), and trains on the rest. The test set is for reported
@@ -12,7 +13,8 @@ Evaluation metrics (each with its 95% Wilson interval):
   lenient pass@1: greedy completion, the last number anywhere in it (forgives a missing format)
   format:         share of greedy completions in the exact format (rewards.format_reward == 1)
   maj@k:          k samples at temperature T, majority vote over their <answer> values
-The in-loop eval (train.py) and this script call the same `evaluate` with the same prompt.
+The in-loop eval (train.py) and this script call the same `evaluate` with the same prompt (the run's Config.prompt;
+the eval JSON records it).
 """
 import argparse
 import collections
@@ -23,14 +25,30 @@ import random
 import rewards
 
 # R1-Zero's instruction, with one line added for GSM8K's numeric answers; rewards.format_reward checks its tags
-SYSTEM_PROMPT = (
+R1_SYSTEM = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
     "The assistant first thinks about the reasoning process in the mind and then provides the user with "
     "the answer. The reasoning process and answer are enclosed within <think> </think> and "
     "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think>"
     "<answer> answer here </answer>. The answer is just the final number, with no units or words."
 )
-
+# One worked example, made up here (no GSM8K problem): the reasoning inside <think>, the bare number in <answer>.
+# Without it a 0.5B instruct model follows the tags only half the time and, paid for the form, learns to drop the
+# reasoning (README, Results: the ablation row).
+EXAMPLE = (
+    " For example, if the user asks \"A shelf holds 3 rows of 14 books. A librarian adds 9 books and lends out 11. "
+    "How many books are on the shelf now?\", the assistant replies: <think> 3 rows of 14 books is 3 * 14 = 42 "
+    "books. Adding 9 gives 42 + 9 = 51, and lending out 11 leaves 51 - 11 = 40. </think><answer> 40 </answer>"
+)
+# name -> (system message or None, text after the question, start of the assistant's reply). Config.prompt and
+# gsm8k.py --prompt pick one. "cot" is the model's own chain of thought: its chat template's default system message,
+# no tags (score it lenient): the reference an R1-Zero run has to beat without any training.
+PROMPTS = {
+    "r1": (R1_SYSTEM, "", "<think>"),
+    "r1_example": (R1_SYSTEM + EXAMPLE, "", "<think>"),
+    "cot": (None, "\nSolve it step by step, then give the final number on the last line.", ""),
+}
+DEFAULT_PROMPT = "r1_example"  # train.Config.prompt's default, and gsm8k.py's
 
 def load_split(data: str, split: str) -> list[dict]:
     """[{"question": str, "answer": str}] from a local folder of jsonl or the hub (openai/gsm8k, main).
@@ -74,25 +92,28 @@ def check_row(row, where: str) -> dict:
     return {"question": row["question"], "answer": row["answer"]}
 
 
-def build_prompts(tok, questions: list[str]) -> list[list[int]]:
-    """Questions -> prompt token ids, each ending inside an opened <think> block.
+def build_prompts(tok, questions: list[str], prompt: str = DEFAULT_PROMPT) -> list[list[int]]:
+    """Questions -> prompt token ids, in PROMPTS[prompt]'s form; the R1 prompts end inside an opened <think> block.
 
-    With a chat template: [system: SYSTEM_PROMPT, user: question] + assistant header + "<think>".
-    Without one, R1-Zero's plain form: "{system}\nUser: {question}\nAssistant: <think>".
+    With a chat template: [system, user: question + suffix] + assistant header + the reply's start ("<think>").
+    Without one, R1-Zero's plain form: "{system}\nUser: {question}{suffix}\nAssistant: <think>".
     Prefilling <think> is what R1-Zero did; rewards.format_reward accepts completions that start inside it.
     Batched (one template render, one tokenizer call): the whole train split takes well under a second.
     """
+    if prompt not in PROMPTS:
+        raise ValueError(f"prompt {prompt!r}: use one of {', '.join(PROMPTS)}")
+    system, suffix, start = PROMPTS[prompt]
     if tok.chat_template:
-        chats = [[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q}] for q in questions]
-        texts = [t + "<think>" for t in tok.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)]
+        chats = [[{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": q + suffix}]
+                 for q in questions]
+        texts = [t + start for t in tok.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)]
     else:
-        texts = [f"{SYSTEM_PROMPT}\nUser: {q}\nAssistant: <think>" for q in questions]
+        texts = [(f"{system}\n" if system else "") + f"User: {q}{suffix}\nAssistant: {start}".rstrip() for q in questions]
     return tok(texts, add_special_tokens=False).input_ids if texts else []
 
 
-def build_prompt(tok, question: str) -> list[int]:
-    return build_prompts(tok, [question])[0]
-
+def build_prompt(tok, question: str, prompt: str = DEFAULT_PROMPT) -> list[int]:
+    return build_prompts(tok, [question], prompt)[0]
 
 class Sampler:
     """Endless seeded shuffle over n items, resumable from (epoch, pos).
@@ -143,23 +164,25 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def majority(texts: list[str]) -> str:
-    """Majority vote over the <answer> values of k samples, on canonical numbers ($18 = 18); "" if none."""
-    answers = (rewards.extract_answer(t) for t in texts)
+def majority(texts: list[str], tagged: bool = True) -> str:
+    """Majority vote over the <answer> values of k samples (tagged=False: their last numbers), on canonical numbers
+    ($18 = 18); "" if none."""
+    answers = (rewards.extract_answer(t) if tagged else t for t in texts)
     votes = collections.Counter(v for v in (rewards.lenient_answer(a) for a in answers if a) if v)
     return votes.most_common(1)[0][0] if votes else ""
 
 
 def evaluate(engine, tok, rows, max_new_tokens=512, maj_k=0, temperature=1.0, seed=0, batch=64,
-             progress=False) -> dict:
-    """Greedy strict/lenient pass@1 and format rate over rows, and maj@k when maj_k > 0.
+             progress=False, prompt=DEFAULT_PROMPT) -> dict:
+    """Greedy strict/lenient pass@1 and format rate over rows, and maj@k when maj_k > 0, with PROMPTS[prompt].
 
     Prompts go to the engine `batch` at a time (greedy first, then the k samples); progress=True shows a bar
-    with the running accuracy. Returns {"n", metric: value, metric + "_ci95": [low, high], ..., "samples"}.
+    with the running accuracy. maj@k votes over <answer> values, or over last numbers for a prompt without tags.
+    Returns {"n", "prompt", metric: value, metric + "_ci95": [low, high], ..., "samples"}.
     """
     from tqdm import tqdm
     golds = [rewards.parse_gold(r["answer"]) for r in rows]
-    prompts = build_prompts(tok, [r["question"] for r in rows])
+    prompts, tagged = build_prompts(tok, [r["question"] for r in rows], prompt), PROMPTS[prompt][2] == "<think>"
     hits = {"pass@1_strict": 0, "pass@1_lenient": 0, "format": 0} | ({f"maj@{maj_k}": 0} if maj_k else {})
     samples = []
     bar = tqdm(total=len(rows) * (1 + maj_k), unit="completion", disable=not progress, dynamic_ncols=True)
@@ -178,14 +201,14 @@ def evaluate(engine, tok, rows, max_new_tokens=512, maj_k=0, temperature=1.0, se
         groups = engine.generate(prompts[i:i + batch], n=maj_k, max_new_tokens=max_new_tokens, temperature=temperature,
                                  seed=seed + 1 + i)
         for j, (gold, group) in enumerate(zip(golds[i:i + batch], groups)):
-            top = majority([g["text"] for g in group])
+            top = majority([g["text"] for g in group], tagged)
             hits[f"maj@{maj_k}"] += rewards.accuracy_reward(f"<answer>{top}</answer>", gold)
             samples[i + j]["majority"] = top
         bar.update(len(groups) * maj_k)
         bar.set_postfix(strict=f"{hits['pass@1_strict'] / len(rows):.1%}",
                         **{f"maj@{maj_k}": f"{hits[f'maj@{maj_k}'] / min(i + batch, len(rows)):.1%}"})
     bar.close()
-    out = {"n": len(rows)}
+    out = {"n": len(rows), "prompt": prompt}
     for k, v in hits.items():
         out[k] = v / max(len(rows), 1)
         out[k + "_ci95"] = list(wilson(v, len(rows)))
@@ -197,7 +220,10 @@ if __name__ == "__main__":
     from infer_workers import make_engine
     from models import load_tokenizer
     ap = argparse.ArgumentParser(description="Evaluate a model on the GSM8K test set.")
-    ap.add_argument("--model", required=True, help="hub name, local HF folder, or smollm2")
+    ap.add_argument("--model", required=True, help="hub name, local HF folder, smollm2 or qwen-coder")
+    ap.add_argument("--prompt", default=DEFAULT_PROMPT, choices=list(PROMPTS),
+                    help="the run's Config.prompt (r1zero.sh passes it); cot: the model's own chain of thought, no "
+                         "tags (read its lenient score)")
     ap.add_argument("--data", default="openai/gsm8k", help="hub dataset or local folder with test.jsonl")
     ap.add_argument("--limit", type=int, default=0, help="first N test problems only (0 = all 1319)")
     ap.add_argument("--maj-k", type=int, default=8, help="samples per problem for maj@k (0 = greedy only)")
@@ -219,7 +245,7 @@ if __name__ == "__main__":
     import torch
     batch = a.batch or (256 if torch.cuda.is_available() else 16)
     res = evaluate(engine, load_tokenizer(a.model), rows, a.max_new_tokens, a.maj_k, a.temperature, batch=batch,
-                   progress=True)
+                   progress=True, prompt=a.prompt)
     res = {"model": a.model, "engine": type(engine).__name__, "max_new_tokens": a.max_new_tokens,
            "eval_s": round(time.perf_counter() - t0, 1)} | res
     out = a.out or os.path.join(a.model if os.path.isdir(a.model) else ".", "eval_gsm8k.json")

@@ -196,12 +196,17 @@ class RunLog:
                        dir=cfg.run_dir)
             self.wandb = wandb
 
-    def write(self, m: dict):
+    def write(self, m: dict, bar=None):
+        """One row; a step's row also goes to the progress bar (flagged: completions rewards.STATS counted)."""
         if self.main:
             self.file.write(json.dumps(m) + "\n")
             self.file.flush()
             if self.wandb:
                 self.wandb.log(m, step=m["step"])
+            if bar is not None:
+                bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m.get('accuracy', 0):.0%}",
+                                fmt=f"{m['format_rate']:.0%}", len=f"{m['completion_len']:.0f}tok",
+                                flagged=int(m["rewards_flagged"]), step=f"{m['step_s']:.1f}s")
 
     def close(self):
         if self.main:
@@ -295,8 +300,8 @@ def parse_config(cls, argv: list[str]):
     for arg in argv:
         if not arg.startswith("--"):
             raise ValueError(f"expected --key=value, got {arg!r} (a config file comes first, then overrides)")
-        key, _, val = arg[2:].partition("=")
-        cfg[key] = yaml.safe_load(val) if val else True  # a bare --flag means True
+        key, eq, val = arg[2:].partition("=")
+        cfg[key] = (yaml.safe_load(val) if val else "") if eq else True  # a bare --flag means True; --key= is ""
     for key, val in cfg.items():
         if key not in fields:
             raise ValueError(f"unknown config key {key!r}; known: {', '.join(fields)}")
@@ -319,7 +324,7 @@ def validate(acc, engine, tok, rows, cfg, step: int, log: RunLog):
     import gsm8k
     if acc.is_main_process:
         t = time.perf_counter()
-        ev = gsm8k.evaluate(engine, tok, rows, cfg.max_new_tokens, batch=256)
+        ev = gsm8k.evaluate(engine, tok, rows, cfg.max_new_tokens, batch=256, prompt=cfg.prompt)
         log.write({"step": step} | {f"val/{k}": v for k, v in ev.items() if isinstance(v, (int, float))}
                   | {"eval_s": time.perf_counter() - t})
         acc.print(f"step {step}: validation pass@1 {ev['pass@1_strict']:.1%} strict, {ev['pass@1_lenient']:.1%} "

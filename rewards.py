@@ -1,7 +1,7 @@
 """
 Rule-based GSM8K rewards for R1-Zero style GRPO: a format reward and an accuracy reward.
 
-    r = FORMAT_WEIGHT * format_reward(c) + accuracy_reward(c, gold)
+    r = format_weight * format_reward(c) + accuracy_reward(c, gold)      (train.Config.format_weight)
 
 Pure functions of the completion text (and the gold answer); they import nothing
 heavier than math-verify (no torch), so the trainer, the evaluator and the tests share them.
@@ -37,7 +37,9 @@ from math_verify import parse as mv_parse, verify as mv_verify
 from math_verify.errors import TimeoutException
 from sympy import Rational
 
-FORMAT_WEIGHT = 0.5       # format is a means to an end: a right answer (1.0) must beat perfect form (0.5)
+# The default weight of perfect form against a right answer's 1.0 (train.Config.format_weight takes it from here).
+# Small: at 0.5 a 0.5B model, which rarely answers right at first, learns the form and drops the reasoning (README).
+FORMAT_WEIGHT = 0.1
 MAX_COMPLETION_CHARS = 20_000  # only the tail is searched for answers; the answer comes last anyway
 MAX_ANSWER_CHARS = 512    # "just the final number" never needs more; bounds every regex and sympy
 MAX_NUM_CHARS = 100       # longer numbers are refused, not converted (str(int) caps at 4300 digits)
@@ -232,7 +234,10 @@ def accuracy_reward(completion: str, gold: str) -> float:
     return float(x is not None and _close(x, gold_x))
 
 
-def reward_components(completion: str, gold: str) -> dict[str, float]:
-    """{"format", "accuracy", "reward"}: the trainer optimises "reward" and logs all three."""
+def reward_components(completion: str, gold: str, format_weight: float = FORMAT_WEIGHT) -> dict[str, float]:
+    """{"format", "accuracy", "reward"}: the trainer optimises "reward" and logs all three.
+    format_weight must stay below 1, so that a right answer is always worth more than perfect form."""
+    if not 0 <= format_weight < 1:
+        raise ValueError(f"format_weight={format_weight} must be in [0, 1): a right answer (1) must beat perfect form")
     fmt, acc = format_reward(completion), accuracy_reward(completion, gold)
-    return {"format": fmt, "accuracy": acc, "reward": FORMAT_WEIGHT * fmt + acc}
+    return {"format": fmt, "accuracy": acc, "reward": format_weight * fmt + acc}

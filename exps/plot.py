@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt
 
 PANELS = [  # (title, [(metrics key, label)])
-    ("reward (format 0.5 + accuracy 1)", [("reward", "train")]),
+    ("reward (format_weight x format + accuracy)", [("reward", "train")]),
     ("format rate", [("format_rate", "train samples"), ("val/format", "validation, greedy")]),
     ("accuracy", [("accuracy", "train samples"), ("val/pass@1_strict", "validation strict"),
                   ("val/pass@1_lenient", "validation lenient")]),

@@ -232,3 +232,14 @@ def test_config_yaml_then_cli(tmp_path):
         load_config(["--lr=fast"])
     with pytest.raises(ValueError, match="loss_type='ppo': use one of grpo, dr_grpo, dapo"):
         load_config(["--loss_type=ppo"])
+
+
+def test_empty_cli_value_is_an_empty_string(tmp_path):
+    """--key= sets "" (regression: --wandb_project= parsed as True, then failed as a bool); a bare --flag is True;
+    an empty value for a number is a type error, not a silent default."""
+    p = tmp_path / "c.yaml"
+    p.write_text("wandb_project: simple-r1\n")
+    assert load_config([str(p), "--wandb_project="]).wandb_project == ""
+    assert load_config(["--compile"]).compile is True
+    with pytest.raises(TypeError, match="lr"):
+        load_config(["--lr="])

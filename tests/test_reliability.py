@@ -32,6 +32,9 @@ from test_train import cfg_for, digit_reward
     ("--sync_port=70000", "sync_port=70000 is outside"),
     ("--loss_type=ppo", "loss_type='ppo': use one of grpo, dr_grpo, dapo"),
     ("--inference=remote", "inference='remote': use one of local, serve"),
+    ("--prompt=r2", "prompt='r2': use one of r1, r1_example, cot"),
+    ("--format_weight=1", "format_weight=1.0 must be in [0, 1): a right answer (1) must be worth more than perfect"),
+    ("--format_weight=-0.1", "format_weight=-0.1 must be in [0, 1)"),
 ])
 def test_bad_setting_is_one_clear_error(arg, says):
     """Each bad value found by trying the CLI (NaN training, kept checkpoints, IndexErrors after a step) is now a

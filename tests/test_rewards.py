@@ -165,12 +165,17 @@ def test_format_reward(completion, expected):
 
 
 def test_reward_components():
-    """reward = FORMAT_WEIGHT * format + accuracy, and accuracy dominates format."""
+    """reward = format_weight * format + accuracy (default rewards.FORMAT_WEIGHT), and accuracy dominates format;
+    a weight of 1 or more, which would pay perfect form as much as a right answer, is refused."""
     c = rewards.reward_components("<think>a</think><answer>18</answer>", "#### 18")
     assert c == {"format": 1.0, "accuracy": 1.0, "reward": rewards.FORMAT_WEIGHT + 1.0}
-    wrong = rewards.reward_components("<think>a</think><answer>17</answer>", "18")["reward"]
-    right_messy = rewards.reward_components("<answer>18</answer> junk", "18")["reward"]
+    assert rewards.reward_components("<think>a</think><answer>17</answer>", "18", format_weight=0.5)["reward"] == 0.5
+    wrong = rewards.reward_components("<think>a</think><answer>17</answer>", "18", 0.99)["reward"]
+    right_messy = rewards.reward_components("<answer>18</answer> junk", "18", 0.99)["reward"]
     assert right_messy > wrong, (right_messy, wrong)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="format_weight"):
+            rewards.reward_components("<answer>18</answer>", "18", bad)
 
 
 def test_every_counted_reason_is_logged():
@@ -180,11 +185,15 @@ def test_every_counted_reason_is_logged():
     assert set(re.findall(r'STATS\["(\w+)"\]', inspect.getsource(rewards))) == set(rewards.STAT_KEYS)
 
 
-def test_system_prompt_names_the_tags():
+def test_r1_prompts_name_the_tags_and_the_example_earns_full_credit():
+    """The R1 system prompts ask for the exact tags format_reward checks; r1_example's worked example, as the
+    model would write it after the prefilled <think>, is itself a full-credit completion (format 1, right answer)."""
     import gsm8k
-    """The system prompt asks for the exact tags format_reward checks."""
-    for tag in ("<think>", "</think>", "<answer>", "</answer>"):
-        assert tag in gsm8k.SYSTEM_PROMPT
+    for name in ("r1", "r1_example"):
+        for tag in ("<think>", "</think>", "<answer>", "</answer>"):
+            assert tag in gsm8k.PROMPTS[name][0], (name, tag)
+    reply = gsm8k.EXAMPLE.split("the assistant replies: <think>")[1]
+    assert rewards.format_reward(reply) == 1.0 and rewards.accuracy_reward(reply, "#### 40") == 1.0, reply
 
 
 @pytest.mark.parametrize("fn, args", [

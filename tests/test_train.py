@@ -129,6 +129,23 @@ def test_tiny_model_learns_toy_reward(tiny_model, tmp_path):
     assert last > first + 0.1, (first, last, r)
 
 
+def test_prompt_and_format_weight_come_from_the_config(tiny_model, tmp_path, monkeypatch):
+    """cfg.prompt is the prompt of every question the run sends (training and in-loop validation), and the default
+    reward is cfg.format_weight * format + accuracy. format_reward is made to pay 1 here, so the weight is visible
+    on a random model."""
+    import gsm8k
+    used, build = set(), gsm8k.build_prompts
+    monkeypatch.setattr(gsm8k, "build_prompts", lambda tok, qs, prompt=gsm8k.DEFAULT_PROMPT:
+                        used.add(prompt) or build(tok, qs, prompt))
+    monkeypatch.setattr(rewards, "format_reward", lambda text: 1.0)
+    cfg = cfg_for(tiny_model, tmp_path / "run", max_steps=1, prompt="cot", format_weight=0.3, eval_every=1, eval_size=2)
+    train.main(cfg)
+    assert used == {"cot"}
+    step = next(json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"reward"' in line)
+    assert step["reward"] == pytest.approx(0.3 + step["accuracy"]) and step["format"] == 1.0, step
+    assert train.load_config([str(tmp_path / "run" / "config.yaml")]).prompt == "cot"
+
+
 @pytest.mark.slow
 def test_two_ranks_with_accelerate_launch(tiny_model, tmp_path):
     """accelerate launch with 2 CPU processes (gloo DDP) trains and checkpoints."""
