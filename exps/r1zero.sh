@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # An R1-Zero run end to end on one machine, for exps/NAME/config.yaml (each exps/*_r1zero/run_train.sh calls this):
 #   bash exps/r1zero.sh NAME [--key=value ...]        e.g. bash exps/r1zero.sh smollm2_r1zero --data=../shared/data/gsm8k
-# 1. baseline: the initial model on the whole GSM8K test set (greedy strict + lenient, maj@8), on GPU 0
+# 1. baseline: the initial model on the whole GSM8K test set (greedy strict + lenient, format, maj@8) with the run's
+#    prompt, and the reference it must beat: the model's own chain of thought (prompt cot, greedy, lenient), on GPU 0
 # 2. training: 2+ GPUs: GPU 0 trains, GPUs 1..N-1 each hold a torch-engine replica of the Serve app, weights
 #    over NCCL after every step (the app starts while the baseline runs); 1 GPU: the in-process engine
 # 3. the final checkpoint on the whole test set, then res/: metrics, curves, before/after evaluation
@@ -15,17 +16,20 @@ CFG=exps/$NAME/config.yaml
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 NCCL_NVLS_ENABLE=0   # Ray on 127.0.0.1; no NVLink multicast
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}               # Ray workers import infer_workers from here
 # the resolved config (yaml + overrides) is the one source of every value below
-read -r RUN MODEL DATA MNT TEMP MAX < <(python -c "import sys, train; c = train.load_config(sys.argv[1:]); \
-print(c.run_dir, c.model, c.data, c.max_new_tokens, c.temperature, c.max_steps)" "$CFG" "$@")
+read -r RUN MODEL DATA MNT TEMP MAX PROMPT < <(python -c "import sys, train; c = train.load_config(sys.argv[1:]); \
+print(c.run_dir, c.model, c.data, c.max_new_tokens, c.temperature, c.max_steps, c.prompt)" "$CFG" "$@")
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
 INFERENCE=${INFERENCE:-$([ "$NGPU" -ge 2 ] && echo serve || echo local)}
-RES=${RES:-res}                                  # where the tracked results go
+RES=${RES:-res}                                  # where the tracked results go, named after the run folder:
+TAG=$(basename "$RUN")                           # --run_dir=runs/x --prompt=r1 ... gives res/x.png, res/x_eval.json
 mkdir -p "$RUN" "$RES"
+mark() { echo "$(date +%s) $1" >> "$RUN/phases.log"; }   # the run's wall time, part by part (unix seconds)
+mark start
 python -c "import models; models.resolve_model('$MODEL')"   # convert the GGUF once, before processes race
-evaluate() {  # evaluate MODEL_PATH TAG: the whole test set -> $RUN/eval_TAG.json, metrics into res/
+evaluate() {  # evaluate MODEL_PATH KEY [PROMPT MAJ_K]: the whole test set -> $RUN/eval_KEY.json, metrics into res/
     CUDA_VISIBLE_DEVICES=${EVAL_GPU:-0} python gsm8k.py --model "$1" --data "$DATA" --max-new-tokens "$MNT" \
-        --temperature "$TEMP" --maj-k 8 --limit "${EVAL_LIMIT:-0}" --out "$RUN/eval_$2.json" \
-        --record "$RES/${NAME}_eval.json" --as "$2"
+        --temperature "$TEMP" --prompt "${3:-$PROMPT}" --maj-k "${4:-8}" --limit "${EVAL_LIMIT:-0}" \
+        --out "$RUN/eval_$2.json" --record "$RES/${TAG}_eval.json" --as "$2"
 }
 
 if [ "$INFERENCE" = serve ]; then   # the app: one torch-engine replica per GPU after the first (CPU: one replica)
@@ -39,6 +43,8 @@ if [ "$INFERENCE" = serve ]; then   # the app: one torch-engine replica per GPU 
     SERVE_PID=$!
 fi
 [ -e "$RUN/eval_before.json" ] || evaluate "$MODEL" before    # meanwhile the replicas start
+[ -e "$RUN/eval_reference_cot.json" ] || evaluate "$MODEL" reference_cot cot 0
+mark evaluated_before
 if [ "$INFERENCE" = serve ]; then
     until python -c "import json, urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:8000/',
             json.dumps({'prompts': ['hi'], 'max_new_tokens': 1}).encode(), {'Content-Type': 'application/json'}), timeout=60)" \
@@ -51,8 +57,10 @@ ARGS=(--inference="$INFERENCE")
 [ -e "$RUN/ckpt/latest" ] && ARGS+=(--resume)
 [ -n "${STOP_AT:-}" ] && ARGS+=(--stop_after_min="$(python -c "print(max(0.1, ($STOP_AT - $(date +%s) - 60) / 60))")")
 python train.py "$CFG" "${ARGS[@]}" "$@"        # trains on cuda:0 and sees every GPU (NCCL to the replicas)
-python exps/plot.py "$RUN" --res "$RES/$NAME.png"
-cp "$RUN/metrics.jsonl" "$RES/$NAME.jsonl"
+mark trained
+python exps/plot.py "$RUN" --res "$RES/$TAG.png"
+cp "$RUN/metrics.jsonl" "$RES/$TAG.jsonl"
 FINAL=$RUN/ckpt/step_$(printf %06d "$MAX")
 [ -e "$FINAL" ] || { echo "stopped before step $MAX: run this again to go on"; exit 0; }
 [ -e "$RUN/eval_after.json" ] || evaluate "$FINAL/model" after
+mark evaluated_after
