@@ -12,9 +12,11 @@ tests/test_engine.py::test_engine_protocol holds each of them to it:
 Receiving weights from another process (a Serve replica) is not part of it: see infer_workers.LocalSync.
 
 TorchEngine is the single-machine default (`--inference local`) and the replica engine where vLLM is absent.
-Over ~250 lines because the fast path lives here: for Llama/Qwen2-shaped models our own decode forward over
-a static KV cache, with each decode step a CUDA graph on GPUs (12x stock `generate` at bs 256, docs/perf.md).
-Left out: continuous batching (a batch runs until its last row stops) and paged memory.
+Over ~300 lines because the fast path lives here: for Llama/Qwen2-shaped models our own forward over a static KV
+cache with continuous batching (a finished row's cache slot takes the next waiting sequence), each decode step a
+CUDA graph on GPUs (12x stock `generate` at bs 256, docs/perf.md).
+Left out: paged memory (each cache row holds one sequence's whole context) and prefix sharing between the G
+completions of one prompt (each row prefills its own copy).
 """
 from typing import Iterable, Protocol, TypedDict, runtime_checkable
 
@@ -69,9 +71,30 @@ def _attend(q, k, v, mask, scale):
     return o.reshape(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
 
 
-def _sample(logits, temperature, top_p, gen):
-    """logits [B, V] -> next tokens [B] and their logprobs [B] under softmax(logits / temperature)
-    (temperature 0: greedy, logprobs at temperature 1)."""
+M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit integer hash (Mueller's), elementwise on int64 tensors; every product stays under 2^63."""
+    x = x & M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & M32
+    return x ^ (x >> 16)
+
+
+def sequence_keys(seed: int, n: int, device) -> torch.Tensor:
+    """[n] sampling keys, one per sequence of a generate call: sequence i's samples depend on (seed, i) only, not on
+    the batch, the cache row or the step at which it was scheduled."""
+    return _mix32(_mix32(torch.tensor(seed & M32, device=device)) + torch.arange(n, device=device) * 0x2545F491)
+
+
+def _sample(logits, temperature, top_p, keys, step):
+    """logits [B, V], keys [B] (sequence_keys), step [B] (tokens each row sampled so far) -> next tokens [B] and their
+    logprobs [B] under softmax(logits / temperature) (temperature 0: greedy, logprobs at temperature 1).
+
+    Sampling is by inverse CDF with one uniform per row drawn from hash(key, step): a row's token is a function of its
+    own logits, key and step, whatever else is in the batch (torch.multinomial with one generator is not).
+    """
     logits = logits.float() / (temperature or 1.0)  # [B, V]
     if temperature == 0:
         nxt = logits.argmax(-1)
@@ -81,120 +104,166 @@ def _sample(logits, temperature, top_p, gen):
             p_sorted, idx = probs.sort(-1, descending=True)
             drop = p_sorted.cumsum(-1) - p_sorted > top_p
             probs = probs.scatter(-1, idx, p_sorted.masked_fill(drop, 0.0))
-        nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # [B]
+        cdf = probs.cumsum(-1)  # [B, V]
+        u = (_mix32(_mix32(keys) ^ (step * 0x27D4EB2D & M32)) >> 8).float() / 2**24  # [B] in [0, 1), 24 bits
+        nxt = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
     return nxt, logits.gather(-1, nxt[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 class TorchEngine:
-    """Batched sampling in plain PyTorch, one forward per token, left-padded rows.
+    """Batched sampling in plain PyTorch, one forward per token.
 
-    Llama/Qwen2-shaped models run our own forward that reuses the HF modules (norms, linears, MLP, RoPE)
-    and does only the KV cache and attention itself: a static cache [layers, k|v, rows, kv heads, slots,
-    head dim] written in place, attention over its valid slots by a boolean mask. On CUDA each decode step
-    is a CUDA graph, one per (batch bucket, attended-length bucket), captured on first use; weight updates
-    copy in place, so the graphs stay valid. Other architectures take HF's forward + DynamicCache.
-    Left out: continuous batching (a batch runs until its last row stops) and paged memory (the cache is one
-    block, grown on demand up to max_batch x max_model_len slots).
+    Llama/Qwen2-shaped models run our own forward that reuses the HF modules (norms, linears, MLP, RoPE) and does
+    only the KV cache and attention itself: a static cache [layers, k|v, rows, kv heads, slots, head dim] written in
+    place, each row one sequence from slot 0, attention over its filled slots by a boolean mask. Continuous batching:
+    every `check_every` decode steps the host looks which rows have stopped, and waiting sequences take those rows
+    (a prefill writes their prompts into the cache), so a call of more sequences than rows keeps every row busy until
+    the last ones (continuous=False: a new batch starts only when the whole last one has stopped). On CUDA each
+    decode step is a CUDA graph, one per (batch bucket, attended-length bucket), captured on first use; weight
+    updates copy in place, so the graphs stay valid. Other architectures take HF's forward + DynamicCache, in
+    batches of max_batch.
     """
     BLOCK = 128  # cache slots come in multiples of this: the cache's length and each graph's attended length
 
     def __init__(self, model, tokenizer, max_batch: int = 64, max_model_len: int | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, continuous: bool = True):
         self.model = model.eval().requires_grad_(False)
         self.tok = tokenizer
         self.eos = torch.tensor(eos_token_ids(tokenizer, model), device=model.device)
-        self.max_batch = max_batch  # sequences per forward: bounds the KV cache's memory
+        self.max_batch = max_batch  # cache rows: sequences decoded at once; bounds the KV cache's memory
         self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", 2048)  # prompt + completion
         self.static = _static_cache_ok(model)  # else the HF loop
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
+        self.continuous = continuous
+        self.check_every = 16 if model.device.type == "cuda" else 1  # a look at the rows is a host sync: it stalls CUDA
         self.cache, self.graphs = None, {}
         self.version = 0
 
     @torch.no_grad()
     def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, seed=0):
-        """temperature 0 = greedy (logprobs then from temperature 1). Same seed, same samples."""
-        gen = torch.Generator(self.model.device).manual_seed(seed)
+        """temperature 0 = greedy (logprobs then from temperature 1). Same seed, same samples: sequence i of the call
+        (prompt i // n) samples from sequence_keys(seed)[i], however it is batched."""
         flat = [p for p in prompts for _ in range(n)]
-        outs = []
-        for i in range(0, len(flat), self.max_batch):
-            outs += self._generate_batch(flat[i:i + self.max_batch], max_new_tokens, temperature, top_p, gen)
+        keys = sequence_keys(seed, len(flat), self.model.device)
+        if self.static:
+            rows = self._generate_static(flat, max_new_tokens, temperature, top_p, keys)
+        else:
+            rows = []
+            for i in range(0, len(flat), self.max_batch):
+                rows += self._generate_hf(flat[i:i + self.max_batch], max_new_tokens, temperature, top_p,
+                                          keys[i:i + self.max_batch])
+        eos = set(self.eos.tolist())
+        outs = [{"token_ids": ids, "logprobs": lps, "text": self.tok.decode(ids, skip_special_tokens=True),
+                 "finish_reason": "stop" if len(ids) < max_new_tokens or (ids and ids[-1] in eos) else "length",
+                 "version": self.version} for ids, lps in rows]
         return [outs[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    def _generate_batch(self, prompts, max_new_tokens, temperature, top_p, gen):
+    def _generate_static(self, flat, max_new_tokens, temperature, top_p, keys):
+        """Llama/Qwen2: continuous batching over min(N, max_batch) cache rows -> [(token ids, logprobs)] per sequence.
+
+        Device state per row: the sequence it holds (seq), tokens sampled (gen), stopped (done), the slot its next
+        input goes to (in_col); the host keeps its own view (busy rows, an upper bound of each row's slot) and syncs
+        with the device only every check_every steps, when it frees stopped rows and admits waiting sequences.
+        """
+        dev, N = self.model.device, len(flat)
+        longest = max(map(len, flat))
+        assert longest + max_new_tokens <= self.max_model_len, \
+            f"longest prompt {longest} + max_new_tokens {max_new_tokens} > max_model_len {self.max_model_len} tokens: " \
+            f"pass TorchEngine(..., max_model_len=...) (its KV cache grows up to max_batch x max_model_len slots)"
+        R = min(N, self.max_batch)
+        self._reserve(R, longest + max_new_tokens - 1)  # the last token is sampled, never fed back
+        seq = torch.full((R,), N, dtype=torch.long, device=dev)  # N: no sequence (its writes go to a spare row)
+        gen = torch.zeros(R, dtype=torch.long, device=dev)
+        done = torch.ones(R, dtype=torch.bool, device=dev)
+        row_keys = torch.zeros(R, dtype=torch.long, device=dev)
+        tokens = torch.zeros((N + 1, max_new_tokens), dtype=torch.long, device=dev)  # row N: the spare
+        logps = torch.zeros((N + 1, max_new_tokens), dtype=torch.float32, device=dev)
+        length = torch.full((N + 1,), max_new_tokens, dtype=torch.long, device=dev)
+        logits = torch.zeros((R, self.model.config.vocab_size), dtype=self.model.dtype, device=dev)
+        self.in_col.zero_()
+        waiting, free, busy = list(range(N))[::-1], list(range(R)), {}  # busy: row -> (prompt length, step admitted)
+        step, changed, self.last_stats = 0, False, {"rows": R, "prefills": 0, "decode_steps": 0}  # (bench/rollout.py)
+        while waiting or busy:
+            if waiting and free and (self.continuous or not busy):  # --- admit: prefill waiting sequences into free rows
+                take, free = free[:len(waiting)], free[len(waiting):]
+                seqs = [waiting.pop() for _ in take]
+                rows = torch.tensor(take, device=dev)
+                logits[rows] = self._prefill([flat[s] for s in seqs], rows)
+                seq[rows] = torch.tensor(seqs, device=dev)
+                row_keys[rows], gen[rows], done[rows] = keys[seq[rows]], 0, False
+                busy |= {r: (len(flat[s]), step) for r, s in zip(take, seqs)}
+                self.last_stats["prefills"] += 1
+                changed = True
+            if changed:  # the host's bounds over the busy rows, without a look at the device
+                W = min(1 << max(busy).bit_length(), R)  # rows in play: the graph bucket over the highest busy row
+                grow = max(n - at for n, at in busy.values())  # a row's slot is n + (step - 1 - at), < n + max_new - 1
+                cap = max(n for n, _ in busy.values()) + max_new_tokens - 1
+                last_admitted, changed = max(at for _, at in busy.values()), False
+            nxt, lp = _sample(logits[:W], temperature, top_p, row_keys[:W], gen[:W])  # --- sample
+            out, at = torch.where(done[:W], N, seq[:W]), gen[:W].clamp(max=max_new_tokens - 1)  # stopped rows: the spare
+            tokens[out, at], logps[out, at] = nxt, lp
+            gen[:W] += ~done[:W]
+            stop = ~done[:W] & (torch.isin(nxt, self.eos) | (gen[:W] == max_new_tokens))
+            length[torch.where(stop, seq[:W], N)] = gen[:W]
+            done[:W] |= stop
+            step += 1
+            if step % self.check_every == 0 or step - last_admitted >= max_new_tokens:  # (then every row has stopped)
+                stopped = set(torch.nonzero(done).view(-1).tolist()) & busy.keys()  # --- free the rows that stopped
+                for r in stopped:
+                    del busy[r]
+                free, changed = sorted(free + list(stopped)), bool(stopped)
+            if busy:  # --- feed the sampled tokens (rows freed above take new sequences at the next admit)
+                logits[:W] = self._decode_step(nxt, done[:W], min(grow + step, cap))
+                self.last_stats["decode_steps"] += 1
+        length, tokens, logps = length.tolist(), tokens.tolist(), logps.tolist()
+        return [(tokens[i][:length[i]], logps[i][:length[i]]) for i in range(N)]
+
+    def _decode_step(self, nxt, done, S):
+        """Each row's sampled token at its slot in_col -> logits [W, V]; rows that stopped keep their slot."""
+        W = len(nxt)
+        self.in_tok[:W] = nxt
+        if self.cuda_graphs:
+            Bb = min(1 << (W - 1).bit_length(), self.max_batch)  # batch bucket: the next power of two
+            Sb = min(-(-S // self.BLOCK) * self.BLOCK, self.cache.shape[4])  # attended slots: a multiple of BLOCK
+            if (Bb, Sb) not in self.graphs:
+                self.graphs[Bb, Sb] = self._capture(Bb, Sb)
+            graph, out = self.graphs[Bb, Sb]
+            graph.replay()
+            out = out[:W]
+        else:
+            out = self._decode(self.in_tok[:W], self.in_col[:W], S)
+        self.in_col[:W] += ~done  # device-side: no host sync
+        return out
+
+    def _generate_hf(self, prompts, max_new_tokens, temperature, top_p, keys):
+        """Any architecture: HF's forward + DynamicCache over one left-padded batch, run until its last row stops."""
         dev, B = self.model.device, len(prompts)
         L = max(len(p) for p in prompts)
-        # left-pad so every row's next token sits in the last column
         ids = torch.full((B, L), self.tok.pad_token_id, dtype=torch.long, device=dev)
         for b, p in enumerate(prompts):
             ids[b, L - len(p):] = torch.tensor(p, device=dev)
-        pad = torch.tensor([L - len(p) for p in prompts], device=dev)  # [B] pad columns per row
-        steps = self._static_steps(ids, pad, max_new_tokens) if self.static else self._hf_steps(ids, pad)
-        logits = next(steps)  # [B, V] at the last prompt column
+        mask = (torch.arange(L, device=dev) >= torch.tensor([L - len(p) for p in prompts], device=dev)[:, None]).long()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L] real positions despite the padding
         tokens = torch.zeros((B, max_new_tokens), dtype=torch.long, device=dev)
         logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         length = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
-        check_every = 16 if dev.type == "cuda" else 1  # "all done?" is a host sync: on CUDA it stalls the queue
+        cache, x = None, ids
         for t in range(max_new_tokens):
-            nxt, logp = _sample(logits, temperature, top_p, gen)  # [B], [B]
+            out = self.model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
+            cache = out.past_key_values
+            nxt, lp = _sample(out.logits[:, -1], temperature, top_p, keys, torch.full_like(keys, t))
             nxt = torch.where(done, self.tok.pad_token_id, nxt)
-            tokens[:, t], logps[:, t] = nxt, logp
+            tokens[:, t], logps[:, t] = nxt, lp
             hit_eos = ~done & torch.isin(nxt, self.eos)
             length = torch.where(hit_eos, t + 1, length)
             done |= hit_eos
-            if t == max_new_tokens - 1 or (t + 1) % check_every == 0 and done.all():
+            if (t + 1) % self.check_every == 0 and done.all():
                 break
-            logits = steps.send(nxt)
+            x, mask, pos = nxt[:, None], torch.cat([mask, mask.new_ones((B, 1))], -1), pos[:, -1:] + 1
         length, tokens, logps = length.tolist(), tokens.tolist(), logps.tolist()
-        outs = []
-        for b in range(B):
-            ids_b = tokens[b][:length[b]]
-            stopped = length[b] < max_new_tokens or (ids_b and ids_b[-1] in self.eos.tolist())
-            outs.append({"token_ids": ids_b, "logprobs": logps[b][:length[b]],
-                         "text": self.tok.decode(ids_b, skip_special_tokens=True),
-                         "finish_reason": "stop" if stopped else "length", "version": self.version})
-        return outs
-
-    def _hf_steps(self, ids, pad):
-        """Any architecture: HF's forward + DynamicCache. Yields logits [B, V]; is sent the next tokens [B]."""
-        mask = (torch.arange(ids.shape[1], device=ids.device) >= pad[:, None]).long()  # [B, L]
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L] real positions despite the padding
-        cache, x = None, ids
-        while True:
-            out = self.model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            x = (yield out.logits[:, -1])[:, None]  # [B, 1]
-            mask = torch.cat([mask, mask.new_ones((len(x), 1))], -1)
-            pos = pos[:, -1:] + 1
-
-    def _static_steps(self, ids, pad, max_new_tokens):
-        """Llama/Qwen2: prefill eagerly, then one decode step per token (a CUDA graph replay on GPUs).
-        Cache slot = column of the left-padded batch, so step t of every row writes slot L + t - 1."""
-        (B, L), dev = ids.shape, ids.device
-        assert L + max_new_tokens <= self.max_model_len, \
-            f"longest prompt {L} + max_new_tokens {max_new_tokens} > max_model_len {self.max_model_len} tokens: " \
-            f"pass TorchEngine(..., max_model_len=...) (its KV cache grows up to max_batch x max_model_len slots)"
-        self._reserve(B, L + max_new_tokens - 1)  # the last token is sampled, never fed back
-        ar = torch.arange(L, device=dev)
-        causal = (ar[:, None] >= ar) & (ar >= pad[:, None, None])  # [B, L, L] real keys up to the query
-        causal |= torch.eye(L, dtype=torch.bool, device=dev)  # pad queries see themselves: no all-masked row, no NaN
-        nxt = yield self._forward(ids, (ar - pad[:, None]).clamp(min=0), causal, ar)
-        self.in_pad.zero_()  # rows beyond B in a graph's batch bucket: no padding, any finite state
-        self.in_pad[:B] = pad
-        for col in range(L, L + max_new_tokens - 1):
-            self.in_tok[:B] = nxt
-            self.in_col.fill_(col)  # a device-side fill: no host sync
-            if not self.cuda_graphs:
-                nxt = yield self._decode(self.in_tok[:B], self.in_pad[:B], self.in_col, col + 1)
-                continue
-            Bb = min(1 << (B - 1).bit_length(), self.max_batch)  # batch bucket: the next power of two
-            S = -(-(col + 1) // self.BLOCK) * self.BLOCK  # attended slots: the next multiple of BLOCK
-            if (Bb, S) not in self.graphs:
-                self.graphs[Bb, S] = self._capture(Bb, S)
-            graph, logits = self.graphs[Bb, S]
-            graph.replay()
-            nxt = yield logits[:B]
+        return [(tokens[b][:length[b]], logps[b][:length[b]]) for b in range(B)]
 
     def _reserve(self, B, slots):
         """A cache for B rows x `slots` slots: grown (and graphs dropped) only when the current one is too small."""
@@ -209,15 +278,14 @@ class TorchEngine:
                                  a.head_dim, dtype=self.model.dtype, device=dev)  # [layers, k|v, rows, KV, slots, hd]
         # the decode step's inputs: static, so a CUDA graph reads them at fixed addresses
         self.in_tok = torch.zeros(rows, dtype=torch.long, device=dev)  # [rows] this step's input token
-        self.in_pad = torch.zeros(rows, dtype=torch.long, device=dev)  # [rows] pad columns per row
-        self.in_col = torch.zeros(1, dtype=torch.long, device=dev)  # [1] the slot this step writes
+        self.in_col = torch.zeros(rows, dtype=torch.long, device=dev)  # [rows] the slot (= position) it goes to
         self.pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None  # one memory pool for all graphs
 
     def _capture(self, Bb, S):
         """CUDA graph of one decode step for batch bucket Bb attending over S slots -> (graph, logits [Bb, V]).
         Captured mid-generation on the current step's inputs: the warm-up writes the same cache entries
         that the replay right after writes again."""
-        args = (self.in_tok[:Bb], self.in_pad[:Bb], self.in_col, S)
+        args = (self.in_tok[:Bb], self.in_col[:Bb], S)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture: lazy inits (cuBLAS workspaces, ...) happen here
@@ -228,16 +296,40 @@ class TorchEngine:
             logits = self._decode(*args)
         return graph, logits
 
-    def _decode(self, tok, pad, col, S):
-        """One token per row: tok, pad [B], col [1] (the slot it writes), attending over slots 0..S-1 -> logits [B, V]."""
-        ar = torch.arange(S, device=tok.device)
-        mask = (ar >= pad[:, None]) & (ar <= col)  # [B, S] the row's prompt and everything it generated
-        return self._forward(tok[:, None], (col - pad)[:, None], mask[:, None], col)
+    def _prefill(self, prompts, rows):
+        """New sequences into cache rows `rows` [n] from slot 0 -> logits at each one's last prompt token [n, V].
+        Right-padded: a row's pad columns write slots its decode steps overwrite before attending them."""
+        dev, L = self.model.device, max(map(len, prompts))
+        ids = torch.full((len(prompts), L), self.tok.pad_token_id, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p, device=dev)
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        self.in_col[rows] = lens  # where each row's first sampled token goes
 
-    def _forward(self, ids, pos, mask, cols):
-        """Our forward with the HF modules: ids, pos [B, T]; mask [B, T, S] over cache slots; the T new
-        keys/values go to slots cols [T]. Returns the last column's logits [B, V]."""
-        m, (B, T), S = self.model.model, ids.shape, mask.shape[-1]
+        def store(i, k, v):  # k, v [n, KV, L, hd]: the prompt's keys/values, attended to directly
+            self.cache[i, 0][rows, :, :L], self.cache[i, 1][rows, :, :L] = k, v
+            return k, v
+        ar = torch.arange(L, device=dev)
+        return self._forward(ids, ar.expand(len(prompts), L), (ar[:, None] >= ar)[None], lens - 1, store)
+
+    def _decode(self, tok, col, S):
+        """One token per row: tok, col [B] (the slot it goes to = its position), attending over slots 0..S-1
+        -> logits [B, V]."""
+        B, dev = tok.shape[0], tok.device
+        rows = torch.arange(B, device=dev)
+
+        def store(i, k, v):  # k, v [B, KV, 1, hd] -> slot col[b] of row b; attend the row's slots 0..S-1
+            kc, vc = self.cache[i, 0, :B], self.cache[i, 1, :B]  # [B, KV, slots, hd]
+            kc[rows, :, col], vc[rows, :, col] = k[:, :, 0], v[:, :, 0]
+            return kc[:, :, :S], vc[:, :, :S]
+        mask = torch.arange(S, device=dev) <= col[:, None]  # [B, S] the row's prompt and everything it generated
+        return self._forward(tok[:, None], col[:, None], mask[:, None], torch.zeros_like(col), store)
+
+    def _forward(self, ids, pos, mask, last, store):
+        """Our forward with the HF modules: ids, pos [B, T]; mask [B, T, S] over the keys store returns; store(layer,
+        k, v) puts the T new keys/values into the cache and returns the keys/values to attend. -> logits [B, V] at
+        column last [B]."""
+        m, (B, T) = self.model.model, ids.shape
         h = m.embed_tokens(ids)  # [B, T, D]
         cos, sin = m.rotary_emb(h, pos)  # [B, T, hd]
         for i, layer in enumerate(m.layers):
@@ -246,12 +338,10 @@ class TorchEngine:
             k = a.k_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)  # [B, KV, T, hd]
             v = a.v_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)  # [B, KV, T, hd]
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            kc, vc = self.cache[i, 0, :B], self.cache[i, 1, :B]  # [B, KV, slots, hd]
-            kc.index_copy_(2, cols, k)
-            vc.index_copy_(2, cols, v)
-            h = h + a.o_proj(_attend(q, kc[:, :, :S], vc[:, :, :S], mask, a.scaling))
+            k, v = store(i, k, v)
+            h = h + a.o_proj(_attend(q, k, v, mask, a.scaling))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(m.norm(h[:, -1]))  # [B, V]
+        return self.model.lm_head(m.norm(h[torch.arange(B, device=h.device), last]))  # [B, V]
 
     @torch.no_grad()
     def update_weights(self, named_tensors, version=None) -> int:

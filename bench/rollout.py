@@ -1,7 +1,20 @@
-"""Rollout throughput: vLLM vs our TorchEngine vs stock HF `generate`, greedy, same prompts, in one run. One JSON line.
+"""Rollout throughput: vLLM vs our TorchEngine vs stock HF `generate`, in one run. One JSON line.
 
     python bench/rollout.py                                     # GPU: random:qwen0.5b in bf16, bs 512, 256 and 64
     python bench/rollout.py --shape small --device cpu --batch 8 4 --new-tokens 32 --fp32-batch 4
+    python bench/rollout.py --model qwen-coder --data ../shared/data/gsm8k   # the real workload (below)
+
+The real workload (--model): a real model on GSM8K training prompts as a run samples them (the run's prompt, T = 1,
+--n completions per prompt, --prompts prompts per call, <= --new-tokens each), so completions stop at their own
+lengths. Variants (--workload-variants), each timed on --iters calls of fresh prompts after a warm-up call:
+  static:     TorchEngine as before continuous batching (continuous=False): batches of --max-batch rows, each run
+              until its longest row stops
+  continuous: TorchEngine, a stopped row's slot taken by the next waiting sequence (--max-batch rows)
+  vllm:       vLLM in this process with its defaults (continuous batching, CUDA graphs, prefix caching), logprobs on
+Reported per variant: completions/s and sampled tok/s (median call), the completion lengths (mean, p50, p90, max,
+share cut at the cap) and, for ours, the decode steps and prefills the call ran and its time per decode step.
+
+The shape sweep (default):
 
 Prompts are random token ids (fixed seed, lengths drawn from --prompt-len), left-padded. Every row
 generates exactly --new-tokens: the eos is an id no row can emit (the vocab size) in our engine and stock, and vLLM
@@ -82,8 +95,67 @@ def agreement(got, want) -> dict:
             "first_divergence_mean": round(statistics.mean(first), 1) if first else None}
 
 
+def real_workload(a):
+    """--model: a real model on GSM8K training prompts, sampled as a run samples them (see the module docstring)."""
+    import gsm8k
+    dev = torch.device(a.device)
+    dtype = DTYPES[a.dtype or ("bfloat16" if dev.type == "cuda" else "float32")]
+    model, tok = load_model(a.model, dtype, dev), load_tokenizer(a.model)
+    rows = gsm8k.split_train_val(gsm8k.load_split(a.data, "train"), 500)[0]
+    order = gsm8k.Sampler(len(rows), seed=0).next(a.prompts * (a.iters + 1))
+    calls = [gsm8k.build_prompts(tok, [rows[i]["question"] for i in order[k * a.prompts:(k + 1) * a.prompts]], a.prompt)
+             for k in range(a.iters + 1)]  # call 0 warms up; every timed call has prompts of its own
+    out = {"bench": "rollout_real", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "model": a.model, "params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype)[6:],
+           "prompt": a.prompt, "prompts": a.prompts, "n": a.n, "new_tokens": a.new_tokens, "max_batch": a.max_batch,
+           "iters": a.iters, "prompt_len_mean": round(statistics.mean(len(p) for p in calls[1]), 1)}
+    for v in a.workload_variants:
+        if v == "vllm":
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            llm = vllm_engine(a.model, dtype, a.prompts * a.n, max(map(len, sum(calls, []))) + a.new_tokens,
+                              a.vllm_memory)
+            from vllm import SamplingParams
+
+            def run(prompts, seed):
+                sp = SamplingParams(n=a.n, temperature=1.0, max_tokens=a.new_tokens, logprobs=0, seed=seed)
+                outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+                return [len(c.token_ids) for o in outs for c in o.outputs], None
+        else:
+            e = TorchEngine(model, tok, max_batch=a.max_batch, continuous=v == "continuous",
+                            max_model_len=max(map(len, sum(calls, []))) + a.new_tokens)
+
+            def run(prompts, seed):
+                groups = e.generate(prompts, n=a.n, max_new_tokens=a.new_tokens, temperature=1.0, seed=seed)
+                return [len(c["token_ids"]) for g in groups for c in g], e.last_stats
+        timed(lambda: run(calls[0], 0), 1, dev)  # warm-up: caches, CUDA graphs, vLLM's compile
+        times, lens, steps_run = [], [], []
+        for k in range(1, a.iters + 1):
+            s, (n_tok, n_steps) = timed(lambda: run(calls[k], k), 1, dev)
+            times.append(s)
+            lens += n_tok
+            steps_run.append(n_steps)
+        s = statistics.median(times)
+        q = statistics.quantiles(lens, n=10)
+        res = {"call_s": round(s, 3), "completions_per_s": round(a.prompts * a.n / s, 1),
+               "tok_s": round(sum(lens) / a.iters / s, 1), "len_mean": round(statistics.mean(lens), 1),
+               "len_p50": statistics.median(lens), "len_p90": q[-1], "len_max": max(lens),
+               "cut_at_cap": round(sum(n >= a.new_tokens for n in lens) / len(lens), 4)}
+        if steps_run[0] is not None:  # ours: what the median call ran
+            res |= {k: statistics.median(st[k] for st in steps_run) for k in ("decode_steps", "prefills")}
+            res["ms_per_decode_step"] = round(1000 * s / res["decode_steps"], 2)
+        out[v] = res
+        print(f"{v}: {res}", file=sys.stderr, flush=True)  # a run cut short keeps these
+        llm = e = run = None
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    for v in a.workload_variants[1:]:
+        out[f"{v}_over_{a.workload_variants[0]}"] = round(out[a.workload_variants[0]]["call_s"] / out[v]["call_s"], 2)
+    print(json.dumps(out))
+
+
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="qwen0.5b", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
@@ -96,7 +168,22 @@ def main():
     ap.add_argument("--iters", type=int, default=3, help="timed runs of our engine (median)")
     ap.add_argument("--stock-iters", type=int, default=1, help="timed runs of stock generate (median)")
     ap.add_argument("--fp32-batch", type=int, default=32, help="rows of the fp32 equality check (0: skip)")
+    real = ap.add_argument_group("the real workload (--model)")
+    real.add_argument("--model", default="", help="a real model (hub name, folder, smollm2, qwen-coder): the real "
+                      "workload instead of the shape sweep")
+    real.add_argument("--data", default="openai/gsm8k", help="GSM8K: hub dataset or local folder")
+    real.add_argument("--prompt", default="r1_example", help="gsm8k.PROMPTS name (the run's)")
+    real.add_argument("--prompts", type=int, default=64, help="prompts per call")
+    real.add_argument("--n", type=int, default=8, help="completions per prompt")
+    real.add_argument("--max-batch", type=int, default=256, help="TorchEngine cache rows")
+    real.add_argument("--workload-variants", nargs="+", default=None, help="default: static continuous (+ vllm "
+                      "if installed, on CUDA)")
     a = ap.parse_args()
+    if a.model:
+        a.new_tokens = a.new_tokens if "--new-tokens" in sys.argv else 300
+        a.workload_variants = a.workload_variants or ["static", "continuous"] + (
+            ["vllm"] if importlib.util.find_spec("vllm") and torch.device(a.device).type == "cuda" else [])
+        return real_workload(a)
     dev = torch.device(a.device)
     dtype = DTYPES[a.dtype or ("bfloat16" if dev.type == "cuda" else "float32")]
     name = f"random:{a.shape}"

@@ -82,6 +82,60 @@ def test_same_seed_same_samples_other_seed_other_samples(tok):
     assert run(7) != run(8)
 
 
+@pytest.mark.parametrize("continuous, check_every", [(True, 1), (False, 1), (True, 5), (False, 5)])
+def test_refilled_rows_give_hf_greedy_and_teacher_forced_logprobs(continuous, check_every, tok):
+    """More sequences than cache rows: a row that stops (eos) takes the next waiting sequence at the next look
+    (continuous; every check_every steps, 16 on CUDA) or once its whole batch stopped; either way every sequence's
+    greedy tokens are HF generate's and its logprobs those of a teacher-forced forward (a stopped row decoding on
+    until the look, and the prefill into a used row from slot 0, leave nothing behind)."""
+    model = build("llama")
+    prompts = random_prompts((3, 9, 1, 17, 6, 4, 12))
+    free = hf_greedy(model, prompts, 24)
+    model.generation_config.eos_token_id = [1, next(t for row in free for t in row if any(t not in o for o in free))]
+    want = hf_greedy(model, prompts, 24)
+    assert len({len(w) for w in want}) > 1, "rows must stop at different steps"
+    engine = TorchEngine(model, tok, max_batch=2, continuous=continuous)
+    engine.check_every = check_every
+    got = [g[0] for g in engine.generate(prompts, max_new_tokens=24, temperature=0)]
+    assert [c["token_ids"] for c in got] == want
+    for p, c in zip(prompts, got):
+        with torch.no_grad():
+            logits = model(torch.tensor([p + c["token_ids"]])).logits[0, len(p) - 1:-1]
+        want_lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c["token_ids"])[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(c["logprobs"]), want_lp, atol=1e-4, rtol=1e-4)
+
+
+def test_samples_are_reproducible_per_sequence_whatever_the_batching(tok):
+    """Sequence i's samples depend on (seed, i) alone: the same with 2, 3 or 64 cache rows, refilled continuously or
+    not (the original engine drew them from one generator for the whole batch)."""
+    model = build("qwen2")
+    prompts = random_prompts((5, 8, 2, 11))
+    runs = [[c["token_ids"] for g in TorchEngine(model, tok, max_batch=mb, continuous=cont).generate(
+        prompts, n=3, max_new_tokens=16, temperature=1.0, seed=11) for c in g]
+        for mb, cont in ((64, True), (2, True), (3, False), (3, True))]
+    assert all(r == runs[0] for r in runs[1:])
+    assert len({tuple(r) for r in runs[0]}) > 6, "different sequences of one prompt sample differently"
+
+
+def test_sampler_draws_softmax_and_respects_top_p():
+    """The inverse-CDF sampler draws each token with probability softmax(logits / T)[token] (40,000 draws, one per
+    key; then one key over 40,000 steps), logprobs are of the full softmax; top_p keeps only the nucleus."""
+    from engine import _sample, sequence_keys
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    n = 40_000
+    logits = (probs.log() * 0.7).expand(n, 5)  # at T = 0.7 these are the probabilities above
+    for keys, step in ((sequence_keys(3, n, "cpu"), torch.zeros(n, dtype=torch.long)),
+                       (sequence_keys(3, 1, "cpu").expand(n), torch.arange(n))):
+        nxt, lp = _sample(logits, 0.7, 1.0, keys, step)
+        freq = torch.bincount(nxt, minlength=5).float() / n
+        torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+        torch.testing.assert_close(lp, probs.log()[nxt], atol=1e-5, rtol=1e-5)
+    nxt, lp = _sample(logits, 0.7, 0.7, sequence_keys(4, n, "cpu"), torch.zeros(n, dtype=torch.long))
+    freq = torch.bincount(nxt, minlength=5).float() / n
+    assert set(nxt.tolist()) == {0, 1} and abs(freq[0] - 2 / 3) < 0.01, freq  # nucleus {0.5, 0.25}, renormalised
+    torch.testing.assert_close(lp, probs.log()[nxt], atol=1e-5, rtol=1e-5)  # not renormalised: the ratio stays unbiased
+
+
 def test_update_weights_changes_outputs_and_restoring_restores_them(tok):
     """update_weights copies in place: perturbed weights change greedy outputs, the originals bring them back."""
     model = build("qwen2")
@@ -124,6 +178,8 @@ def test_cuda_graphs_equal_eager_and_hf_generate_and_follow_weight_updates(tok):
     run = lambda e: [g[0]["token_ids"] for g in e.generate(prompts, max_new_tokens=60, temperature=0)]  # noqa: E731
     assert run(graphs) == run(eager) == hf_greedy(model, prompts, 60)
     assert sorted(graphs.graphs) == [(4, 128), (4, 256)]
+    refill = TorchEngine(model, tok, max_batch=2)  # 3 sequences on 2 rows: the third is prefilled into a used row
+    assert run(refill) == run(eager)
     captured = {k: g for k, (g, _) in graphs.graphs.items()}
     torch.manual_seed(1)
     state = {k: v + 0.3 * torch.randn_like(v) for k, v in model.state_dict().items()}
