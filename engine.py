@@ -12,7 +12,7 @@ tests/test_engine.py::test_engine_protocol holds each of them to it:
 Receiving weights from another process (a Serve replica) is not part of it: see infer_workers.LocalSync.
 
 TorchEngine is the single-machine default (`--inference local`) and the replica engine where vLLM is absent.
-Over ~300 lines because the fast path lives here: for Llama/Qwen2-shaped models our own forward over a static KV
+Over ~350 lines because the fast path lives here: for Llama/Qwen2-shaped models our own forward over a static KV
 cache with continuous batching (a finished row's cache slot takes the next waiting sequence), each decode step a
 CUDA graph on GPUs (12x stock `generate` at bs 256, docs/perf.md).
 Left out: paged memory (each cache row holds one sequence's whole context) and prefix sharing between the G
