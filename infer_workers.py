@@ -284,7 +284,9 @@ class InferenceWorker:
         return {"completions": await self.generate(req), "replica": self.replica}
 
     async def sync_state(self) -> dict:  # async: answered on the replica's loop, no thread hop
-        return {"replica": self.replica, "pid": os.getpid(), "generation": self.generation, "version": self.engine.version,
+        import ray
+        return {"replica": self.replica, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "generation": self.generation, "version": self.engine.version,
                 "num_workers": self.sync.num_workers, "dtype": self.engine.dtype, "model": self.model,
                 "engine": type(self.engine).__name__,
                 "max_model_len": self.engine.max_model_len}
