@@ -237,8 +237,11 @@ if __name__ == "__main__":
     ap.add_argument("--as", dest="tag", default="", help="... under this key (e.g. before / after)")
     a = ap.parse_args()
     from models import check_source
-    check_source(a.model)
-    check_source(a.data, "dataset")
+    try:
+        check_source(a.model)
+        check_source(a.data, "dataset")
+    except ValueError as e:  # a name or path the user gave: argparse's one-line error, exit status 2
+        ap.error(str(e))
     rows = load_split(a.data, "test")[:a.limit or None]
     engine = make_engine(a.model, a.engine)
     t0 = time.perf_counter()

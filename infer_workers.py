@@ -23,6 +23,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import time
 
 import torch
@@ -191,7 +192,8 @@ def parse_http_request(body: bytes, tok, max_model_len: int, limits: dict) -> di
 
     {"prompts": ["text", or [token ids], ...], "n", "max_new_tokens", "temperature", "top_p", "seed"} (all but prompts
     optional). Caps (LIMITS): n <= max_n, max_new_tokens <= max_new_tokens, body <= max_body_bytes, and every prompt
-    plus max_new_tokens within the engine's context."""
+    plus max_new_tokens within the engine's context. No seed: a fresh random one (returned with the completions), so
+    two identical requests sample differently; a given seed reproduces its samples."""
     if len(body) > limits["max_body_bytes"]:
         raise ValueError(f"request body of {len(body)} bytes is over the {limits['max_body_bytes']}-byte cap")
     try:
@@ -228,7 +230,7 @@ def parse_http_request(body: bytes, tok, max_model_len: int, limits: dict) -> di
         if len(p) + new > max_model_len:
             raise ValueError(f"prompt {i} ({len(p)} tokens) + max_new_tokens {new} > the {max_model_len}-token context")
         ids.append(p)
-    return {"prompts": ids, **req}
+    return {"prompts": ids, "seed": secrets.randbelow(2**31), **req}
 
 
 class InferenceWorker:
@@ -281,7 +283,7 @@ class InferenceWorker:
             req = parse_http_request(await http_request.body(), self.engine.tok, self.engine.max_model_len, self.limits)
         except ValueError as e:
             return JSONResponse({"error": str(e)}, 413 if "byte cap" in str(e) else 400)
-        return {"completions": await self.generate(req), "replica": self.replica}
+        return {"completions": await self.generate(req), "replica": self.replica, "seed": req["seed"]}
 
     async def sync_state(self) -> dict:  # async: answered on the replica's loop, no thread hop
         import ray

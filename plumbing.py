@@ -10,8 +10,10 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import socket
+import sys
 import time
 
 import torch
@@ -218,17 +220,20 @@ class RunLog:
 def start_run(cfg, acc) -> None:
     """Seeds, the run folder, and the resolved config in it (what --resume and readers of the run rely on)."""
     if cfg.prompts_per_step % acc.num_processes:
-        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the {acc.num_processes} ranks: "
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the {acc.num_processes} ranks: "
                          f"make it a multiple of {acc.num_processes}, or launch a divisor of it as --num_processes")
     from models import check_source
-    check_source(cfg.model)
-    check_source(cfg.data, "dataset")
+    try:
+        check_source(cfg.model)
+        check_source(cfg.data, "dataset")
+    except ValueError as e:  # a name or path the user gave
+        raise ConfigError(str(e)) from None
     if cfg.inference == "serve" and cfg.sync_port and acc.is_main_process:  # rank 0 will listen there
         with socket.socket() as s:
             try:
                 s.bind((cfg.sync_host, cfg.sync_port))
             except OSError as e:
-                raise ValueError(f"sync_port={cfg.sync_port} is in use on {cfg.sync_host} ({e.strerror}): pick another, "
+                raise ConfigError(f"sync_port={cfg.sync_port} is in use on {cfg.sync_host} ({e.strerror}): pick another, "
                                  f"or 0 for any free port") from None
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -287,24 +292,37 @@ def check_config(cfg) -> None:
         v = getattr(cfg, key)
         if (v < lo if lo_ok else v <= lo) or (hi is not None and v > hi):
             span = f"{'[' if lo_ok else '('}{lo}, {'inf)' if hi is None else f'{hi}]'}"
-            raise ValueError(f"config {key}={v!r} is outside {span}" + (f": {why}" if why else ""))
+            raise ConfigError(f"config {key}={v!r} is outside {span}" + (f": {why}" if why else ""))
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, refused before anything loads; its message names the fix. On the command line
+    (cli) it is one line and exit status 2, not a traceback: the user's mistake, not a crash."""
 
 
 def parse_config(cls, argv: list[str]):
-    """[config.yaml] [--key=value ...] -> cls (a dataclass). Unknown keys and wrong types are errors."""
+    """[config.yaml] [--key=value ...] -> cls (a dataclass). Unknown keys and wrong types are errors (ConfigError)."""
     cfg, fields = {}, {f.name: f for f in dataclasses.fields(cls)}
-    if argv and not argv[0].startswith("--"):
-        with open(argv[0]) as f:
-            cfg = yaml.safe_load(f) or {}
+    if argv and not argv[0].startswith("-"):
+        try:
+            with open(argv[0]) as f:
+                cfg = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"config file {argv[0]!r}: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"config file {argv[0]!r} must hold key: value lines, got {type(cfg).__name__}")
         argv = argv[1:]
     for arg in argv:
         if not arg.startswith("--"):
-            raise ValueError(f"expected --key=value, got {arg!r} (a config file comes first, then overrides)")
+            raise ConfigError(f"expected --key=value, got {arg!r} (a config file comes first, then overrides)")
         key, eq, val = arg[2:].partition("=")
-        cfg[key] = (yaml.safe_load(val) if val else "") if eq else True  # a bare --flag means True; --key= is ""
+        try:
+            cfg[key] = (yaml.safe_load(val) if val else "") if eq else True  # a bare --flag means True; --key= is ""
+        except yaml.YAMLError:
+            cfg[key] = val  # not YAML (e.g. "a: b"): the text itself, checked against the field's type below
     for key, val in cfg.items():
         if key not in fields:
-            raise ValueError(f"unknown config key {key!r}; known: {', '.join(fields)}")
+            raise ConfigError(f"unknown config key {key!r}; known: {', '.join(fields)} (--help explains each)")
         want = fields[key].type
         if want is float and not isinstance(val, bool) and isinstance(val, (int, str)):
             try:  # YAML reads 1e-6 (no dot) as a string, and 2 as an int
@@ -314,8 +332,43 @@ def parse_config(cls, argv: list[str]):
         if want is str and not isinstance(val, str) and val is not None and not isinstance(val, bool):
             val = cfg[key] = str(val)  # --model=123 is still a name
         if type(val) is not want:
-            raise TypeError(f"config {key}={val!r} is {type(val).__name__}, expected {want.__name__}")
+            raise ConfigError(f"config {key}={val!r} is {type(val).__name__}, expected {want.__name__}")
     return cls(**cfg)
+
+
+def config_help(cls, usage: str) -> str:
+    """--help: every field of the dataclass cls, under its section, with its type, default and the comment beside it
+    in the source (the dataclass is the one source of all three)."""
+    import inspect
+    out, fields = [usage], {f.name: f for f in dataclasses.fields(cls)}
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        s = line.strip()
+        if s.startswith("def "):
+            break
+        field = re.match(r"(\w+): [\w |]+ = .*?(?:  # (.*))?$", s)
+        if s.startswith("# ---"):
+            out += ["", s[5:].strip()]
+        elif field and field.group(1) in fields:
+            f = fields[field.group(1)]
+            default = f'"{f.default}"' if isinstance(f.default, str) and not f.default else f.default
+            out.append(f"  --{f.name}={default}".ljust(30) + f" {f.type.__name__:5}  {field.group(2) or ''}")
+        elif s.startswith("# ") and out[-1].startswith("  --"):  # a comment's continuation line
+            out[-1] += " " + s[2:]
+    return "\n".join(out)
+
+
+def cli(main, cls, argv: list[str], usage: str):
+    """The command line of a script whose main takes a cls config: -h / --help prints config_help and exits 0; a
+    ConfigError (a bad value, key, file, model or data name, found before anything heavy loads) prints its one line
+    and exits 2."""
+    if {"-h", "--help"} & set(argv):
+        print(config_help(cls, usage))
+        sys.exit(0)
+    try:
+        return main(parse_config(cls, argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def validate(acc, engine, tok, rows, cfg, step: int, log: RunLog):

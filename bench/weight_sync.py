@@ -78,13 +78,13 @@ class BenchWorker(infer_workers.InferenceWorker):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--replicas", type=int, default=2)
-    ap.add_argument("--shape", default="small", choices=sorted(SHAPES))
-    ap.add_argument("--engine", default="torch", choices=["torch", "vllm"])
-    ap.add_argument("--bucket-mb", type=float, default=256.0)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--deploy-timeout-s", type=float, default=600.0)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--replicas", type=int, default=2, help="Serve replicas (one GPU each on GPUs)")
+    ap.add_argument("--shape", default="small", choices=sorted(SHAPES), help="random:<shape> model")
+    ap.add_argument("--engine", default="torch", choices=["torch", "vllm"], help="the replicas' engine")
+    ap.add_argument("--bucket-mb", type=float, default=256.0, help="sync bucket size, MiB")
+    ap.add_argument("--iters", type=int, default=5, help="timed pushes (median)")
+    ap.add_argument("--deploy-timeout-s", type=float, default=600.0, help="how long the replicas may take to start")
     a = ap.parse_args()
     import ray
     from ray import serve

@@ -82,6 +82,22 @@ def test_generate_through_handle_and_http(app, tiny_model):
     assert len(http["completions"][1][0]["token_ids"]) > 0
 
 
+def test_http_sampling_differs_without_a_seed_and_repeats_with_one(app):
+    """Two identical HTTP requests without a seed sample differently (regression: the seed defaulted to 0, so every
+    such request returned the same completions); the seed each used comes back, and sending it reproduces them."""
+    name, port = app
+
+    def ask(**extra):
+        body = json.dumps({"prompts": ["Natalia sold clips to"], "n": 4, "max_new_tokens": 12, "temperature": 1.0,
+                           **extra}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/{name}", body, {"Content-Type": "application/json"})
+        out = json.load(urllib.request.urlopen(req, timeout=60))
+        return [c["token_ids"] for c in out["completions"][0]], out["seed"]
+    (a, seed_a), (b, seed_b) = ask(), ask()
+    assert a != b and seed_a != seed_b
+    assert ask(seed=seed_a) == (a, seed_a) and ask(seed=7) == ask(seed=7)
+
+
 def test_serve_client_satisfies_the_engine_contract(app, tiny_model):
     """The app seen from the trainer (ServeClient over 2 replicas) is an engine.Engine like the in-process ones."""
     name, _ = app
@@ -145,6 +161,7 @@ def test_killed_replica_is_replaced_and_rejoins(app, tiny_model):
     assert len(greedy(c)) == len(PROMPTS)
 
 
+@pytest.mark.parametrize("app", ["torch"], indirect=True)  # ServeClient / WeightSync logic: any engine
 def test_replica_that_never_joins_fails_clearly(app):
     """The trainer expects more workers than ever come up: a clear error within the timeout, no hang."""
     name, _ = app
@@ -174,6 +191,7 @@ def original_state(tiny_model):
     return list(load_file(os.path.join(tiny_model, "model.safetensors")).items())
 
 
+@pytest.mark.parametrize("app", ["torch"], indirect=True)  # ServeClient / WeightSync logic: any engine
 def test_frozen_replica_fails_the_push_naming_it(app, tiny_model):
     """A replica frozen (SIGSTOP) when a push starts: the push fails within its timeout with an error that names the
     replica and the operation, not a hang; thawed, the next push re-forms the group and succeeds."""
@@ -191,6 +209,7 @@ def test_frozen_replica_fails_the_push_naming_it(app, tiny_model):
     assert c.update_weights(original_state(tiny_model)) > v and len(c.sync.members) == 2
 
 
+@pytest.mark.parametrize("app", ["torch"], indirect=True)  # ServeClient / WeightSync logic: any engine
 def test_replica_killed_during_generation_costs_a_retry(app, tiny_model):
     """SIGKILL a replica as a batch is sent: the batch still comes back whole, every completion from the trainer's
     current weights; the restarted replica (initial weights) is re-pushed them (resync) before it serves."""
@@ -214,6 +233,7 @@ def test_replica_killed_during_generation_costs_a_retry(app, tiny_model):
     c.update_weights(state)  # leave the app as the other tests expect it
 
 
+@pytest.mark.parametrize("app", ["torch"], indirect=True)  # ServeClient / WeightSync logic: any engine
 def test_replica_killed_during_a_push_costs_a_retry(app, tiny_model, monkeypatch):
     """SIGKILL a replica while weights are on the wire (after the trainer's third bucket): the push is tried once
     more, after Serve has replaced the replica, and every replica ends up with the pushed weights."""
@@ -238,6 +258,7 @@ def test_replica_killed_during_a_push_costs_a_retry(app, tiny_model, monkeypatch
     assert greedy(c) == before
 
 
+@pytest.mark.parametrize("app", ["torch"], indirect=True)  # ServeClient / WeightSync logic: any engine
 def test_stranger_on_the_sync_port_changes_nothing(app, tiny_model):
     """Someone who reaches the sync store (no secret) grabs the ranks it can guess and sends garbage: the push goes
     on, to the real replicas, with the right weights."""
