@@ -15,8 +15,8 @@ TorchEngine is the single-machine default (`--inference local`) and the replica 
 Over ~350 lines because the fast path lives here: for Llama/Qwen2-shaped models our own forward over a static KV
 cache with continuous batching (a finished row's cache slot takes the next waiting sequence), each decode step a
 CUDA graph on GPUs (12x stock `generate` at bs 256, docs/perf.md).
-Left out: paged memory (each cache row holds one sequence's whole context) and prefix sharing between the G
-completions of one prompt (each row prefills its own copy).
+Left out: paged memory (each cache row holds one sequence's whole context; the G completions of a prompt share its
+prefill, not its cache slots).
 """
 from typing import Iterable, Protocol, TypedDict, runtime_checkable
 
@@ -298,19 +298,25 @@ class TorchEngine:
 
     def _prefill(self, prompts, rows):
         """New sequences into cache rows `rows` [n] from slot 0 -> logits at each one's last prompt token [n, V].
-        Right-padded: a row's pad columns write slots its decode steps overwrite before attending them."""
-        dev, L = self.model.device, max(map(len, prompts))
-        ids = torch.full((len(prompts), L), self.tok.pad_token_id, dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
+        Each distinct prompt runs once (the G completions of a prompt share it) and its keys/values are copied into
+        every row that holds it. Right-padded: a row's pad columns write slots its decode steps overwrite before
+        attending them."""
+        dev = self.model.device
+        first = {}  # distinct prompt -> its index among the distinct ones
+        which = torch.tensor([first.setdefault(tuple(p), len(first)) for p in prompts], device=dev)  # [n]
+        distinct = [list(p) for p in first]
+        L = max(map(len, distinct))
+        ids = torch.full((len(distinct), L), self.tok.pad_token_id, dtype=torch.long, device=dev)
+        for i, p in enumerate(distinct):
             ids[i, :len(p)] = torch.tensor(p, device=dev)
-        lens = torch.tensor([len(p) for p in prompts], device=dev)
-        self.in_col[rows] = lens  # where each row's first sampled token goes
+        lens = torch.tensor([len(p) for p in distinct], device=dev)
+        self.in_col[rows] = lens[which]  # where each row's first sampled token goes
 
-        def store(i, k, v):  # k, v [n, KV, L, hd]: the prompt's keys/values, attended to directly
-            self.cache[i, 0][rows, :, :L], self.cache[i, 1][rows, :, :L] = k, v
+        def store(i, k, v):  # k, v [distinct, KV, L, hd]: the prompts' keys/values, attended to directly
+            self.cache[i, 0][rows, :, :L], self.cache[i, 1][rows, :, :L] = k[which], v[which]
             return k, v
         ar = torch.arange(L, device=dev)
-        return self._forward(ids, ar.expand(len(prompts), L), (ar[:, None] >= ar)[None], lens - 1, store)
+        return self._forward(ids, ar.expand(len(distinct), L), (ar[:, None] >= ar)[None], lens - 1, store)[which]
 
     def _decode(self, tok, col, S):
         """One token per row: tok, col [B] (the slot it goes to = its position), attending over slots 0..S-1
