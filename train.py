@@ -236,24 +236,38 @@ def collate(prompts, completions, pad_id, device, packed=False):
 
 def policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg: Config, pad_id):
     """One AdamW step on this rank's share of the batch: grpo_loss over micro-batches, gradients
-    all-reduced once at the end, clipped. Returns (stats, this rank's completion tokens [1])."""
-    dev, world = acc.device, acc.num_processes
+    all-reduced once at the end, clipped. Returns (stats, this rank's completion tokens [1]).
+
+    Without a KL term (kl_coef 0, no reference model) a sequence whose advantage is 0 (its group all scored alike)
+    adds exactly 0 to the loss and its gradient, so only the others are forwarded: sequences with a signal first, in
+    as many micro-batches as the rank with the most of them needs (at least one), so that every rank makes the same
+    collectives (DDP, FSDP2). entropy and clip_frac are then over the sequences trained on; trained_frac says how many.
+    """
+    dev, world, mb = acc.device, acc.num_processes, cfg.micro_batch_size
     n_tok = torch.tensor([float(sum(len(c["token_ids"]) for c in completions))], device=dev)
     norm = loss_norm(cfg, cfg.prompts_per_step * cfg.group_size, int(acc.reduce(n_tok, "sum").item()))
+    signal = (adv != 0).tolist()
+    order = sorted(range(len(completions)), key=lambda i: not signal[i])  # stable: sequences with a signal first
+    n_mb = -(-len(completions) // mb)
+    if cfg.kl_coef == 0 and ref is None:  # skip the rest: every rank runs as many micro-batches as the busiest
+        n_mb = max(1, int(acc.reduce(torch.tensor([-(-sum(signal) // mb)], device=dev), "max").item()))
+    order = order[:n_mb * mb]
+    seq_prompts, completions, adv = [seq_prompts[i] for i in order], [completions[i] for i in order], adv[order]
+    trained_tok = sum(len(c["token_ids"]) for c in completions)
     stats = {k: torch.zeros((), device=dev) for k in ["loss", "entropy", "clip_frac"] + (["kl"] if ref else [])}
+    stats["trained_frac"] = torch.tensor(len(order) / len(signal), device=dev)
     policy.train()
-    mbs = range(0, len(completions), cfg.micro_batch_size)
-    for j, i in enumerate(mbs):
-        sl = slice(i, i + cfg.micro_batch_size)
+    for j, i in enumerate(range(0, len(completions), mb)):
+        sl = slice(i, i + mb)
         inputs, mask, old = collate(seq_prompts[sl], completions[sl], pad_id, dev, cfg.packing)
-        ctx = acc.no_sync(policy) if j < len(mbs) - 1 else torch.enable_grad()  # all-reduce once, at the end
+        ctx = acc.no_sync(policy) if j < n_mb - 1 else torch.enable_grad()  # all-reduce once, at the end
         with ctx, acc.autocast():
             logp, ent = policy(inputs, cfg.temperature, cfg.logprob_chunk)  # [b, L-1] each
             with torch.no_grad():
                 ref_logp = token_logprobs(ref, inputs, cfg.temperature, cfg.logprob_chunk, cfg.compile)[0] if ref else None
             loss, st = grpo_loss(logp, old, ref_logp, adv[sl], mask, cfg, norm)
             acc.backward(loss * world)  # DDP averages gradients over ranks; norm already counts them all
-        frac = mask.sum() / n_tok[0].clamp(min=1)  # this micro-batch's share of the completion tokens
+        frac = mask.sum() / max(trained_tok, 1)  # this micro-batch's share of the completion tokens trained on
         stats["loss"] += loss.detach() * world
         stats["entropy"] += (ent * mask).sum() / mask.sum().clamp(min=1) * frac
         for k in st.keys() & {"clip_frac", "kl"}:

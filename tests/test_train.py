@@ -129,6 +129,30 @@ def test_tiny_model_learns_toy_reward(tiny_model, tmp_path):
     assert last > first + 0.1, (first, last, r)
 
 
+def test_policy_step_skips_zero_advantage_sequences_exactly(tiny_model, tmp_path):
+    """Without KL, policy_step forwards only the sequences with a non-zero advantage (plus padding to a whole
+    micro-batch): the update equals the one over every sequence (forced here by a reference model at kl_coef 0)."""
+    from accelerate import Accelerator
+    acc = Accelerator(cpu=True)
+    cfg = cfg_for(tiny_model, tmp_path, micro_batch_size=2, kl_coef=0.0)
+    tok = train.load_tokenizer(tiny_model)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 200, (5,), generator=g).tolist() for _ in range(8)]
+    completions = [{"token_ids": torch.randint(3, 200, (n,), generator=g).tolist(), "logprobs": [-3.0] * n}
+                   for n in (4, 7, 2, 6, 3, 5, 4, 6)]
+    adv = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, -1.0, 0.0, 0.0])
+    weights, stats = [], []
+    for ref in (None, train.load_model(tiny_model, torch.float32, "cpu")):
+        lm = train.load_model(tiny_model, torch.float32, "cpu")
+        opt = torch.optim.SGD(lm.parameters(), lr=1.0)
+        st, _ = train.policy_step(acc, train.Policy(lm), ref, opt, prompts, completions, adv, cfg, tok.pad_token_id)
+        weights.append(torch.cat([p.detach().flatten() for p in lm.parameters()]))
+        stats.append(st)
+    assert stats[0]["trained_frac"] == pytest.approx(2 / 8) and stats[1]["trained_frac"] == 1.0
+    assert stats[0]["grad_norm"] > 0 and stats[0]["grad_norm"] == pytest.approx(stats[1]["grad_norm"], rel=1e-5)
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-6)
+
+
 def test_prompt_and_format_weight_come_from_the_config(tiny_model, tmp_path, monkeypatch):
     """cfg.prompt is the prompt of every question the run sends (training and in-loop validation), and the default
     reward is cfg.format_weight * format + accuracy. format_reward is made to pay 1 here, so the weight is visible
