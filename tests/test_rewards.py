@@ -189,10 +189,11 @@ def test_r1_prompts_name_the_tags_and_the_example_earns_full_credit():
     """The R1 system prompts ask for the exact tags format_reward checks; r1_example's worked example, as the
     model would write it after the prefilled <think>, is itself a full-credit completion (format 1, right answer)."""
     import gsm8k
-    for name in ("r1", "r1_example"):
+    for name in ("r1", "r1_example", "r1_turn"):
         for tag in ("<think>", "</think>", "<answer>", "</answer>"):
             assert tag in gsm8k.PROMPTS[name][0], (name, tag)
-    reply = gsm8k.EXAMPLE.split("the assistant replies: <think>")[1]
+    assert gsm8k.EXAMPLE.endswith(gsm8k.EXAMPLE_REPLY) and gsm8k.PROMPTS["r1_turn"][3][1] == gsm8k.EXAMPLE_REPLY
+    reply = gsm8k.EXAMPLE_REPLY.removeprefix("<think>")
     assert rewards.format_reward(reply) == 1.0 and rewards.accuracy_reward(reply, "#### 40") == 1.0, reply
 
 
