@@ -239,9 +239,30 @@ def start_run(cfg, acc) -> None:
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.run_dir, exist_ok=True)
     if acc.is_main_process:
+        moved = None if cfg.resume else set_aside_previous_run(cfg.run_dir)
+        if moved:
+            print(f"run folder {cfg.run_dir} held an earlier run: its metrics, config and checkpoints are now in {moved} "
+                  f"(--resume continues a run instead)")
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
     acc.print(f"{acc.num_processes} rank(s) on {acc.device}; run folder {cfg.run_dir}")
+
+
+def set_aside_previous_run(run_dir: str) -> str | None:
+    """A fresh start in a folder that holds an earlier run: its metrics.jsonl, config.yaml and ckpt/ move into
+    run_dir/previous-<date>-<time>/ (one rename each), so the new run's curves are its own and nothing is lost.
+    Returns that folder, or None when there was no earlier run."""
+    names = [n for n in ("metrics.jsonl", "config.yaml", "ckpt") if os.path.exists(os.path.join(run_dir, n))]
+    if not {"metrics.jsonl", "ckpt"} & set(names):
+        return None
+    dest, k = os.path.join(run_dir, time.strftime("previous-%Y%m%d-%H%M%S")), 1
+    while os.path.exists(dest + (f"-{k}" if k > 1 else "")):
+        k += 1
+    dest += f"-{k}" if k > 1 else ""
+    os.makedirs(dest)
+    for n in names:
+        os.replace(os.path.join(run_dir, n), os.path.join(dest, n))
+    return dest
 
 
 class Deadline:

@@ -73,6 +73,19 @@ def test_three_steps_end_to_end(tiny_model, tmp_path):
     assert state["step"] == 3 and state["config"] == dataclasses.asdict(cfg)
 
 
+def test_fresh_start_in_a_used_folder_sets_the_earlier_run_aside(tiny_model, tmp_path):
+    """A second run into the same folder without --resume: its metrics.jsonl holds only its own rows, and the first
+    run's metrics, config and checkpoint are kept in previous-*/ (regression: rows of both runs in one file)."""
+    run = tmp_path / "run"
+    train.main(cfg_for(tiny_model, run, max_steps=2))
+    train.main(cfg_for(tiny_model, run, max_steps=1, lr=2e-3))
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]
+    (old,) = run.glob("previous-*")
+    assert [json.loads(line)["step"] for line in open(old / "metrics.jsonl")] == [1, 2]
+    assert (old / "ckpt" / "latest" / "state.pt").exists() and train.load_config([str(old / "config.yaml")]).lr == 1e-3
+    assert train.load_config([str(run / "config.yaml")]).lr == 2e-3
+
+
 def test_stop_after_min_checkpoints_and_resume_finishes(tiny_model, tmp_path):
     """stop_after_min (a job's time limit): the run stops after the step that passes it, with a checkpoint, and
     --resume goes on to max_steps; the last validation row is written only by the run that finishes."""
@@ -171,6 +184,20 @@ def test_prompt_and_format_weight_come_from_the_config(tiny_model, tmp_path, mon
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~3 min: two real steps of SmolLM2-135M on the CPU
+def test_cpu_demo_config_gives_a_learning_signal(tmp_path):
+    """README's main job (exps/cpu_smollm2) with its own settings, 2 of its 6 steps: SmolLM2-135M writes the format in
+    some completions, so rewards and the gradient are non-zero (regression: with the example inside the system
+    message, every reward of the demo was 0 and its update did nothing)."""
+    cfg = train.load_config([os.path.join(ROOT, "exps", "cpu_smollm2", "config.yaml"), f"--run_dir={tmp_path / 'run'}",
+                             f"--data={GSM8K}", "--max_steps=2", "--eval_every=0"])
+    train.main(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert any(r["format"] > 0 and r["reward"] > 0 and r["grad_norm"] > 0 for r in rows), rows
+
+
+@pytest.mark.slow
+@pytest.mark.extended  # 2-rank DDP: test_two_rank_step_equals_one_rank, launched the same way
 def test_two_ranks_with_accelerate_launch(tiny_model, tmp_path):
     """accelerate launch with 2 CPU processes (gloo DDP) trains and checkpoints."""
     run = tmp_path / "ddp"
@@ -231,6 +258,7 @@ def test_fsdp2_step_equals_one_rank(multi_gpu_ref):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the FSDP2 step itself: test_fsdp2_step_equals_one_rank
 def test_fsdp2_train_checkpoint_and_resume(tiny_model, tmp_path):
     """train.py under FSDP2 (2 CPU ranks, a local engine per rank): every rank's engine and reference model hold the
     trainer's full weights (ratio 1 and KL 0 before the first update; regression: with rank-0-only loading, rank 1's
