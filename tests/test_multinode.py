@@ -20,7 +20,7 @@ import train
 from test_serve import free_port, replica_processes
 from test_train import LAUNCH, cfg_for, digit_reward, launch
 
-pytestmark = pytest.mark.slow  # a 4-node Ray cluster and its replicas
+pytestmark = [pytest.mark.slow, pytest.mark.extended]  # a 4-node Ray cluster and its replicas
 
 
 @pytest.fixture(scope="module")

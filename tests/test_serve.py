@@ -60,6 +60,13 @@ def client(name, **sync):
     return ServeClient(name, timeout_s=120, sync={"timeout_s": 60, **sync})
 
 
+def torch_only(app):
+    """The fault tests exercise ServeClient / WeightSync logic, the same for any engine: the torch app runs them (a
+    skip, not indirect parametrization, which made pytest start the vLLM app twice)."""
+    if app[0] == "tiny_vllm":
+        pytest.skip("client and sync logic: run on the torch app")
+
+
 def greedy(c):
     return [g[0]["token_ids"] for g in c.generate(PROMPTS, max_new_tokens=8, temperature=0)]
 
@@ -146,6 +153,7 @@ def test_two_grpo_steps_through_the_app(app, tiny_model, tmp_path):
 
 def test_killed_replica_is_replaced_and_rejoins(app, tiny_model):
     """A replica killed between steps: Serve restarts it, the next push re-forms the group, no hang."""
+    torch_only(app)  # a vLLM replica's start: the app fixture
     import ray
     name, _ = app
     c = client(name, timeout_s=300)
@@ -161,9 +169,9 @@ def test_killed_replica_is_replaced_and_rejoins(app, tiny_model):
     assert len(greedy(c)) == len(PROMPTS)
 
 
-@pytest.mark.parametrize("app", ["torch"], indirect=True)  # ServeClient / WeightSync logic: any engine
 def test_replica_that_never_joins_fails_clearly(app):
     """The trainer expects more workers than ever come up: a clear error within the timeout, no hang."""
+    torch_only(app)
     name, _ = app
     c = client(name, timeout_s=5, expected_workers=3)
     t0 = time.monotonic()
@@ -191,10 +199,10 @@ def original_state(tiny_model):
     return list(load_file(os.path.join(tiny_model, "model.safetensors")).items())
 
 
-@pytest.mark.parametrize("app", ["torch"], indirect=True)  # ServeClient / WeightSync logic: any engine
 def test_frozen_replica_fails_the_push_naming_it(app, tiny_model):
     """A replica frozen (SIGSTOP) when a push starts: the push fails within its timeout with an error that names the
     replica and the operation, not a hang; thawed, the next push re-forms the group and succeeds."""
+    torch_only(app)
     name, _ = app
     replica_processes(name)  # both up
     c = client(name, timeout_s=8)
@@ -209,10 +217,10 @@ def test_frozen_replica_fails_the_push_naming_it(app, tiny_model):
     assert c.update_weights(original_state(tiny_model)) > v and len(c.sync.members) == 2
 
 
-@pytest.mark.parametrize("app", ["torch"], indirect=True)  # ServeClient / WeightSync logic: any engine
 def test_replica_killed_during_generation_costs_a_retry(app, tiny_model):
     """SIGKILL a replica as a batch is sent: the batch still comes back whole, every completion from the trainer's
     current weights; the restarted replica (initial weights) is re-pushed them (resync) before it serves."""
+    torch_only(app)
     name, _ = app
     replica_processes(name)  # both up
     c = client(name, timeout_s=300)
@@ -233,10 +241,10 @@ def test_replica_killed_during_generation_costs_a_retry(app, tiny_model):
     c.update_weights(state)  # leave the app as the other tests expect it
 
 
-@pytest.mark.parametrize("app", ["torch"], indirect=True)  # ServeClient / WeightSync logic: any engine
 def test_replica_killed_during_a_push_costs_a_retry(app, tiny_model, monkeypatch):
     """SIGKILL a replica while weights are on the wire (after the trainer's third bucket): the push is tried once
     more, after Serve has replaced the replica, and every replica ends up with the pushed weights."""
+    torch_only(app)
     import weight_sync
     name, _ = app
     replica_processes(name)  # both up
@@ -258,10 +266,10 @@ def test_replica_killed_during_a_push_costs_a_retry(app, tiny_model, monkeypatch
     assert greedy(c) == before
 
 
-@pytest.mark.parametrize("app", ["torch"], indirect=True)  # ServeClient / WeightSync logic: any engine
 def test_stranger_on_the_sync_port_changes_nothing(app, tiny_model):
     """Someone who reaches the sync store (no secret) grabs the ranks it can guess and sends garbage: the push goes
     on, to the real replicas, with the right weights."""
+    torch_only(app)
     import datetime
     name, _ = app
     replica_processes(name)  # both up

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow  # a real `serve run` process and its Ray
+pytestmark = [pytest.mark.slow, pytest.mark.extended]  # a real `serve run` process and its Ray (test_serve: the same app)
 
 
 def test_serve_run_cli_serves_over_http(tiny_model, tmp_path):
@@ -33,7 +33,7 @@ def test_serve_run_cli_serves_over_http(tiny_model, tmp_path):
             try:
                 req = urllib.request.Request("http://127.0.0.1:8000/", body, {"Content-Type": "application/json"})
                 out = json.load(urllib.request.urlopen(req, timeout=30))
-            except (urllib.error.URLError, ConnectionError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError):  # not up yet, or the replica still starting
                 time.sleep(2)
         comps = out["completions"][0]
         assert len(comps) == 2 and all(0 < len(c["token_ids"]) <= 5 and c["version"] == 0 for c in comps)
