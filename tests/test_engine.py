@@ -203,5 +203,5 @@ def test_engine_protocol(kind, tiny_model):
         check_engine_contract(TorchEngine(load_model(tiny_model), load_tokenizer(tiny_model)), tiny_model)
         return
     p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "conftest.py"), "vllm", tiny_model], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": ROOT})
+                       capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
     assert p.returncode == 0 and "contract ok" in p.stdout, (p.stdout + p.stderr)[-3000:]
