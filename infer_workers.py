@@ -7,6 +7,8 @@ Configured by environment variables:
     MODEL_NAME_OR_PATH (smollm2)  NUM_INFER_WORKERS (1)  INFER_ENGINE (vllm if importable, else torch)
     INFER_DTYPE (auto: bfloat16 on GPU, float32 on CPU)  MAX_MODEL_LEN (2048)
     GPU_MEMORY_UTILIZATION (0.85)  TENSOR_PARALLEL_SIZE (1)  ENFORCE_EAGER (0: vLLM with CUDA graphs)
+    GPUS_PER_REPLICA (TENSOR_PARALLEL_SIZE; below 1: a share of a GPU, e.g. 0.5 beside the trainer on its GPU)
+    INFER_MAX_BATCH (torch engine's cache rows, its memory: 0 = engine.default_max_batch)
     VLLM_CPU_KVCACHE_SPACE (GiB, 1 here)
     HTTP_MAX_N (64)  HTTP_MAX_NEW_TOKENS (4096)  HTTP_MAX_BODY_BYTES (1000000): caps on one HTTP request
 or as builder arguments: `serve run infer_workers:build_app model=smollm2 num_workers=2 engine=torch`.
@@ -30,7 +32,7 @@ import torch
 
 from engine import TorchEngine, default_max_batch
 from models import DTYPES, default_dtype, load_model, load_tokenizer, resolve_model
-from weight_sync import Receiver
+from weight_sync import Receiver, device_id, read_shared
 
 
 class VLLMWorkerExtension:
@@ -49,8 +51,9 @@ class VLLMWorkerExtension:
         if hasattr(self, "sync_receiver"):
             self.sync_receiver.leave()
 
-    def receive_weights(self, plan, timeout_s) -> int:
-        self.load_named_weights(self.sync_receiver.receive(plan, timeout_s))
+    def receive_weights(self, plan, timeout_s, ipc=False) -> int:
+        device = self.device if torch.device(self.device).type == "cuda" else "cpu"
+        self.load_named_weights(read_shared(plan, device) if ipc else self.sync_receiver.receive(plan, timeout_s))
         return plan["version"]
 
     def load_named_weights(self, weights) -> None:
@@ -113,11 +116,12 @@ class VLLMEngine:
 
 def make_engine(model: str, engine: str = "auto", dtype: str = "auto", max_model_len: int = 2048,
                 gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1, seed: int = 0, cpu_core=None,
-                enforce_eager: bool = False):
+                enforce_eager: bool = False, max_batch: int = 0):
     """An engine in this process. engine: vllm | torch | auto (vLLM where it is installed, else torch);
     dtype: auto (models.default_dtype) or a name in models.DTYPES. On the CPU, vLLM binds its threads to
     cpu_core (one per engine, so that replicas do not share cores) or to every core of this process. enforce_eager:
-    vLLM without CUDA graphs or torch.compile (starts in seconds; generates slower)."""
+    vLLM without CUDA graphs or torch.compile (starts in seconds; generates slower). max_batch: the torch engine's
+    cache rows (0: engine.default_max_batch); with vLLM, gpu_memory_utilization caps the memory instead."""
     if engine == "auto":
         engine = "vllm" if importlib.util.find_spec("vllm") else "torch"
     if engine not in ("vllm", "torch"):
@@ -134,7 +138,7 @@ def make_engine(model: str, engine: str = "auto", dtype: str = "auto", max_model
         return VLLMEngine(model, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed, enforce_eager)
     dt = DTYPES[dtype] if dtype != "auto" else default_dtype(dev)
     return TorchEngine(load_model(model, dt, dev), load_tokenizer(model), max_model_len=max_model_len,
-                       max_batch=default_max_batch(dev))
+                       max_batch=max_batch or default_max_batch(dev))
 
 
 class LocalSync:
@@ -152,8 +156,9 @@ class LocalSync:
         if getattr(self, "receiver", None):
             self.receiver.leave()
 
-    def receive_weights(self, plan, timeout_s) -> int:
-        version = self.engine.update_weights(self.receiver.receive(plan, timeout_s), plan["version"])
+    def receive_weights(self, plan, timeout_s, ipc=False) -> int:
+        weights = read_shared(plan, self.engine.model.device) if ipc else self.receiver.receive(plan, timeout_s)
+        version = self.engine.update_weights(weights, plan["version"])
         if self.engine.model.device.type == "cuda":
             torch.cuda.synchronize(self.engine.model.device)  # "loaded" means loaded, not queued
         return version
@@ -170,8 +175,8 @@ class VLLMSync:
     def leave_sync_group(self) -> None:
         self.engine.llm.collective_rpc("leave_sync_group")
 
-    def receive_weights(self, plan, timeout_s) -> int:
-        self.engine.llm.collective_rpc("receive_weights", args=(plan, timeout_s))
+    def receive_weights(self, plan, timeout_s, ipc=False) -> int:
+        self.engine.llm.collective_rpc("receive_weights", args=(plan, timeout_s, ipc))
         self.engine.llm.reset_prefix_cache()  # cached KV was computed by the old weights
         self.engine.version = plan["version"]
         return self.engine.version
@@ -238,7 +243,7 @@ class InferenceWorker:
     asyncio lock, so a weight change waits for in-flight requests to drain and new ones wait for it: no
     completion mixes weight versions."""
     def __init__(self, model, engine, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed,
-                 limits=None, enforce_eager=False):
+                 limits=None, enforce_eager=False, max_batch=0):
         from ray import serve
         self.replica = serve.get_replica_context().replica_id.unique_id
         core = None
@@ -249,7 +254,7 @@ class InferenceWorker:
             core = cores[rank % len(cores)]
         self.model, self.limits = model, limits or {k: default for k, (_, default) in LIMITS.items()}
         self.engine = make_engine(model, engine, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size,
-                                  seed, cpu_core=core, enforce_eager=enforce_eager)
+                                  seed, cpu_core=core, enforce_eager=enforce_eager, max_batch=max_batch)
         self.sync = VLLMSync(self.engine) if isinstance(self.engine, VLLMEngine) else LocalSync(self.engine)
         self.lock = asyncio.Lock()
         self.generation = None
@@ -290,11 +295,18 @@ class InferenceWorker:
         return {"replica": self.replica, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "generation": self.generation, "version": self.engine.version,
                 "num_workers": self.sync.num_workers, "dtype": self.engine.dtype, "model": self.model,
+                "device": device_id(self.engine.model.device if isinstance(self.sync, LocalSync) else
+                                    "cuda" if torch.cuda.is_available() else "cpu"),
                 "engine": type(self.engine).__name__,
                 "max_model_len": self.engine.max_model_len}
 
-    async def join_sync_group(self, host, port, world, generation, key, backend, timeout_s) -> str:
-        await self._locked(self.sync.join_sync_group, host, port, world, key, backend, timeout_s)
+    async def join_sync_group(self, host, port, world, generation, key, backend, timeout_s, ipc=()) -> str:
+        """Join generation `generation` of the trainer's group, or, named in ipc, leave any group: this replica reads
+        the trainer's shared buffer (weight_sync.SharedBuffer) in each push instead."""
+        if self.replica in ipc:
+            await self._locked(self.sync.leave_sync_group)
+        else:
+            await self._locked(self.sync.join_sync_group, host, port, world, key, backend, timeout_s)
         self.generation = generation
         return self.replica
 
@@ -309,7 +321,8 @@ class InferenceWorker:
         if plan["generation"] != self.generation:
             raise RuntimeError(f"replica {self.replica} is in sync group {self.generation}, the trainer pushes on "
                                f"{plan['generation']}")
-        version = await self._locked(self.sync.receive_weights, plan, timeout_s)
+        ipc = self.replica in plan.get("ipc_replicas", ())
+        version = await self._locked(self.sync.receive_weights, plan, timeout_s, ipc)
         return {"replica": self.replica, "version": version, "t_arrive": arrive, "t_done": time.time()}
 
 
@@ -420,13 +433,15 @@ def build_app(args: dict, worker_cls=None):
         raise ValueError(f"engine={engine!r} (INFER_ENGINE): use vllm or torch")
     deployment = serve.deployment(
         worker_cls or InferenceWorker, name="InferenceWorker", num_replicas=int(opt("num_workers", "NUM_INFER_WORKERS", 1)),
-        ray_actor_options={"num_gpus": tp} if gpu else {"num_cpus": 1}, max_ongoing_requests=16)
+        ray_actor_options={"num_gpus": float(opt("gpus_per_replica", "GPUS_PER_REPLICA", tp))} if gpu else
+        {"num_cpus": 1}, max_ongoing_requests=16)
     limits = {k: int(opt(k, env_var, default)) for k, (env_var, default) in LIMITS.items()}
     return deployment.bind(opt("model", "MODEL_NAME_OR_PATH", "smollm2"), engine, opt("dtype", "INFER_DTYPE", "auto"),
                            int(opt("max_model_len", "MAX_MODEL_LEN", 2048)),
                            float(opt("gpu_memory_utilization", "GPU_MEMORY_UTILIZATION", 0.85)), tp,
                            int(opt("seed", "INFER_SEED", 0)), limits,
-                           str(opt("enforce_eager", "ENFORCE_EAGER", "0")).lower() in ("1", "true"))
+                           str(opt("enforce_eager", "ENFORCE_EAGER", "0")).lower() in ("1", "true"),
+                           int(opt("max_batch", "INFER_MAX_BATCH", 0)))
 
 
 inference_app = build_app({}) if importlib.util.find_spec("ray") else None  # importable without Ray (train.py)

@@ -139,7 +139,7 @@ def make_engine(cfg, acc, tok, model_src: str, min_model_len: int):
     from infer_workers import ServeClient
     ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=False)
     sync = dict(host=cfg.sync_host, port=cfg.sync_port, bucket_mb=cfg.sync_bucket_mb, timeout_s=cfg.sync_timeout_s,
-                device=acc.device) if acc.is_main_process else None  # rank 0 pushes; every rank samples
+                device=acc.device, ipc=cfg.sync_ipc) if acc.is_main_process else None  # rank 0 pushes; every rank samples
     return ServeClient(cfg.serve_app, cfg.sync_timeout_s, sync, model=cfg.model, min_model_len=min_model_len,
                        top_p=cfg.top_p)
 

@@ -75,6 +75,8 @@ class Config:
     sync_host: str = "127.0.0.1"  # address replicas reach this trainer's sync store on (its IP, multi-node)
     sync_port: int = 0  # port of that store; 0 = any free one
     sync_bucket_mb: float = 1024.0  # weight-sync bucket size, MiB of the engine dtype (the pusher keeps 2 pack buffers)
+    sync_ipc: str = "auto"  # auto: a replica on this trainer's GPU reads its weights via CUDA IPC, the others get the
+    # broadcast | always: CPU replicas on this machine too (shared memory) | never (weight_sync.WeightSync)
     sync_timeout_s: float = 300.0  # every sync wait and generate request gives up after this, s
     # --- eval, checkpoints, logging
     val_size: int = 500  # last train problems held out as the validation set: in-loop eval, never trained on
@@ -93,7 +95,7 @@ class Config:
             raise plumbing.ConfigError(f"format_weight={self.format_weight} must be in [0, 1): a right answer (1) must be worth "
                              f"more than perfect form")
         for key, allowed in (("loss_type", ("grpo", "dr_grpo", "dapo")), ("inference", ("local", "serve")),
-                             ("prompt", tuple(gsm8k.PROMPTS))):
+                             ("prompt", tuple(gsm8k.PROMPTS)), ("sync_ipc", ("auto", "always", "never"))):
             if getattr(self, key) not in allowed:
                 raise plumbing.ConfigError(f"{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
 

@@ -14,6 +14,12 @@ One push:
   3. the RPC answers with the replica's new weight version; all must agree.
 Every wait has a timeout; errors name the replica (Serve id) and the group generation.
 
+A replica on the trainer's own GPU cannot be an NCCL rank beside it (NCCL refuses two ranks on one device): it
+reads the trainer's packed buffer through CUDA IPC instead (`ipc`: auto), in the same push as the broadcast to the
+others. On a CPU the same path runs over shared memory (a file in /dev/shm mapped by both; `ipc`: always), which is
+how the tests exercise it. The trainer keeps that buffer, and rewrites it only in its next push, after every replica
+has answered this one: a replica copies out of it while loading and keeps no reference.
+
 Left out: sharded (per-TP-rank) transfer: every worker receives full tensors and the engine's own
 loader shards them, as vLLM's RLHF example does. vLLM's native NCCL weight-transfer engine
 (vllm/distributed/weight_transfer) is GPU-only; see docs/perf.md for which path each engine takes.
@@ -21,8 +27,10 @@ loader shards them, as vLLM's RLHF example does. vLLM's native NCCL weight-trans
 import concurrent.futures
 import datetime
 import gc
+import os
 import secrets
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -102,6 +110,74 @@ def broadcast(group, tensor, timeout_s, wait=True):
     return work.wait() if wait else work
 
 
+def device_id(device) -> str:
+    """What a replica and the trainer compare to know they share a device: "cpu", or the GPU's UUID (CUDA indices
+    differ between processes that see different CUDA_VISIBLE_DEVICES)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    return str(torch.cuda.get_device_properties(device.index if device.index is not None else
+                                                torch.cuda.current_device()).uuid)
+
+
+class SharedBuffer:
+    """The trainer's packed weights, readable in place by replicas on its own device: on CUDA through an IPC handle
+    (torch.multiprocessing.reductions.reduce_tensor, rebuilt by open_shared), on a CPU through a /dev/shm file both
+    sides map (torch.from_file(shared=True)). One flat buffer holds every bucket back to back."""
+    def __init__(self, numel, dtype, device, tag):
+        self.numel, self.dtype, self.device = numel, dtype, torch.device(device)
+        if self.device.type == "cuda":
+            from torch.multiprocessing.reductions import reduce_tensor
+            self.buf, self.path = torch.empty(numel, dtype=dtype, device=self.device), None
+            _, args = reduce_tensor(self.buf)
+            self.handle = {"kind": "cuda", "args": args, "uuid": device_id(self.device)}
+        else:
+            self.path = f"/dev/shm/simple-r1-{tag}-{numel}-{str(dtype)[6:]}"
+            self.buf = torch.from_file(self.path, shared=True, size=numel, dtype=dtype)
+            self.handle = {"kind": "shm", "path": self.path}
+        self.handle |= {"numel": numel, "dtype": str(dtype)[6:]}
+        # the file goes with this object, or at exit (a SIGKILLed trainer leaves it in /dev/shm)
+        self._unlink = weakref.finalize(self, _unlink, self.path) if self.path else None
+
+    def close(self):
+        self.buf = None
+        if self._unlink:
+            self._unlink()
+
+
+def _unlink(path):
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def open_shared(handle, device):
+    """A replica's view of the trainer's SharedBuffer (no copy): CUDA IPC or the /dev/shm file."""
+    if handle["kind"] == "shm":
+        if not os.path.exists(handle["path"]):
+            raise RuntimeError(f"weight sync: shared buffer {handle['path']} is gone (the trainer closed it, or this "
+                               f"replica is not on the trainer's machine)")
+        return torch.from_file(handle["path"], shared=True, size=handle["numel"], dtype=DTYPES[handle["dtype"]])
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+    if device_id(device) != handle["uuid"]:
+        raise RuntimeError(f"weight sync: CUDA IPC buffer on GPU {handle['uuid']}, this replica is on "
+                           f"{device_id(device)}: only a replica on the trainer's GPU can read it")
+    args = list(handle["args"])
+    args[6] = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    return rebuild_cuda_tensor(*args)  # args[6]: the trainer's device index, here this process's index of that GPU
+
+
+def read_shared(plan, device):
+    """(name, tensor) for every planned tensor and alias, as views of the trainer's shared buffer (plan["ipc"])."""
+    buf, by_name, off = open_shared(plan["ipc"], device), {}, 0
+    for bucket in plan["buckets"]:
+        for name, shape, n in bucket:
+            by_name[name] = buf[off:off + n].view(shape)
+            yield name, by_name[name]
+            off += n
+    for name, src in plan["aliases"].items():
+        yield name, by_name[src]
+
+
 class Receiver:
     """Replica side, one per worker: join a group, then turn broadcast buckets into (name, tensor)."""
     def __init__(self, device):
@@ -146,9 +222,13 @@ class WeightSync:
 
     The group is formed on the first push and re-formed (a new generation) whenever the replicas
     report a different membership, e.g. after Serve restarted a dead replica.
+
+    ipc: which replicas read the trainer's buffer in place instead of joining the broadcast: "auto" those on the
+    trainer's own GPU (same Ray node, same GPU UUID, one worker; NCCL cannot serve them), "always" also CPU replicas on
+    the trainer's node (shared memory), "never" none.
     """
     def __init__(self, handle, bucket_mb=1024.0, host="127.0.0.1", port=0, backend=None, device="cpu",
-                 timeout_s=120.0, expected_workers=None):
+                 timeout_s=120.0, expected_workers=None, ipc="auto"):
         self.handle, self.bucket_mb, self.timeout_s = handle, bucket_mb, timeout_s
         self.backend = backend or ("nccl" if torch.device(device).type == "cuda" else "gloo")
         self.host, self.device = host, torch.device(device)
@@ -160,6 +240,14 @@ class WeightSync:
         self.secret = secrets.token_hex(16)  # every key of our groups starts with it; it travels only over Ray
         self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="weight-sync-rpc")
         self._ring = []  # _send's two pack buffers, made on first use
+        if ipc not in ("auto", "always", "never"):
+            raise ValueError(f"ipc={ipc!r}: use auto, always or never")
+        self.ipc, self.ipc_members, self.shared, self.device_id = ipc, set(), None, device_id(self.device)
+        try:
+            import ray
+            self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        except ImportError:
+            self.node = None
 
     def _broadcast(self, method, *args):
         """Call `method` on every replica, starting now (a Serve broadcast is only sent once its results are
@@ -188,17 +276,27 @@ class WeightSync:
                                    f"no answer from replicas {silent or '(not known yet)'}; errors: {errors}")
             time.sleep(0.5)
 
+    def takes_ipc(self, state) -> bool:
+        """Does this replica read our shared buffer (see the class docstring) rather than join the broadcast?"""
+        here = self.node is not None and state.get("node") == self.node and state.get("device") == self.device_id
+        return (self.ipc == "always" or self.ipc == "auto" and self.device.type == "cuda") and here and \
+            state["num_workers"] == 1
+
     def connect(self, states):
-        """Form a new group (generation + 1) with every replica worker in `states`."""
+        """Form a new group (generation + 1) with every replica worker in `states` that does not take IPC (none
+        when all do); the IPC replicas are told so and join no group."""
         self.close_group(abort=True)  # the old one may have lost a member: never wait on it
         self.generation += 1
-        g, world, key = self.generation, 1 + sum(s["num_workers"] for s in states), f"{self.secret}/g{self.generation}"
-        if self.expected_workers is not None and world - 1 != self.expected_workers:
-            raise RuntimeError(f"weight sync: {world - 1} workers but {self.expected_workers} expected")
+        ipc = sorted(s["replica"] for s in states if self.takes_ipc(s))
+        n_workers = sum(s["num_workers"] for s in states)
+        g, world, key = self.generation, 1 + n_workers - len(ipc), f"{self.secret}/g{self.generation}"
+        if self.expected_workers is not None and n_workers != self.expected_workers:
+            raise RuntimeError(f"weight sync: {n_workers} workers but {self.expected_workers} expected")
         replicas = sorted(s["replica"] for s in states)
-        resp = self._broadcast("join_sync_group", self.host, self.port, world, g, key, self.backend, self.timeout_s)
+        resp = self._broadcast("join_sync_group", self.host, self.port, world, g, key, self.backend, self.timeout_s, ipc)
         try:
-            _, self.group, _ = open_group(self.host, self.port, 0, world, key, self.backend, self.timeout_s)
+            if world > 1:
+                _, self.group, _ = open_group(self.host, self.port, 0, world, key, self.backend, self.timeout_s)
         except Exception as e:
             joined = int(self.store.add(f"{key}/next_rank", 0))
             answers = resp.result() if resp.done() else "still waiting"
@@ -211,8 +309,8 @@ class WeightSync:
         if failed:
             missing = sorted(set(replicas) - {x for x in res if not isinstance(x, BaseException)})
             raise RuntimeError(f"weight sync group {g}: replicas {missing} failed to join: {failed}")
-        self.members = {(s["replica"], g) for s in states}
-        self.expected_workers = world - 1
+        self.members, self.ipc_members = {(s["replica"], g) for s in states}, set(ipc)
+        self.expected_workers = n_workers
 
     @staticmethod
     def _who(res, members) -> str:
@@ -224,15 +322,35 @@ class WeightSync:
 
     def close_group(self, abort=False):
         close_group(self.group, abort)
-        self.group, self.members = None, None
+        self.group, self.members, self.ipc_members = None, None, set()
 
     def close(self):
         """Every replica leaves the group, then ours goes: nobody is left polling a store that is about to close."""
-        if self.group is not None:
+        errors = []
+        if self.members is not None:
             res = self._broadcast("leave_sync_group").result()
             self.close_group()
-            return [r for r in res if isinstance(r, BaseException)]
-        return []
+            errors = [r for r in res if isinstance(r, BaseException)]
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
+        return errors
+
+    def _pack_shared(self, buckets, tensors, dtype):
+        """Every bucket, cast, into the one SharedBuffer the IPC replicas read (kept across pushes; made again only
+        when the size or dtype changes). Returns each bucket's slice of it, for the broadcast to the others."""
+        sizes = [sum(n for _, _, n in b) for b in buckets]
+        if self.shared is None or self.shared.numel != sum(sizes) or self.shared.dtype != dtype:
+            if self.shared is not None:
+                self.shared.close()
+            self.shared = SharedBuffer(sum(sizes), dtype, self.device, self.secret[:12])
+        it, slices = iter(tensors), list(self.shared.buf.split(sizes))
+        for bucket, buf in zip(buckets, slices):
+            src = [next(it).detach() for _ in bucket]
+            torch._foreach_copy_(list(buf.split([n for _, _, n in bucket])), [t.reshape(-1) for t in src])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the replicas read it on their own streams once told to
+        return slices
 
     def _send(self, buckets, tensors, dtype):
         """Broadcast the buckets. Each is packed (cast to the wire dtype, one copy) into one of two buffers kept
@@ -272,10 +390,18 @@ class WeightSync:
         version = self.version + 1 if version is None else version
         plan = {"buckets": buckets, "aliases": aliases, "dtype": dtype, "generation": self.generation,
                 "version": version}
+        slices = None
+        if self.ipc_members:  # packed before anyone is told: the IPC replicas read it as soon as the RPC arrives
+            slices = self._pack_shared(buckets, tensors, DTYPES[dtype])
+            plan |= {"ipc": self.shared.handle, "ipc_replicas": sorted(self.ipc_members)}
         t1, sent = time.perf_counter(), time.time()
         resp = self._broadcast("receive_weights", plan, self.timeout_s)
         try:
-            self._send(buckets, tensors, DTYPES[dtype])
+            if slices is not None and self.group is not None:
+                for w in [broadcast(self.group, buf, self.timeout_s, wait=False) for buf in slices]:
+                    w.wait()
+            elif slices is None:
+                self._send(buckets, tensors, DTYPES[dtype])
             t2 = time.perf_counter()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # our end is done when every member has the last bucket

@@ -4,7 +4,8 @@
 # 1. baseline: the initial model on the whole GSM8K test set (greedy strict + lenient, format, maj@8) with the run's
 #    prompt, and the reference it must beat: the model's own chain of thought (prompt cot, greedy, lenient), on GPU 0
 # 2. training: 2+ GPUs: GPU 0 trains, GPUs 1..N-1 each hold a torch-engine replica of the Serve app, weights
-#    over NCCL after every step (the app starts while the baseline runs); 1 GPU: the in-process engine
+#    over NCCL after every step (the app starts while the baseline runs); 1 GPU: the in-process engine, or with
+#    INFERENCE=serve one replica beside the trainer on its GPU (GPUS_PER_REPLICA of it), weights by CUDA IPC
 # 3. the final checkpoint on the whole test set, then res/: metrics, curves, before/after evaluation
 # Run it again to go on after a stop (a time limit, --stop_after_min, a crash): finished parts are skipped and
 # training resumes from the last checkpoint. STOP_AT=<unix time>: a job's end; training stops (with a checkpoint)
@@ -34,8 +35,11 @@ evaluate() {  # evaluate MODEL_PATH KEY [PROMPT MAJ_K]: the whole test set -> $R
 
 if [ "$INFERENCE" = serve ]; then   # the app: one torch-engine replica per GPU after the first (CPU: one replica)
     export MODEL_NAME_OR_PATH=$MODEL INFER_ENGINE=torch NUM_INFER_WORKERS=${NUM_INFER_WORKERS:-$((NGPU > 1 ? NGPU - 1 : 1))}
-    GPUS=$([ "$NGPU" -ge 2 ] && seq -s, 1 "$NUM_INFER_WORKERS" || echo "")
-    SLOTS=$([ "$NGPU" -ge 2 ] && echo "--num-gpus $NUM_INFER_WORKERS" || echo "--num-gpus 0 --num-cpus $NUM_INFER_WORKERS")
+    if [ "$NGPU" -ge 2 ]; then GPUS=$(seq -s, 1 "$NUM_INFER_WORKERS"); SLOTS="--num-gpus $NUM_INFER_WORKERS"
+    elif [ "$NGPU" = 1 ]; then   # on the trainer's GPU: a share of it each; pushes by CUDA IPC (Config.sync_ipc auto)
+        export GPUS_PER_REPLICA=${GPUS_PER_REPLICA:-$(python -c "print(0.9 / $NUM_INFER_WORKERS)")}
+        GPUS=0 && SLOTS="--num-gpus 1"
+    else GPUS="" && SLOTS="--num-gpus 0 --num-cpus $NUM_INFER_WORKERS"; fi
     CUDA_VISIBLE_DEVICES=$GPUS ray start --head --node-ip-address 127.0.0.1 $SLOTS --include-dashboard false \
         --disable-usage-stats >/dev/null
     trap 'kill $SERVE_PID 2>/dev/null || true; ray stop --force >/dev/null 2>&1 || true' EXIT

@@ -1,5 +1,9 @@
-"""CUDA only (skipped without a GPU): the bf16 training path and the engine on the GPU."""
+"""CUDA only (skipped without a GPU): the bf16 training path, the engine on the GPU, a Serve replica beside the
+trainer on its GPU."""
+import dataclasses
+import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -80,3 +84,57 @@ def test_two_gpu_step_matches_one_gpu(mode, tmp_path):
     r = json.loads(out.strip().splitlines()[-1])
     assert r["world"] == 2 and r["loss_rel_diff"] < 1e-2 and r["grad_norm_rel_diff"] < 2e-2, json.dumps(r)
     assert r["weights_rel_err_max"] < 5e-2, json.dumps(r)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not importlib.util.find_spec("ray"), reason="needs Ray")
+def test_replica_on_the_trainers_gpu_gets_its_weights_by_cuda_ipc(tiny_model, tmp_path):
+    """One GPU for the trainer and a torch-engine replica (half a GPU share, a 16-row cache): pushes go by CUDA IPC
+    (sync_ipc auto: NCCL refuses two ranks on one device). Perturbed then original weights restore the replica's
+    greedy output exactly, and it keeps no view of the trainer's buffer (zeroing it changes nothing); a killed replica
+    restarts and is pushed the weights again; two GRPO steps run through the app; close() frees the buffer."""
+    import ray
+    from ray import serve
+    import infer_workers
+    from conftest import PROMPTS
+    from infer_workers import ServeClient
+    from safetensors.torch import load_file
+    from test_serve import free_port
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": infer_workers.ray_env()})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        serve.run(infer_workers.build_app({"model": tiny_model, "engine": "torch", "num_workers": 1, "dtype": "float32",
+                                           "gpus_per_replica": 0.5, "max_batch": 16}), name="colocated",
+                  route_prefix="/colocated")
+        c = ServeClient("colocated", timeout_s=300, sync={"timeout_s": 120, "device": "cuda:0", "bucket_mb": 0.05})
+        greedy = lambda: [g[0]["token_ids"] for g in c.generate(PROMPTS, max_new_tokens=8, temperature=0)]  # noqa: E731
+        original = {k: v.cuda() for k, v in load_file(os.path.join(tiny_model, "model.safetensors")).items()}
+        before = greedy()
+        hf = models.load_model(tiny_model, torch.float32, "cuda")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        v = c.update_weights(hf.state_dict().items())
+        assert len(c.sync.ipc_members) == 1 and c.sync.group is None, (c.sync.ipc_members, c.sync.group)
+        assert greedy() != before
+        ptr = c.sync.shared.buf.data_ptr()
+        assert c.update_weights(original.items()) == v + 1 and greedy() == before
+        assert c.sync.shared.buf.data_ptr() == ptr  # one buffer, kept across pushes
+        c.sync.shared.buf.zero_()
+        assert greedy() == before
+        (victim,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["name"].startswith("SERVE_REPLICA::colocated#")]
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        assert c.update_weights(original.items()) == v + 2 and len(c.sync.ipc_members) == 1
+        assert greedy() == before
+        assert not c.sync.close() and c.sync.shared is None
+        cfg = dataclasses.replace(cfg_for(tiny_model, tmp_path / "run", max_steps=2), inference="serve",
+                                  serve_app="colocated", sync_timeout_s=120.0)
+        train.main(cfg, reward_fn=digit_reward)
+        assert [json.loads(line)["version"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [2, 3]
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -60,6 +60,11 @@ def client(name, **sync):
     return ServeClient(name, timeout_s=120, sync={"timeout_s": 60, **sync})
 
 
+def replica_states(name):
+    from ray import serve
+    return serve.get_app_handle(name).broadcast("sync_state").results(timeout_s=60)
+
+
 def torch_only(app):
     """The fault tests exercise ServeClient / WeightSync logic, the same for any engine: the torch app runs them (a
     skip, not indirect parametrization, which made pytest start the vLLM app twice)."""
@@ -111,12 +116,19 @@ def test_serve_client_satisfies_the_engine_contract(app, tiny_model):
     check_engine_contract(client(name), tiny_model)
 
 
-def test_push_perturbed_then_original(app, tiny_model):
+@pytest.mark.parametrize("transport", ["broadcast", "shared", "mixed"])
+def test_push_perturbed_then_original(app, tiny_model, transport, monkeypatch):
     """Pushed weights are what the replicas compute with (logprobs equal HF's on them, tied lm_head
-    included), and pushing the originals back restores the exact greedy outputs (fp32)."""
+    included), and pushing the originals back restores the exact greedy outputs (fp32). Through the gloo broadcast,
+    through the trainer's shared buffer (both replicas read it in place: the CPU form of a replica on the trainer's
+    GPU, CUDA IPC there), and mixed: one replica reads the buffer, the other gets the broadcast, in the same push."""
+    import weight_sync
     from models import load_model
     name, _ = app
-    c = client(name, bucket_mb=0.05)  # tiny buckets: many broadcasts per push
+    if transport == "mixed":  # ipc "always" would take both replicas (one machine): let it take the first only
+        first, takes = min(s["replica"] for s in replica_states(name)), weight_sync.WeightSync.takes_ipc
+        monkeypatch.setattr(weight_sync.WeightSync, "takes_ipc", lambda self, s: takes(self, s) and s["replica"] == first)
+    c = client(name, bucket_mb=0.05, ipc="never" if transport == "broadcast" else "always")  # tiny buckets: many
     original = load_file(os.path.join(tiny_model, "model.safetensors"))
     before = greedy(c)
     hf = load_model(tiny_model)
@@ -138,6 +150,13 @@ def test_push_perturbed_then_original(app, tiny_model):
     hf.tie_weights()
     assert c.update_weights(hf.state_dict().items()) == v1 + 1
     assert greedy(c) == before
+    n_ipc = {"broadcast": 0, "shared": 2, "mixed": 1}[transport]
+    assert len(c.sync.ipc_members) == n_ipc and (c.sync.group is None) == (n_ipc == 2), (c.sync.ipc_members, c.sync.group)
+    if c.sync.shared:  # the replicas copied out of the trainer's buffer: rewriting it changes nothing they compute
+        c.sync.shared.buf.zero_()
+        assert greedy(c) == before
+    shared = c.sync.shared.path if c.sync.shared else None
+    assert not c.sync.close() and (shared is None or not os.path.exists(shared))  # replicas left; the buffer is gone
 
 
 def test_two_grpo_steps_through_the_app(app, tiny_model, tmp_path):
@@ -151,12 +170,15 @@ def test_two_grpo_steps_through_the_app(app, tiny_model, tmp_path):
     assert all(r["sync_s"] > 0 for r in rows)
 
 
-def test_killed_replica_is_replaced_and_rejoins(app, tiny_model):
-    """A replica killed between steps: Serve restarts it, the next push re-forms the group, no hang."""
+@pytest.mark.parametrize("ipc", ["never", pytest.param("always", marks=pytest.mark.extended)])
+def test_killed_replica_is_replaced_and_rejoins(app, tiny_model, ipc):
+    """A replica killed between steps: Serve restarts it, the next push re-forms the group, no hang. Also when the
+    replicas read the trainer's shared buffer (the CPU form of a replica on the trainer's GPU): the new replica is
+    pushed the weights through it, and the buffer is freed only at close."""
     torch_only(app)  # a vLLM replica's start: the app fixture
     import ray
     name, _ = app
-    c = client(name, timeout_s=300)
+    c = client(name, timeout_s=300, ipc=ipc)
     hf_state = load_file(os.path.join(tiny_model, "model.safetensors"))
     v = c.update_weights(hf_state.items())
     gen_before = c.sync.generation
@@ -166,7 +188,9 @@ def test_killed_replica_is_replaced_and_rejoins(app, tiny_model):
     ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
     assert c.update_weights(hf_state.items()) == v + 1  # waits for the restart, re-forms the group, pushes
     assert c.sync.generation == gen_before + 1 and len(c.sync.members) == 2  # (a hang would have raised at 300 s)
+    assert len(c.sync.ipc_members) == (2 if ipc == "always" else 0)
     assert len(greedy(c)) == len(PROMPTS)
+    assert not c.sync.close()
 
 
 def test_replica_that_never_joins_fails_clearly(app):

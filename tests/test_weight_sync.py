@@ -1,11 +1,17 @@
 """The weight sync's wire format without Ray: a trainer's WeightSync and one Receiver in a thread, over gloo."""
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
 import torch
 
 from models import DTYPES
-from weight_sync import Receiver, WeightSync, make_plan, open_group
+from conftest import ROOT
+import weight_sync
+from weight_sync import Receiver, WeightSync, make_plan, open_group, open_shared
 
 
 @pytest.mark.parametrize("wire", ["float32", "bfloat16"])
@@ -37,3 +43,38 @@ def test_every_bucket_layout_arrives_intact(wire, bucket_mb):
     for push in got:
         assert {n: t.tolist() for n, t in push.items()} == {n: t.to(DTYPES[wire]).tolist() for n, t in named}
     rx.leave()
+
+
+READ_SHARED = """
+import json, sys
+from weight_sync import read_shared
+plan = json.loads(sys.argv[1])
+print(json.dumps({n: t.float().tolist() for n, t in read_shared(plan, "cpu")}))
+"""
+
+
+def test_shared_buffer_is_read_in_place_by_another_process():
+    """The IPC path on a CPU: the trainer packs every bucket into one /dev/shm buffer, another process maps it and
+    reads the tensors (aliases included); the next push rewrites the same buffer; close() removes it, and a reader
+    is told so clearly."""
+    g = torch.Generator().manual_seed(0)
+    named = [("emb", torch.randn(8, 4, generator=g)), ("a", torch.randn(5, generator=g)), ("head", None)]
+    named[2] = ("head", named[0][1])
+    ws = WeightSync(handle=None, bucket_mb=64 / 2**20, timeout_s=30, ipc="always")
+    buckets, aliases, tensors = make_plan(named, "bfloat16", 64 / 2**20)
+    ws._pack_shared(buckets, tensors, torch.bfloat16)
+    plan = {"buckets": buckets, "aliases": aliases, "ipc": ws.shared.handle}
+    out = subprocess.run([sys.executable, "-c", READ_SHARED, json.dumps(plan)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env=os.environ | {"PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(buckets) > 1 and json.loads(out.stdout) == {n: t.to(torch.bfloat16).float().tolist() for n, t in named}
+    buf = ws.shared.buf
+    ws._pack_shared(buckets, [t * 2 for t in tensors], torch.bfloat16)  # the next push: the same buffer, rewritten
+    assert ws.shared.buf is buf and ws.shared.handle["path"] == plan["ipc"]["path"]
+    seen = {n: t.float() for n, t in weight_sync.read_shared(plan, "cpu")}  # a second mapping of the file
+    assert all(torch.equal(seen[n], (t * 2).to(torch.bfloat16).float()) for n, t in named)
+    path = ws.shared.path
+    ws.close()
+    assert not os.path.exists(path)
+    with pytest.raises(RuntimeError, match="shared buffer .* is gone"):
+        open_shared(plan["ipc"], "cpu")
