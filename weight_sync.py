@@ -390,7 +390,7 @@ class WeightSync:
         version = self.version + 1 if version is None else version
         plan = {"buckets": buckets, "aliases": aliases, "dtype": dtype, "generation": self.generation,
                 "version": version}
-        slices = None
+        slices, t_plan = None, time.perf_counter()
         if self.ipc_members:  # packed before anyone is told: the IPC replicas read it as soon as the RPC arrives
             slices = self._pack_shared(buckets, tensors, DTYPES[dtype])
             plan |= {"ipc": self.shared.handle, "ipc_replicas": sorted(self.ipc_members)}
@@ -422,10 +422,11 @@ class WeightSync:
             self.close_group()
             raise RuntimeError(f"weight sync group {self.generation}: receive_weights of version {version} failed; "
                                f"{self._who(res, members)}")
-        # the split, from our clock and the replicas' (one host, or NTP-close ones): state RPC; RPC to the last
+        # the split, from our clock and the replicas' (one host, or NTP-close ones): state RPC (and the plan); the IPC
+        # buffer packed (0 without IPC replicas: the broadcast packs as it sends); RPC to the last
         # replica's start; our sends queued; the transfer done on our side; the last replica's load done; its reply
         arrive, done = max(r["t_arrive"] for r in res), max(r["t_done"] for r in res)
-        self.timing = {"state_s": t1 - t0, "enqueue_s": t2 - t1, "broadcast_s": t3 - t1, "load_wait_s": t4 - t3,
+        self.timing = {"state_s": t_plan - t0, "pack_s": t1 - t_plan, "enqueue_s": t2 - t1, "broadcast_s": t3 - t1, "load_wait_s": t4 - t3,
                        "dispatch_s": arrive - sent, "reply_s": got - done, "replica_s": done - arrive,
                        "total_s": t4 - t0, "bytes": sum(n for b in buckets for _, _, n in b) * DTYPES[dtype].itemsize,
                        "buckets": len(buckets)}

@@ -3,6 +3,7 @@
     python bench/weight_sync.py --replicas 2 --shape small                  # CPU: gloo, torch-engine replicas
     python bench/weight_sync.py --replicas 1 --shape qwen0.5b               # GPU: NCCL (trainer on GPU 0)
     python bench/weight_sync.py --replicas 1 --shape qwen0.5b --engine vllm # + vLLM's native NCCL transfer
+    python bench/weight_sync.py --replicas 1 --shape qwen0.5b --colocate    # the replica on the trainer's GPU: IPC
 
 It starts Ray on 127.0.0.1 and a Serve app of K replicas (--engine) holding a random model of the given shape, and
 times, in alternation, over the same buckets:
@@ -15,6 +16,9 @@ times, in alternation, over the same buckets:
           size): one RPC that runs start_weight_update / update_weights / finish_weight_update on the replica while
           the trainer sends with trainer_send_weights
 and checks that the replicas' weights equal the trainer's afterwards (a greedy sample agrees).
+With --colocate the replicas share the trainer's device (a share of GPU 0; on a CPU, its machine) and take the
+trainer's packed buffer in place (CUDA IPC; /dev/shm on a CPU); the floor is then one copy of the same bytes on that
+device (torch copy_ between two flat buffers), and "ours" the IPC push end to end.
 """
 import argparse
 import json
@@ -85,6 +89,8 @@ def main():
     ap.add_argument("--bucket-mb", type=float, default=256.0, help="sync bucket size, MiB")
     ap.add_argument("--iters", type=int, default=5, help="timed pushes (median)")
     ap.add_argument("--deploy-timeout-s", type=float, default=600.0, help="how long the replicas may take to start")
+    ap.add_argument("--colocate", action="store_true", help="replicas on the trainer's device, pushed by IPC (CUDA "
+                    "IPC on GPU 0; /dev/shm on a CPU); the floor: a copy of the same bytes there")
     a = ap.parse_args()
     import ray
     from ray import serve
@@ -96,15 +102,19 @@ def main():
     path = resolve_model(f"random:{a.shape}")  # built once, before the replicas race to it
     model = load_model(path, dtype, "cuda:0" if gpu else "cpu").eval()  # the trainer's copy
     n_params = sum(p.numel() for p in model.parameters())
-    if gpu:  # CUDA is up in this process with every GPU; Ray (started now) hands replicas GPUs 1..n only
+    if gpu and a.colocate:  # Ray hands the replicas shares of GPU 0, the trainer's
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    elif gpu:  # CUDA is up in this process with every GPU; Ray (started now) hands replicas GPUs 1..n only
         assert torch.cuda.device_count() > a.replicas, f"{a.replicas} replicas + the trainer need more GPUs"
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(1, a.replicas + 1))
-    ray.init(num_cpus=max(a.replicas, 2), num_gpus=a.replicas if gpu else 0, include_dashboard=False,
+    ray.init(num_cpus=max(a.replicas, 2), num_gpus=(1 if a.colocate else a.replicas) if gpu else 0, include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": infer_workers.ray_env()})
     port = free_port()
     app = infer_workers.build_app({"model": f"random:{a.shape}", "engine": a.engine, "num_workers": a.replicas,
                                    "dtype": str(dtype).removeprefix("torch."), "enforce_eager": "1",
-                                   "gpu_memory_utilization": 0.5, "max_model_len": 1024}, worker_cls=BenchWorker)
+                                   "gpu_memory_utilization": 0.3 if a.colocate else 0.5, "max_model_len": 1024}
+                                  | ({"gpus_per_replica": 0.9 / a.replicas, "max_batch": 16} if a.colocate else {}),
+                                  worker_cls=BenchWorker)
     deploy = threading.Thread(target=lambda: (serve.start(http_options={"host": "127.0.0.1", "port": port}),
                                               serve.run(app, name="bench", route_prefix="/bench")), daemon=True)
     deploy.start()
@@ -112,7 +122,8 @@ def main():
     assert not deploy.is_alive(), f"the app was not up after {a.deploy_timeout_s} s: see the replica errors above"
     deploy_s = time.perf_counter() - t_start
     c = infer_workers.ServeClient("bench", timeout_s=300, sync={"bucket_mb": a.bucket_mb, "timeout_s": 300,
-                                                                 "device": "cuda:0" if gpu else "cpu"})
+                                                                 "device": "cuda:0" if gpu else "cpu",
+                                                                 "ipc": "always" if a.colocate else "never"})
     state = list(model.state_dict().items())
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -127,7 +138,20 @@ def main():
     packed = [torch.cat([next(it).reshape(-1) for _ in b]) for b in buckets]
     rounds = a.iters + 1
 
+    assert len(c.sync.ipc_members) == (a.replicas if a.colocate else 0), c.sync.ipc_members
+    flat = torch.cat(packed) if a.colocate else None
+    copy_to = torch.empty_like(flat) if a.colocate else None
+
     def floor_rounds():
+        if a.colocate:  # one copy of the same bytes on the same device
+            times = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                copy_to.copy_(flat)
+                if gpu:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            return times[1:]
         resp = c.sync._broadcast("floor", plan, rounds, 300)
         times = []
         for _ in range(rounds):
@@ -183,13 +207,13 @@ def main():
         got = c.generate([prompt], max_new_tokens=4, temperature=0)[0][0]["token_ids"]
     med = lambda xs, k: round(1e3 * statistics.median(x[k] for x in xs), 2)  # noqa: E731
     out = {"bench": "weight_sync", "device": torch.cuda.get_device_name(0) if gpu else "cpu",
-           "backend": c.sync.backend, "engine": a.engine, "shape": a.shape, "params": n_params,
+           "backend": "ipc" if a.colocate else c.sync.backend, "engine": a.engine, "shape": a.shape, "params": n_params,
            "dtype": str(dtype).removeprefix("torch."), "replicas": a.replicas, "bucket_mb": a.bucket_mb,
            "buckets": ours[0]["buckets"], "mbytes": round(ours[0]["bytes"] / 2**20, 1), "iters": a.iters,
            "deploy_s": round(deploy_s, 1), "floor_ms": round(1e3 * statistics.median(floors), 2),
            "ours_ms": med(ours, "total_s")}
     out |= {f"ours_{k.removesuffix('_s')}_ms": med(ours, k) for k in
-            ("state_s", "dispatch_s", "enqueue_s", "broadcast_s", "replica_s", "load_wait_s", "reply_s")}
+            ("state_s", "pack_s", "dispatch_s", "enqueue_s", "broadcast_s", "replica_s", "load_wait_s", "reply_s")}
     out["ours_over_floor"] = round(out["ours_ms"] / out["floor_ms"], 2)
     out["ours_without_state_over_floor"] = round((out["ours_ms"] - out["ours_state_ms"]) / out["floor_ms"], 2)
     if native_error:
