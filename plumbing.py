@@ -285,6 +285,7 @@ LIMITS = {
     "top_p": (0.0, 1.0, False, ""),
     "clip_eps_low": (0.0, 1.0, True, ""),
     "clip_eps_high": (0.0, None, True, ""),
+    "tis_cap": (0.0, None, True, "0 turns the correction off"),
     "kl_coef": (0.0, None, True, ""),
     "lr": (0.0, None, False, ""),
     "min_lr_ratio": (0.0, 1.0, True, ""),

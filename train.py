@@ -53,6 +53,8 @@ class Config:
     scale_rewards: bool = True  # divide advantages by the group std (Dr. GRPO turns this off)
     clip_eps_low: float = 0.2  # ratio clipped to [1 - low, 1 + high]
     clip_eps_high: float = 0.2  # DAPO's clip-higher uses 0.28
+    tis_cap: float = 0.0  # truncated importance sampling: weight each token by min(p_trainer / p_sampler, tis_cap),
+    # the engine's log-prob mismatch corrected (bf16, other kernels); 0 = off: the ratio is against the sampler's
     kl_coef: float = 0.0  # beta of the k3 KL to the frozen initial model; 0 = no reference model (unless log_kl)
     log_kl: bool = False  # with kl_coef 0: load the reference anyway and log the KL to it (one more forward per step)
     # --- optimizer
@@ -174,6 +176,10 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg: Config, norm: float):
 
     ratio_t = exp(logp_t - old_logp_t)                  old = the sampling engine's log-probs
     pg_t    = -min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A)
+      with tis_cap C > 0 (truncated importance sampling, TIS): the ratio is against the trainer's own log-probs
+      before this update (one update per batch: logp.detach(), so ratio 1 with its gradient), and each token is
+      weighted by is_t = min(exp(logp_t - old_logp_t), C), detached: the sampler's mismatch, corrected and capped
+    pg_t    = -is_t * min(ratio_t * A, clip(ratio_t, ...) * A)
     kl_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                 (k3, unbiased, >= 0)
     loss    = sum_t w_t * (pg_t + kl_coef * kl_t) / norm, where by loss_type
         grpo:    w_t = 1 / len(seq), norm = #sequences in the batch       (mean of sequence means)
@@ -181,9 +187,15 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg: Config, norm: float):
         dapo:    w_t = 1,            norm = #completion tokens in the batch (token mean)
     norm is over the whole batch on all ranks, so micro-batches and ranks add up exactly.
     """
-    ratio = torch.exp(logp - old_logp)  # [B, T]
+    if cfg.tis_cap > 0:
+        tis_w = torch.exp(logp.detach() - old_logp).clamp(max=cfg.tis_cap)  # [B, T]
+        ratio = torch.exp(logp - logp.detach())  # [B, T]: 1, with logp's gradient
+    else:
+        tis_w, ratio = None, torch.exp(logp - old_logp)  # [B, T]
     clipped = ratio.clamp(1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high)  # [B, T]
     pg = -torch.min(ratio * adv[:, None], clipped * adv[:, None])  # [B, T]
+    if tis_w is not None:
+        pg = pg * tis_w
     per_tok = pg
     if ref_logp is not None:
         d = ref_logp - logp  # [B, T]
@@ -196,6 +208,8 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg: Config, norm: float):
                  "ratio_max": (ratio * mask).max()}
         if ref_logp is not None:
             stats["kl"] = ((torch.exp(d) - d - 1) * mask).sum() / n
+        if tis_w is not None:
+            stats["tis_capped"] = ((tis_w >= cfg.tis_cap).float() * mask).sum() / n  # tokens whose weight hit the cap
     return loss, stats
 
 
@@ -256,7 +270,8 @@ def policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg: Confi
     order = order[:n_mb * mb]
     seq_prompts, completions, adv = [seq_prompts[i] for i in order], [completions[i] for i in order], adv[order]
     trained_tok = sum(len(c["token_ids"]) for c in completions)
-    stats = {k: torch.zeros((), device=dev) for k in ["loss", "entropy", "clip_frac"] + (["kl"] if ref else [])}
+    stats = {k: torch.zeros((), device=dev) for k in ["loss", "entropy", "clip_frac"] + (["kl"] if ref else []) +
+             (["tis_capped"] if cfg.tis_cap > 0 else [])}
     stats["trained_frac"] = torch.tensor(len(order) / len(signal), device=dev)
     policy.train()
     for j, i in enumerate(range(0, len(completions), mb)):
@@ -272,7 +287,7 @@ def policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg: Confi
         frac = mask.sum() / max(trained_tok, 1)  # this micro-batch's share of the completion tokens trained on
         stats["loss"] += loss.detach() * world
         stats["entropy"] += (ent * mask).sum() / mask.sum().clamp(min=1) * frac
-        for k in st.keys() & {"clip_frac", "kl"}:
+        for k in st.keys() & {"clip_frac", "kl", "tis_capped"}:
             stats[k] += st[k] * frac
     stats["grad_norm"] = plumbing.full_tensor(acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip))  # FSDP2: a DTensor
     opt.step()

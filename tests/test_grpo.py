@@ -161,6 +161,38 @@ def test_loss_aggregation_by_hand():
         assert loss.item() == pytest.approx(want), lt
 
 
+@pytest.mark.parametrize("adv", [1.0, -1.0])
+def test_truncated_importance_sampling_by_hand(adv):
+    """tis_cap C: the ratio is against the trainer's own log-probs (1, with their gradient) and each token is weighted
+    by min(p_trainer / p_sampler, C). Trainer log-probs [-1, -2], sampler's [-1.5, -1], C = 1.5: weights
+    [min(e^0.5, 1.5), e^-1] = [1.5, 0.3679]; grpo: loss = -A (1.5 + 0.3679) / 2, d loss / d logp = -A w / 2;
+    the first token's weight hit the cap (tis_capped 1/2)."""
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    old, mask = torch.tensor([[-1.5, -1.0]]), torch.ones(1, 2)
+    loss, st = grpo_loss(logp, old, None, torch.tensor([adv]), mask, Config(tis_cap=1.5), norm=1)
+    loss.backward()
+    w = torch.tensor([1.5, math.exp(-1.0)])
+    assert loss.item() == pytest.approx(-adv * w.sum().item() / 2, rel=1e-6)
+    torch.testing.assert_close(logp.grad, -adv * w[None] / 2)
+    assert st["tis_capped"].item() == 0.5 and st["clip_frac"].item() == 0.0
+
+
+def test_truncated_importance_sampling_is_the_plain_loss_when_sampler_and_trainer_agree():
+    """With the sampler's log-probs equal to the trainer's (weights 1), TIS gives today's loss and gradient exactly;
+    tis_cap 0 is today's loss (the default)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 5, generator=g) - 2
+    mask, adv = (torch.rand(3, 5, generator=g) > 0.3).float(), torch.tensor([1.0, -0.5, 2.0])
+    grads = []
+    for cap in (0.0, 2.0):
+        logp = base.clone().requires_grad_(True)
+        loss, _ = grpo_loss(logp, base, None, adv, mask, Config(tis_cap=cap), norm=3)
+        loss.backward()
+        grads.append((loss.detach(), logp.grad))
+    torch.testing.assert_close(grads[0], grads[1])
+    assert Config().tis_cap == 0
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
 def test_micro_batches_sum_to_the_full_batch(loss_type):
     """Splitting a batch into micro-batches (and ranks) gives the same loss and gradient."""

@@ -73,6 +73,13 @@ def test_three_steps_end_to_end(tiny_model, tmp_path):
     assert state["step"] == 3 and state["config"] == dataclasses.asdict(cfg)
 
 
+def test_tis_cap_trains_and_logs_the_capped_share(tiny_model, tmp_path):
+    """A step with truncated importance sampling (tis_cap) runs end to end and logs tis_capped, a share in [0, 1]."""
+    train.main(cfg_for(tiny_model, tmp_path / "run", max_steps=1, tis_cap=2.0), reward_fn=digit_reward)
+    (row,) = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert 0 <= row["tis_capped"] <= 1 and row["grad_norm"] > 0, row
+
+
 def test_fresh_start_in_a_used_folder_sets_the_earlier_run_aside(tiny_model, tmp_path):
     """A second run into the same folder without --resume: its metrics.jsonl holds only its own rows, and the first
     run's metrics, config and checkpoint are kept in previous-*/ (regression: rows of both runs in one file)."""
