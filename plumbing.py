@@ -128,6 +128,32 @@ def restore(acc, policy, opt, sched, state) -> None:
     random.setstate(state["rng"]["python"])
 
 
+def load_data(cfg, tok):
+    """Train rows and their prompt ids (tokenised once), the validation rows of the in-loop eval, and the context an
+    engine needs: the longest prompt + max_new_tokens. The last val_size train problems are never trained on."""
+    import gsm8k
+    train_rows, val_rows = gsm8k.split_train_val(gsm8k.load_split(cfg.data, "train"), cfg.val_size)
+    prompts, eval_rows = gsm8k.build_prompts(tok, [r["question"] for r in train_rows], cfg.prompt), \
+        val_rows[:cfg.eval_size or None]
+    longest = max(map(len, prompts + gsm8k.build_prompts(tok, [r["question"] for r in eval_rows], cfg.prompt)))
+    return train_rows, prompts, eval_rows, longest + cfg.max_new_tokens
+
+
+def load_models(cfg, model_src: str, dev):
+    """The policy (fp32 master weights; bf16 autocast on GPUs) and its frozen reference (None unless KL is used)."""
+    from models import compile_model, default_dtype, load_model, use_packed_attention
+    lm = load_model(model_src, torch.float32, dev)
+    ref = load_model(cfg.model, default_dtype(dev), dev).requires_grad_(False) if cfg.kl_coef > 0 or cfg.log_kl else None
+    for m in filter(None, (lm, ref)):
+        if cfg.packing:
+            use_packed_attention(m)
+        if cfg.compile:
+            compile_model(m)
+    if cfg.grad_checkpointing:
+        lm.gradient_checkpointing_enable()
+    return lm, ref
+
+
 def make_engine(cfg, acc, tok, model_src: str, min_model_len: int):
     """The engine this rank samples from: its own TorchEngine (inference local) or the Serve app (serve)."""
     from engine import TorchEngine, default_max_batch
@@ -255,10 +281,11 @@ def set_aside_previous_run(run_dir: str) -> str | None:
     names = [n for n in ("metrics.jsonl", "config.yaml", "ckpt") if os.path.exists(os.path.join(run_dir, n))]
     if not {"metrics.jsonl", "ckpt"} & set(names):
         return None
-    dest, k = os.path.join(run_dir, time.strftime("previous-%Y%m%d-%H%M%S")), 1
-    while os.path.exists(dest + (f"-{k}" if k > 1 else "")):
+    base = dest = os.path.join(run_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
+    k = 1
+    while os.path.exists(dest):  # two fresh starts within a second
         k += 1
-    dest += f"-{k}" if k > 1 else ""
+        dest = f"{base}-{k}"
     os.makedirs(dest)
     for n in names:
         os.replace(os.path.join(run_dir, n), os.path.join(dest, n))

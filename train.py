@@ -29,7 +29,7 @@ from tqdm import tqdm
 import gsm8k
 import plumbing
 import rewards
-from models import compile_model, default_dtype, load_model, load_tokenizer, use_packed_attention
+from models import load_tokenizer
 
 
 @dataclass
@@ -187,14 +187,12 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg: Config, norm: float):
         dapo:    w_t = 1,            norm = #completion tokens in the batch (token mean)
     norm is over the whole batch on all ranks, so micro-batches and ranks add up exactly.
     """
-    if cfg.tis_cap > 0:
-        tis_w = torch.exp(logp.detach() - old_logp).clamp(max=cfg.tis_cap)  # [B, T]
-        ratio = torch.exp(logp - logp.detach())  # [B, T]: 1, with logp's gradient
-    else:
-        tis_w, ratio = None, torch.exp(logp - old_logp)  # [B, T]
+    tis = cfg.tis_cap > 0
+    ratio = torch.exp(logp - (logp.detach() if tis else old_logp))  # [B, T]; with TIS 1, with logp's gradient
     clipped = ratio.clamp(1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high)  # [B, T]
     pg = -torch.min(ratio * adv[:, None], clipped * adv[:, None])  # [B, T]
-    if tis_w is not None:
+    if tis:
+        tis_w = torch.exp(logp.detach() - old_logp).clamp(max=cfg.tis_cap)  # [B, T]
         pg = pg * tis_w
     per_tok = pg
     if ref_logp is not None:
@@ -208,7 +206,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg: Config, norm: float):
                  "ratio_max": (ratio * mask).max()}
         if ref_logp is not None:
             stats["kl"] = ((torch.exp(d) - d - 1) * mask).sum() / n
-        if tis_w is not None:
+        if tis:
             stats["tis_capped"] = ((tis_w >= cfg.tis_cap).float() * mask).sum() / n  # tokens whose weight hit the cap
     return loss, stats
 
@@ -265,7 +263,7 @@ def policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg: Confi
     signal = (adv != 0).tolist()
     order = sorted(range(len(completions)), key=lambda i: not signal[i])  # stable: sequences with a signal first
     n_mb = -(-len(completions) // mb)
-    if cfg.kl_coef == 0 and ref is None:  # skip the rest: every rank runs as many micro-batches as the busiest
+    if ref is None:  # no KL term (kl_coef 0): skip the rest; every rank runs as many micro-batches as the busiest
         n_mb = max(1, int(acc.reduce(torch.tensor([-(-sum(signal) // mb)], device=dev), "max").item()))
     order = order[:n_mb * mb]
     seq_prompts, completions, adv = [seq_prompts[i] for i in order], [completions[i] for i in order], adv[order]
@@ -313,30 +311,6 @@ def make_optimizer(cfg: Config, lm, state):
     return opt, sched
 
 
-def load_data(cfg: Config, tok):
-    """Train rows and their prompt ids (tokenised once), the validation rows of the in-loop eval, and the context an
-    engine needs: the longest prompt + max_new_tokens. The last val_size train problems are never trained on."""
-    train_rows, val_rows = gsm8k.split_train_val(gsm8k.load_split(cfg.data, "train"), cfg.val_size)
-    prompts, eval_rows = gsm8k.build_prompts(tok, [r["question"] for r in train_rows], cfg.prompt), \
-        val_rows[:cfg.eval_size or None]
-    longest = max(map(len, prompts + gsm8k.build_prompts(tok, [r["question"] for r in eval_rows], cfg.prompt)))
-    return train_rows, prompts, eval_rows, longest + cfg.max_new_tokens
-
-
-def load_models(cfg: Config, model_src: str, dev):
-    """The policy (fp32 master weights; bf16 autocast on GPUs) and its frozen reference (None unless KL is used)."""
-    lm = load_model(model_src, torch.float32, dev)
-    ref = load_model(cfg.model, default_dtype(dev), dev).requires_grad_(False) if cfg.kl_coef > 0 or cfg.log_kl else None
-    for m in filter(None, (lm, ref)):
-        if cfg.packing:
-            use_packed_attention(m)
-        if cfg.compile:
-            compile_model(m)
-    if cfg.grad_checkpointing:
-        lm.gradient_checkpointing_enable()
-    return lm, ref
-
-
 def main(cfg: Config, reward_fn=None):
     """reward_fn(completion_text, gsm8k_answer) -> {"reward": float, ...components}; default: rewards.py's, weighted."""
     reward_fn = reward_fn or functools.partial(rewards.reward_components, format_weight=cfg.format_weight)
@@ -347,9 +321,9 @@ def main(cfg: Config, reward_fn=None):
 
     # --- data, models, engine, optimizer (resumed from the last checkpoint with --resume)
     tok = load_tokenizer(cfg.model)
-    train_rows, prompts, eval_rows, context = load_data(cfg, tok)
+    train_rows, prompts, eval_rows, context = plumbing.load_data(cfg, tok)
     state = plumbing.load_checkpoint(cfg.run_dir) if cfg.resume else None
-    lm, ref = load_models(cfg, state["model_dir"] if state else cfg.model, dev)
+    lm, ref = plumbing.load_models(cfg, state["model_dir"] if state else cfg.model, dev)
     engine = plumbing.make_engine(cfg, acc, tok, state["model_dir"] if state else cfg.model, context)
     opt, sched = make_optimizer(cfg, lm, state)
     policy, opt = acc.prepare(Policy(lm, cfg.compile), opt)

@@ -60,11 +60,6 @@ def client(name, **sync):
     return ServeClient(name, timeout_s=120, sync={"timeout_s": 60, **sync})
 
 
-def replica_states(name):
-    from ray import serve
-    return serve.get_app_handle(name).broadcast("sync_state").results(timeout_s=60)
-
-
 def torch_only(app):
     """The fault tests exercise ServeClient / WeightSync logic, the same for any engine: the torch app runs them (a
     skip, not indirect parametrization, which made pytest start the vLLM app twice)."""
@@ -126,7 +121,7 @@ def test_push_perturbed_then_original(app, tiny_model, transport, monkeypatch):
     from models import load_model
     name, _ = app
     if transport == "mixed":  # ipc "always" would take both replicas (one machine): let it take the first only
-        first, takes = min(s["replica"] for s in replica_states(name)), weight_sync.WeightSync.takes_ipc
+        first, takes = min(r for r, _ in replica_processes(name)), weight_sync.WeightSync.takes_ipc
         monkeypatch.setattr(weight_sync.WeightSync, "takes_ipc", lambda self, s: takes(self, s) and s["replica"] == first)
     c = client(name, bucket_mb=0.05, ipc="never" if transport == "broadcast" else "always")  # tiny buckets: many
     original = load_file(os.path.join(tiny_model, "model.safetensors"))

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import GSM8K, ROOT, run_group  # before train: it puts the repo root on sys.path (also when launched as a script)
+import models
 import plumbing
 import rewards
 import train
@@ -162,8 +163,8 @@ def test_policy_step_skips_zero_advantage_sequences_exactly(tiny_model, tmp_path
                    for n in (4, 7, 2, 6, 3, 5, 4, 6)]
     adv = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, -1.0, 0.0, 0.0])
     weights, stats = [], []
-    for ref in (None, train.load_model(tiny_model, torch.float32, "cpu")):
-        lm = train.load_model(tiny_model, torch.float32, "cpu")
+    for ref in (None, models.load_model(tiny_model, torch.float32, "cpu")):
+        lm = models.load_model(tiny_model, torch.float32, "cpu")
         opt = torch.optim.SGD(lm.parameters(), lr=1.0)
         st, _ = train.policy_step(acc, train.Policy(lm), ref, opt, prompts, completions, adv, cfg, tok.pad_token_id)
         weights.append(torch.cat([p.detach().flatten() for p in lm.parameters()]))
