@@ -56,8 +56,9 @@ def full_tensor(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def save_checkpoint(acc, policy, tok, opt, sched, sampler, cfg, step, version=None):
+def save_checkpoint(acc, policy, tok, opt, sched, sampler_state, cfg, step, version=None):
     """Write ckpt/step_N atomically (a .tmp folder renamed into place), then point ckpt/latest at it.
+    sampler_state: the data sampler's state() as of the batches trained on (not one drawn ahead of them).
     Every rank calls this; rank 0 writes. Under FSDP2 each rank holds shards (DTensors), gathered here, full,
     onto rank 0's CPU: the model (an HF folder as usual) and the optimizer state (keyed by parameter name)."""
     lm, model_sd, opt_sd = acc.unwrap_model(policy).lm, None, opt.state_dict()  # one process / DDP: rank 0 has it all
@@ -77,7 +78,7 @@ def save_checkpoint(acc, policy, tok, opt, sched, sampler, cfg, step, version=No
         tok.save_pretrained(os.path.join(tmp, "model"))
         torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(), "version": version,
                     "schedule_steps": getattr(sched, "horizon", cfg.max_steps),
-                    "sampler": sampler.state(), "config": dataclasses.asdict(cfg),
+                    "sampler": sampler_state, "config": dataclasses.asdict(cfg),
                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
                    os.path.join(tmp, "state.pt"))
@@ -313,6 +314,7 @@ LIMITS = {
     "clip_eps_low": (0.0, 1.0, True, ""),
     "clip_eps_high": (0.0, None, True, ""),
     "tis_cap": (0.0, None, True, "0 turns the correction off"),
+    "max_staleness": (0, 1, True, "0 = on-policy; 1 = the next batch is sampled while this one trains"),
     "kl_coef": (0.0, None, True, ""),
     "lr": (0.0, None, False, ""),
     "min_lr_ratio": (0.0, 1.0, True, ""),
@@ -335,13 +337,28 @@ LIMITS = {
 }
 
 
+CHOICES = {"loss_type": ("grpo", "dr_grpo", "dapo"), "inference": ("local", "serve"),
+           "sync_ipc": ("auto", "always", "never")}  # and prompt: a name in gsm8k.PROMPTS
+
+
 def check_config(cfg) -> None:
-    """Every numeric field within LIMITS, as ValueError (not assert: python -O keeps it) that names the fix."""
+    """Every numeric field within LIMITS and every choice among CHOICES, else a ConfigError that names the fix (not
+    assert: python -O keeps it)."""
+    import gsm8k
     for key, (lo, hi, lo_ok, why) in LIMITS.items():
         v = getattr(cfg, key)
         if (v < lo if lo_ok else v <= lo) or (hi is not None and v > hi):
             span = f"{'[' if lo_ok else '('}{lo}, {'inf)' if hi is None else f'{hi}]'}"
             raise ConfigError(f"config {key}={v!r} is outside {span}" + (f": {why}" if why else ""))
+    if not 0 <= cfg.format_weight < 1:
+        raise ConfigError(f"format_weight={cfg.format_weight} must be in [0, 1): a right answer (1) must be worth more "
+                          f"than perfect form")
+    for key, allowed in [*CHOICES.items(), ("prompt", tuple(gsm8k.PROMPTS))]:
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r}: use one of {', '.join(allowed)}")
+    if cfg.max_staleness and cfg.inference != "serve":
+        raise ConfigError("max_staleness=1 needs inference=serve: the in-process engine shares this process and its "
+                          "GPU with training, so nothing would overlap")
 
 
 class ConfigError(ValueError):

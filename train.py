@@ -15,6 +15,7 @@ batch (one step keeps it nearly on-policy; the ratio still corrects engine/train
 What is not the algorithm lives elsewhere: plumbing.py (engines per rank, weight pushes, FSDP2, checkpoints,
 the metrics log), models.py (loading, packed attention, compile), engine.py / infer_workers.py (sampling).
 """
+import concurrent.futures
 import functools
 import math
 import sys
@@ -47,6 +48,8 @@ class Config:
     max_new_tokens: int = 256  # completion length cap, tokens
     temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
     top_p: float = 1.0  # nucleus sampling; log-probs stay those of the full softmax (1 = off)
+    max_staleness: int = 0  # 1: one-step-off-policy, the replicas sample the next step's batch (with the weights one
+    # version behind) while this step trains (inference serve); 0: on-policy, sample then train
     # --- reward and loss
     format_weight: float = rewards.FORMAT_WEIGHT  # reward = format_weight * format + accuracy; 0.1, in [0, 1)
     loss_type: str = "grpo"  # grpo: mean per sequence | dr_grpo: sum / (B * max_new_tokens) | dapo: mean per token
@@ -91,15 +94,8 @@ class Config:
     # for time-limited jobs: run again with --resume to go on
     wandb_project: str = ""  # "" = no wandb; WANDB_MODE=offline works
 
-    def __post_init__(self):  # a bad value is one clear error here, before anything loads
+    def __post_init__(self):  # a bad value is one clear error here (plumbing.check_config), before anything loads
         plumbing.check_config(self)
-        if not 0 <= self.format_weight < 1:
-            raise plumbing.ConfigError(f"format_weight={self.format_weight} must be in [0, 1): a right answer (1) must be worth "
-                             f"more than perfect form")
-        for key, allowed in (("loss_type", ("grpo", "dr_grpo", "dapo")), ("inference", ("local", "serve")),
-                             ("prompt", tuple(gsm8k.PROMPTS)), ("sync_ipc", ("auto", "always", "never"))):
-            if getattr(self, key) not in allowed:
-                raise plumbing.ConfigError(f"{key}={getattr(self, key)!r}: use one of {', '.join(allowed)}")
 
 
 def load_config(argv: list[str]) -> Config:
@@ -335,6 +331,15 @@ def main(cfg: Config, reward_fn=None):
     start, deadline = state["step"] if state else 0, plumbing.Deadline(cfg.stop_after_min)
     log = plumbing.RunLog(cfg, acc, resume_step=start if state else None)
 
+    def sample(step):  # this rank's share of the step's prompts and G completions of each, by the engine's weights now
+        idx = sampler.next(cfg.prompts_per_step)[rank::world]  # same sequence on every rank
+        t = time.perf_counter()
+        groups = engine.generate([prompts[i] for i in idx], n=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step * world + rank)
+        return idx, groups, time.perf_counter() - t
+
+    prefetch = concurrent.futures.ThreadPoolExecutor(1) if cfg.max_staleness else None
+    next_batch = None  # max_staleness 1: the next step's sample(), running on the replicas while this step trains
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not acc.is_main_process,
                dynamic_ncols=True)
     for step in bar:
@@ -342,10 +347,12 @@ def main(cfg: Config, reward_fn=None):
             plumbing.validate(acc, engine, tok, eval_rows, cfg, step, log)
         t0, lr = time.perf_counter(), sched.get_last_lr()[0]  # the lr this step's update uses
 
-        # --- sample: every rank takes its share of the step's prompts, G completions each
-        idx = sampler.next(cfg.prompts_per_step)[rank::world]  # same sequence on every rank
-        groups = engine.generate([prompts[i] for i in idx], n=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step * world + rank)
+        # --- sample: every rank takes its share of the step's prompts, G completions each. One step off (max_staleness
+        # 1) this batch was sampled during the last step, by the weights before its update; the ratio in grpo_loss is
+        # against those log-probs, so the loss stays the clipped importance-weighted one. The next batch starts now.
+        idx, groups, gen_s = next_batch.result() if next_batch else sample(step)
+        sampler_state = sampler.state()  # a checkpoint after this step resumes here: the batch drawn ahead is redrawn
+        next_batch = prefetch.submit(sample, step + 1) if prefetch and step + 1 < cfg.max_steps else None
         completions = [c for g in groups for c in g]  # [P*G], grouped by prompt
         t_gen = time.perf_counter()
 
@@ -364,29 +371,35 @@ def main(cfg: Config, reward_fn=None):
             torch.cuda.synchronize(dev)  # the step's kernels count as training, not as the sync that follows
         t_train = time.perf_counter()
 
-        # --- sync: the engine samples the next step from the new weights
+        # --- sync: the engine samples the next step from the new weights (one step off: the one after)
+        if next_batch:
+            concurrent.futures.wait([next_batch])  # the replicas finish the batch ahead before their weights change
+        t_wait = time.perf_counter()
         version = plumbing.push_weights(acc, policy, engine, cfg)
         t_sync = time.perf_counter()
 
         # --- log
         m = {"step": step + 1, "lr": lr} | plumbing.step_metrics(
             acc, scores, completions, stats, rewards.STATS - before) | {
-            "version": version, "step_s": t_sync - t0, "gen_s": t_gen - t0, "reward_s": t_reward - t_gen,
-            "train_s": t_train - t_reward, "sync_s": t_sync - t_train,
-            "gen_tok_s": acc.reduce(n_tok, "sum").item() / (t_gen - t0),  # sampled tokens / s, all ranks
+            "version": version, "sample_version": completions[0]["version"], "step_s": t_sync - t0, "gen_s": gen_s,
+            "gen_wait_s": t_gen - t0 + t_wait - t_train,  # the trainer waiting on sampling; one step off, less than gen_s
+            "reward_s": t_reward - t_gen, "train_s": t_train - t_reward, "sync_s": t_sync - t_wait,
+            "gen_tok_s": acc.reduce(n_tok, "sum").item() / gen_s,  # sampled tokens / s, all ranks
             "train_tok_s": acc.reduce(n_tok + sum(map(len, seq_prompts)), "sum").item() / (t_train - t_reward)}
         log.write(m, bar)
 
         # --- checkpoint, and a clean stop when the job's time is up
         stop = deadline.passed(acc) and step + 1 < cfg.max_steps
         if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == cfg.max_steps or stop:
-            plumbing.save_checkpoint(acc, policy, tok, opt, sched, sampler, cfg, step + 1, version)
+            plumbing.save_checkpoint(acc, policy, tok, opt, sched, sampler_state, cfg, step + 1, version)
         if stop:
             acc.print(f"stop_after_min={cfg.stop_after_min}: stopped after step {step + 1}; continue with --resume")
             break
     else:
         if cfg.eval_every and start < cfg.max_steps:
             plumbing.validate(acc, engine, tok, eval_rows, cfg, cfg.max_steps, log)  # the final weights
+    if prefetch:
+        prefetch.shutdown()
     log.close()
     plumbing.close_engine(engine)
     acc.end_training()

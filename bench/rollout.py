@@ -13,6 +13,8 @@ lengths. Variants (--workload-variants), each timed on --iters calls of fresh pr
   vllm:       vLLM in this process with its defaults (continuous batching, CUDA graphs, prefix caching), logprobs on
 Reported per variant: completions/s and sampled tok/s (median call), the completion lengths (mean, p50, p90, max,
 share cut at the cap) and, for ours, the decode steps and prefills the call ran and its time per decode step.
+--profile: for ours, one more call under torch.profiler: GPU kernel-time shares (GEMM, attention, the top others),
+how busy the GPU was (kernel time / wall time), and GPU kernel time per decode step beside wall time per step.
 
 The shape sweep (default):
 
@@ -143,6 +145,13 @@ def real_workload(a):
         if steps_run[0] is not None:  # ours: what the median call ran
             res |= {k: statistics.median(st[k] for st in steps_run) for k in ("decode_steps", "prefills")}
             res["ms_per_decode_step"] = round(1000 * s / res["decode_steps"], 2)
+        if a.profile and v != "vllm" and dev.type == "cuda":  # one more call (the first timed call's prompts), profiled
+            from trainer import kernel_shares
+            holder = {}
+            prof = kernel_shares(lambda: holder.update(r=run(calls[1], 1)))
+            n_steps = holder["r"][1]["decode_steps"]
+            res["profile"] = prof | {"ms_per_decode_step": round(prof["wall_s"] * 1000 / n_steps, 2),
+                                     "gpu_ms_per_decode_step": round(prof["kernel_s"] * 1000 / n_steps, 2)}
         out[v] = res
         print(f"{v}: {res}", file=sys.stderr, flush=True)  # a run cut short keeps these
         llm = e = run = None
@@ -176,6 +185,8 @@ def main():
     real.add_argument("--prompts", type=int, default=64, help="prompts per call")
     real.add_argument("--n", type=int, default=8, help="completions per prompt")
     real.add_argument("--max-batch", type=int, default=256, help="TorchEngine cache rows")
+    real.add_argument("--profile", action="store_true", help="our engine: GPU kernel-time shares of one more call, "
+                      "how busy the GPU was, and GPU time per decode step (torch.profiler)")
     real.add_argument("--workload-variants", nargs="+", default=None, help="default: static continuous (+ vllm "
                       "if installed, on CUDA)")
     a = ap.parse_args()

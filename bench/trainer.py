@@ -10,6 +10,9 @@ for each variant, after one warm-up step, starting from the same weights:
   packed:         micro-batches of --packed-mb sequences concatenated into one row, varlen flash attention
   packed+ckpt:    the same with activation checkpointing (memory for time)
   packed+compile: packed, decoder layers and log-softmax chunks torch.compiled (compiled in the warm-up step)
+  packed+compile+liger: the same layers, with the lm_head + log-softmax done by liger-kernel's fused linear
+                  cross-entropy instead of our chunks (liger_token_logprobs; needs liger-kernel, on CPU only under
+                  TRITON_INTERPRET=1)
 and checks that the variants' first-step losses agree. MFU counts model FLOPs on real tokens only
 (6 * matmul params * tokens + causal attention; no recompute), against --peak-tflops.
 """
@@ -31,6 +34,27 @@ import train  # noqa: E402
 from models import SHAPES, load_model  # noqa: E402
 
 
+def liger_token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=False):
+    """train.token_logprobs with the lm_head + log-softmax + gather done by liger-kernel's fused linear cross-entropy
+    (reduction "none": -log p of each target; the head's weight cast once per micro-batch, its gradient accumulated in
+    fp32, the logits recomputed in backward, never all at once). It does not give the entropy (zeros here), which
+    ours computes in the same fused kernel: the variant is timed, not trained with."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    inputs = dict(inputs)
+    unpack = inputs.pop("unpack", None)
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
+    R, L, H = hidden.shape
+    kind = hidden.device.type
+    dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+    h = (hidden[:, :-1].reshape(-1, H) / temperature).to(dt)  # [R*(L-1), H]: logits / T = (h / T) W^T
+    head = model.get_output_embeddings()
+    nll = liger_fused_linear_cross_entropy(h, head.weight.to(dt), inputs["input_ids"][:, 1:].reshape(-1), head.bias,
+                                           reduction="none", accum_dtype=torch.float32)  # [R*(L-1)] fp32
+    logp = -nll.view(R, L - 1)
+    ent = torch.zeros_like(logp)
+    return (logp[0, unpack], ent[0, unpack]) if unpack is not None else (logp, ent)
+
+
 def model_flops(lm, lengths) -> float:
     """fwd + bwd FLOPs of the batch: 6 per matmul weight per token (lm_head included), plus causal attention."""
     c = lm.config
@@ -44,8 +68,8 @@ def model_flops(lm, lengths) -> float:
 
 
 def kernel_shares(step):
-    """Share of GPU kernel time per kind over one step, from the profiler, and how busy the GPU was
-    (kernel time / wall time of the profiled step; kernels do not overlap in this single-stream step)."""
+    """Share of GPU kernel time per kind over one call of step(), from the profiler, and how busy the GPU was
+    (kernel time / wall time of the call; kernels do not overlap on one stream). Also bench/rollout.py's."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
@@ -58,14 +82,15 @@ def kernel_shares(step):
             continue
         name = e.key.lower()
         kind = "attention" if "flash" in name or "fmha" in name or "attention" in name else \
-            "gemm" if any(s in name for s in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")) else "other"
+            "gemm" if any(s in name for s in ("gemm", "gemv", "cutlass", "nvjet", "xmma", "cublas", "splitk")) else "other"
         kinds[kind] += e.self_device_time_total
         if kind == "other":
             others[e.key[:70]] = others.get(e.key[:70], 0.0) + e.self_device_time_total  # names cut: sum alike
     total = sum(kinds.values()) or 1.0
     top = sorted(others.items(), key=lambda kv: -kv[1])[:12]  # the non-GEMM kernels that cost most
     return {k: round(v / total, 3) for k, v in kinds.items()} | {
-        "top_other": {k: round(v / total, 3) for k, v in top}, "gpu_busy": round(total / 1e6 / wall, 3)}
+        "top_other": {k: round(v / total, 3) for k, v in top}, "gpu_busy": round(total / 1e6 / wall, 3),
+        "kernel_s": round(total / 1e6, 4), "wall_s": round(wall, 4)}
 
 
 def main():
@@ -82,7 +107,7 @@ def main():
     ap.add_argument("--variants", nargs="+", default=["padded", "packed", "packed+ckpt", "packed+compile"])
     ap.add_argument("--profile", action="store_true", help="kernel-time shares of one packed step")
     a = ap.parse_args()
-    compiled = [v.endswith("compile") for v in a.variants]
+    compiled = ["compile" in v for v in a.variants]
     assert compiled == sorted(compiled), "compiled variants go last: compiled layers stay compiled"
     from accelerate import Accelerator
 
@@ -102,6 +127,7 @@ def main():
     lengths = [len(p) + len(c["token_ids"]) for p, c in zip(seq_prompts, completions)]
     flops = model_flops(lm, lengths)
     init = {k: v.detach().clone() for k, v in lm.state_dict().items()}
+    token_logprobs = train.token_logprobs  # ours; the liger variant swaps in its own
 
     out = {"bench": "trainer", "device": torch.cuda.get_device_name() if gpu else "cpu", "shape": a.shape,
            "sequences": len(completions), "tokens": sum(lengths), "model_tflop_per_step": round(flops / 1e12, 1)}
@@ -109,7 +135,7 @@ def main():
     for variant in a.variants:
         cfg = train.Config(prompts_per_step=a.prompts, group_size=a.group, max_new_tokens=a.completion_len[1],
                            packing=variant.startswith("packed"), grad_checkpointing=variant.endswith("ckpt"),
-                           compile=variant.endswith("compile"),
+                           compile="compile" in variant,
                            micro_batch_size=a.packed_mb if variant.startswith("packed") else a.padded_mb)
         lm.load_state_dict(init)
         lm.set_attn_implementation("sdpa")
@@ -119,6 +145,7 @@ def main():
         if cfg.compile:
             models.compile_model(lm)
         opt = torch.optim.AdamW(lm.parameters(), lr=1e-6, fused=gpu)
+        train.token_logprobs = liger_token_logprobs if variant.endswith("liger") else token_logprobs
         policy, opt = acc.prepare(train.Policy(lm, cfg.compile), opt)
 
         def step():
@@ -141,7 +168,7 @@ def main():
         out[variant] = {"step_s": round(s, 3), "tok_s": round(sum(lengths) / s), "mfu": round(flops / s / (a.peak_tflops * 1e12), 3),
                         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
                         "micro_batch": cfg.micro_batch_size, "warmup_step_s": round(warmup_s, 1)}
-        if a.profile and gpu and variant in ("packed", "packed+compile"):
+        if a.profile and gpu and variant.startswith("packed") and not variant.endswith("ckpt"):
             out[variant]["kernel_time_share"] = kernel_shares(step)
         del policy, opt
         acc.free_memory()

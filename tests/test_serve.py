@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import gsm8k
 import train
 from test_train import cfg_for, digit_reward
 
@@ -162,7 +163,35 @@ def test_two_grpo_steps_through_the_app(app, tiny_model, tmp_path):
     train.main(cfg, reward_fn=digit_reward)
     rows = [json.loads(line) for line in open(tmp_path / "serve" / "metrics.jsonl")]
     assert [r["version"] for r in rows] == [2, 3]
+    assert [r["sample_version"] for r in rows] == [1, 2]  # on-policy: each batch sampled by the weights it trains
     assert all(r["sync_s"] > 0 for r in rows)
+
+
+def test_one_step_off_samples_ahead_and_trains_every_batch_once_across_a_resume(app, tiny_model, tmp_path):
+    """max_staleness 1: from the second step on, the batch was sampled during the step before, by the weights one
+    version behind the policy's. A run stopped after step 1 (its batch 2 already sampled ahead) and resumed trains
+    exactly the batches an uninterrupted sampler draws, in order: none skipped, none twice; the resumed step samples
+    afresh from the checkpoint's weights."""
+    torch_only(app)
+    name, _ = app
+    cfg = dataclasses.replace(cfg_for(tiny_model, tmp_path / "async", max_steps=3, stop_after_min=1e-6),
+                              inference="serve", serve_app=name, sync_timeout_s=120.0, max_staleness=1)
+    answers = []
+
+    def recording_reward(text, answer):
+        answers.append(answer)
+        return digit_reward(text, answer)
+
+    train.main(cfg, reward_fn=recording_reward)
+    train.main(dataclasses.replace(cfg, resume=True, stop_after_min=0.0), reward_fn=recording_reward)
+    rows = [json.loads(line) for line in open(tmp_path / "async" / "metrics.jsonl")]
+    assert [r["version"] for r in rows] == [2, 3, 4]
+    assert [r["sample_version"] for r in rows] == [1, 2, 2]  # step 3 trains a batch sampled by version 2
+    train_rows = gsm8k.split_train_val(gsm8k.load_split(cfg.data, "train"), cfg.val_size)[0]
+    sampler = gsm8k.Sampler(len(train_rows), cfg.seed)
+    want = [train_rows[i]["answer"] for _ in range(3) for i in sampler.next(cfg.prompts_per_step)
+            for _ in range(cfg.group_size)]
+    assert answers == want
 
 
 @pytest.mark.parametrize("ipc", ["never", pytest.param("always", marks=pytest.mark.extended)])

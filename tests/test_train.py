@@ -62,6 +62,7 @@ def test_three_steps_end_to_end(tiny_model, tmp_path):
     steps, evals = [r for r in rows if "reward" in r], [r for r in rows if "val/pass@1_strict" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert [r["version"] for r in steps] == [1, 2, 3], "the engine took one weight update per step"
+    assert [r["sample_version"] for r in steps] == [0, 1, 2], "each batch sampled by the weights it trains"
     assert [r["step"] for r in evals] == [0, 2, 3], "weights after 0, 2 and 3 updates"
     assert all(r["val/n"] == 3 and 0 <= r["val/format"] <= 1 for r in evals)
     for k in ("reward", "accuracy", "format", "format_rate", "kl", "entropy", "completion_len", "loss", "grad_norm",
