@@ -214,7 +214,10 @@ def compile_model(lm):
     return lm
 
 
-@torch.compiler.disable  # a graph break in compiled layers: varlen takes Python ints, the CPU path a loop
+TRACE_ATTENTION = False  # True: the CUDA varlen kernel is traced into the compiled layers (one graph per layer, not
+# two around a graph break); an experiment timed by bench/trainer.py's packed+compile+attn variant
+
+
 def packed_attention(module, q, k, v, attention_mask, scaling=None, cu_seq_lens_q=None, max_length_q=None, **_):
     """Causal attention inside each of the sequences packed into one row (transformers attention hook).
 
@@ -222,18 +225,29 @@ def packed_attention(module, q, k, v, attention_mask, scaling=None, cu_seq_lens_
     CUDA: flash varlen kernel, no padding and no [N, N] mask. CPU: one sdpa per sequence (tests, tiny runs).
     """
     assert cu_seq_lens_q is not None, "packed attention needs collate(..., packed=True) inputs"
+    if q.is_cuda and TRACE_ATTENTION:
+        return _varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling), None
+    return _packed_attention_eager(q, k, v, cu_seq_lens_q, max_length_q, scaling), None
+
+
+@torch.compiler.disable  # a graph break in compiled layers: varlen takes Python ints, the CPU path a loop
+def _packed_attention_eager(q, k, v, cu_seq_lens_q, max_length_q, scaling):
     if not q.is_cuda:
         bounds = cu_seq_lens_q.tolist()
         outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, scale=scaling,
                                                enable_gqa=True) for s, e in zip(bounds[:-1], bounds[1:])]
-        return torch.cat(outs, 2).transpose(1, 2), None
+        return torch.cat(outs, 2).transpose(1, 2)
+    return _varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling)
+
+
+def _varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling):
     from torch.nn.attention.varlen import varlen_attn
     dtype = q.dtype if q.dtype != torch.float32 else torch.bfloat16  # fp32 sneaks in through fp32 RoPE tables
     k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))  # GQA: [1, H, N, D]
     q, k, v = (x[0].transpose(0, 1).to(dtype).contiguous() for x in (q, k, v))  # [N, H, D]
     out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
                       window_size=(-1, 0))  # (-1, 0) = causal
-    return out[None], None
+    return out[None]
 
 
 def use_packed_attention(model):

@@ -10,7 +10,8 @@ for each variant, after one warm-up step, starting from the same weights:
   packed:         micro-batches of --packed-mb sequences concatenated into one row, varlen flash attention
   packed+ckpt:    the same with activation checkpointing (memory for time)
   packed+compile: packed, decoder layers and log-softmax chunks torch.compiled (compiled in the warm-up step)
-  packed+compile+liger: the same layers, with the lm_head + log-softmax done by liger-kernel's fused linear
+  packed+compile+attn: the same, with the varlen attention traced into the compiled layers (models.TRACE_ATTENTION)
+  packed+compile+liger: the compiled layers, with the lm_head + log-softmax done by liger-kernel's fused linear
                   cross-entropy instead of our chunks (liger_token_logprobs; needs liger-kernel, on CPU only under
                   TRITON_INTERPRET=1)
 and checks that the variants' first-step losses agree. MFU counts model FLOPs on real tokens only
@@ -146,6 +147,7 @@ def main():
             models.compile_model(lm)
         opt = torch.optim.AdamW(lm.parameters(), lr=1e-6, fused=gpu)
         train.token_logprobs = liger_token_logprobs if variant.endswith("liger") else token_logprobs
+        models.TRACE_ATTENTION = variant.endswith("attn")
         policy, opt = acc.prepare(train.Policy(lm, cfg.compile), opt)
 
         def step():

@@ -92,7 +92,8 @@ def test_replica_on_the_trainers_gpu_gets_its_weights_by_cuda_ipc(tiny_model, tm
     """One GPU for the trainer and a torch-engine replica (half a GPU share, a 16-row cache): pushes go by CUDA IPC
     (sync_ipc auto: NCCL refuses two ranks on one device). Perturbed then original weights restore the replica's
     greedy output exactly, and it keeps no view of the trainer's buffer (zeroing it changes nothing); a killed replica
-    restarts and is pushed the weights again; two GRPO steps run through the app; close() frees the buffer."""
+    restarts and is pushed the weights again; close() frees the buffer; two GRPO steps run through the app, then three
+    one step off (max_staleness 1)."""
     import ray
     from ray import serve
     import infer_workers
@@ -135,6 +136,10 @@ def test_replica_on_the_trainers_gpu_gets_its_weights_by_cuda_ipc(tiny_model, tm
                                   serve_app="colocated", sync_timeout_s=120.0)
         train.main(cfg, reward_fn=digit_reward)
         assert [json.loads(line)["version"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [2, 3]
+        train.main(dataclasses.replace(cfg, run_dir=str(tmp_path / "async"), max_steps=3, max_staleness=1),
+                   reward_fn=digit_reward)  # one step off: the replica samples the next batch while the trainer trains
+        rows = [json.loads(line) for line in open(tmp_path / "async" / "metrics.jsonl")]
+        assert [r["version"] - r["sample_version"] for r in rows] == [1, 2, 2], rows
     finally:
         serve.shutdown()
         ray.shutdown()
