@@ -71,6 +71,14 @@ def _attend(q, k, v, mask, scale):
     return o.reshape(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
 
 
+@torch.compiler.disable  # eager inside a compiled decode step: compiled, the in-place write into the KV cache (a graph
+# input) became a copy of the whole cache at every step (on the CPU: 3.6 s a step for SmolLM2)
+def _store_and_attend(store, i, q, k, v, mask, scale):
+    """store(i, k, v) puts layer i's new keys/values into the cache and returns those to attend; then _attend."""
+    k, v = store(i, k, v)
+    return _attend(q, k, v, mask, scale)
+
+
 M32 = 0xFFFFFFFF
 
 
@@ -110,6 +118,21 @@ def _sample(logits, temperature, top_p, keys, step):
     return nxt, logits.gather(-1, nxt[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
+def _sample_race(logits, temperature, keys, step):
+    """_sample at top_p 1 and temperature > 0 by an exponential race (the Gumbel-max trick) instead of an inverse
+    CDF: token = argmax_v (logits_v / T - log E_v) with E_v ~ Exp(1) from hash(key, step, v), which is a draw from
+    softmax(logits / T). No cumulative sum or search over the vocabulary: compiled, the token and its logprob come out
+    of one pass over the logits (TorchEngine(compile=True)). E_v = -log1p(-w_v) with w_v uniform on 32 bits, fine
+    near 0, so a token is cut off only below ~e^-22 of the top one's probability.
+    """
+    x = logits.float() / temperature  # [B, V]
+    base = _mix32(keys ^ (step * 0x27D4EB2D & M32))  # [B]
+    h = _mix32(base[:, None] + torch.arange(x.shape[-1], device=x.device) * 0x2545F491)  # [B, V] uniform 32-bit
+    e = -torch.log1p(-(h.float() + 0.5) * 2.0**-32)  # [B, V] Exp(1)
+    nxt = (x - e.log()).argmax(-1)
+    return nxt, x.gather(-1, nxt[:, None]).squeeze(-1) - x.logsumexp(-1)
+
+
 class TorchEngine:
     """Batched sampling in plain PyTorch, one forward per token.
 
@@ -121,12 +144,14 @@ class TorchEngine:
     the last ones (continuous=False: a new batch starts only when the whole last one has stopped). On CUDA each
     decode step is a CUDA graph, one per (batch bucket, attended-length bucket), captured on first use; weight
     updates copy in place, so the graphs stay valid. Other architectures take HF's forward + DynamicCache, in
-    batches of max_batch.
+    batches of max_batch. compile=True: the decode step's forward is torch.compiled (its norms, RoPE, SiLU and
+    residual adds fused; graphs are captured of the compiled step) and sampling at top_p 1 is _sample_race,
+    compiled; an opt-in until timed on a GPU (bench/rollout.py's continuous_compiled variant).
     """
     BLOCK = 128  # cache slots come in multiples of this: the cache's length and each graph's attended length
 
     def __init__(self, model, tokenizer, max_batch: int = 64, max_model_len: int | None = None,
-                 cuda_graphs: bool = True, continuous: bool = True):
+                 cuda_graphs: bool = True, continuous: bool = True, compile: bool = False):
         self.model = model.eval().requires_grad_(False)
         self.tok = tokenizer
         self.eos = torch.tensor(eos_token_ids(tokenizer, model), device=model.device)
@@ -138,6 +163,14 @@ class TorchEngine:
         self.check_every = 16 if model.device.type == "cuda" else 1  # a look at the rows is a host sync: it stalls CUDA
         self.cache, self.graphs = None, {}
         self.version = 0
+        self.compiled = compile
+        self._decode_fn = torch.compile(self._decode, dynamic=True) if compile else self._decode
+        self._race = torch.compile(_sample_race, dynamic=True) if compile else _sample_race
+
+    def _sample(self, logits, temperature, top_p, keys, step):
+        if self.compiled and temperature > 0 and top_p >= 1.0:
+            return self._race(logits, temperature, keys, step)
+        return _sample(logits, temperature, top_p, keys, step)
 
     @torch.no_grad()
     def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, seed=0):
@@ -199,7 +232,7 @@ class TorchEngine:
                 grow = max(n - at for n, at in busy.values())  # a row's slot is n + (step - 1 - at), < n + max_new - 1
                 cap = max(n for n, _ in busy.values()) + max_new_tokens - 1
                 last_admitted, changed = max(at for _, at in busy.values()), False
-            nxt, lp = _sample(logits[:W], temperature, top_p, row_keys[:W], gen[:W])  # --- sample
+            nxt, lp = self._sample(logits[:W], temperature, top_p, row_keys[:W], gen[:W])  # --- sample
             out, at = torch.where(done[:W], N, seq[:W]), gen[:W].clamp(max=max_new_tokens - 1)  # stopped rows: the spare
             tokens[out, at], logps[out, at] = nxt, lp
             gen[:W] += ~done[:W]
@@ -231,7 +264,7 @@ class TorchEngine:
             graph.replay()
             out = out[:W]
         else:
-            out = self._decode(self.in_tok[:W], self.in_col[:W], S)
+            out = self._decode_fn(self.in_tok[:W], self.in_col[:W], S)
         self.in_col[:W] += ~done  # device-side: no host sync
         return out
 
@@ -288,12 +321,12 @@ class TorchEngine:
         args = (self.in_tok[:Bb], self.in_col[:Bb], S)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: lazy inits (cuBLAS workspaces, ...) happen here
-            self._decode(*args)
+        with torch.cuda.stream(side):  # warm-up off the capture: lazy inits (cuBLAS workspaces, compilation) happen here
+            self._decode_fn(*args)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):  # other threads: NCCL, Ray
-            logits = self._decode(*args)
+            logits = self._decode_fn(*args)
         return graph, logits
 
     def _prefill(self, prompts, rows):
@@ -344,8 +377,7 @@ class TorchEngine:
             k = a.k_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)  # [B, KV, T, hd]
             v = a.v_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)  # [B, KV, T, hd]
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            k, v = store(i, k, v)
-            h = h + a.o_proj(_attend(q, k, v, mask, a.scaling))
+            h = h + a.o_proj(_store_and_attend(store, i, q, k, v, mask, a.scaling))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.lm_head(m.norm(h[torch.arange(B, device=h.device), last]))  # [B, V]
 

@@ -7,7 +7,8 @@
 
 Each step: sample G completions per prompt -> rewards -> group-normalised advantages ->
 clipped-ratio policy loss (+ optional k3 KL to a frozen reference) -> one AdamW step -> push the
-new weights to the inference engine -> log -> checkpoint.
+new weights to the inference engine -> log -> checkpoint. One step off (max_staleness 1, Serve replicas) the next
+step's sampling runs while this step trains, so each batch is trained on by weights one update newer than sampled it.
 
 Left out, on purpose: a value model (GRPO's group baseline replaces it); several optimizer steps per
 batch (one step keeps it nearly on-policy; the ratio still corrects engine/trainer mismatch).

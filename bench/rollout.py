@@ -10,6 +10,7 @@ lengths. Variants (--workload-variants), each timed on --iters calls of fresh pr
   static:     TorchEngine as before continuous batching (continuous=False): batches of --max-batch rows, each run
               until its longest row stops
   continuous: TorchEngine, a stopped row's slot taken by the next waiting sequence (--max-batch rows)
+  continuous_compiled: the same with compile=True (decode forward and the exponential-race sampler compiled; opt-in)
   vllm:       vLLM in this process with its defaults (continuous batching, CUDA graphs, prefix caching), logprobs on
 Reported per variant: completions/s and sampled tok/s (median call), the completion lengths (mean, p50, p90, max,
 share cut at the cap) and, for ours, the decode steps and prefills the call ran and its time per decode step.
@@ -123,8 +124,8 @@ def real_workload(a):
                 outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
                 return [len(c.token_ids) for o in outs for c in o.outputs], None
         else:
-            e = TorchEngine(model, tok, max_batch=a.max_batch, continuous=v == "continuous",
-                            max_model_len=max(map(len, sum(calls, []))) + a.new_tokens)
+            e = TorchEngine(model, tok, max_batch=a.max_batch, continuous=v.startswith("continuous"),
+                            compile=v.endswith("compiled"), max_model_len=max(map(len, sum(calls, []))) + a.new_tokens)
 
             def run(prompts, seed):
                 groups = e.generate(prompts, n=a.n, max_new_tokens=a.new_tokens, temperature=1.0, seed=seed)

@@ -117,23 +117,42 @@ def test_samples_are_reproducible_per_sequence_whatever_the_batching(tok):
     assert len({tuple(r) for r in runs[0]}) > 6, "different sequences of one prompt sample differently"
 
 
-def test_sampler_draws_softmax_and_respects_top_p():
-    """The inverse-CDF sampler draws each token with probability softmax(logits / T)[token] (40,000 draws, one per
-    key; then one key over 40,000 steps), logprobs are of the full softmax; top_p keeps only the nucleus."""
-    from engine import _sample, sequence_keys
+@pytest.mark.parametrize("sampler", ["inverse_cdf", "race"])
+def test_sampler_draws_softmax_and_respects_top_p(sampler):
+    """Both samplers (the inverse CDF, and the exponential race of compile=True) draw each token with probability
+    softmax(logits / T)[token] (40,000 draws, one per key; then one key over 40,000 steps), logprobs are of the full
+    softmax; top_p (inverse CDF only) keeps only the nucleus."""
+    from engine import _sample, _sample_race, sequence_keys
+    draw = _sample if sampler == "inverse_cdf" else lambda lg, t, _top_p, k, st: _sample_race(lg, t, k, st)
     probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
     n = 40_000
     logits = (probs.log() * 0.7).expand(n, 5)  # at T = 0.7 these are the probabilities above
     for keys, step in ((sequence_keys(3, n, "cpu"), torch.zeros(n, dtype=torch.long)),
                        (sequence_keys(3, 1, "cpu").expand(n), torch.arange(n))):
-        nxt, lp = _sample(logits, 0.7, 1.0, keys, step)
+        nxt, lp = draw(logits, 0.7, 1.0, keys, step)
         freq = torch.bincount(nxt, minlength=5).float() / n
         torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
         torch.testing.assert_close(lp, probs.log()[nxt], atol=1e-5, rtol=1e-5)
+    if sampler == "race":
+        return
     nxt, lp = _sample(logits, 0.7, 0.7, sequence_keys(4, n, "cpu"), torch.zeros(n, dtype=torch.long))
     freq = torch.bincount(nxt, minlength=5).float() / n
     assert set(nxt.tolist()) == {0, 1} and abs(freq[0] - 2 / 3) < 0.01, freq  # nucleus {0.5, 0.25}, renormalised
     torch.testing.assert_close(lp, probs.log()[nxt], atol=1e-5, rtol=1e-5)  # not renormalised: the ratio stays unbiased
+
+
+@pytest.mark.extended  # compiling on 2 CPU cores takes a minute; tests/test_gpu.py runs it on CUDA with graphs
+def test_compiled_engine_matches_eager_greedy_and_samples_per_sequence(tok):
+    """compile=True (the decode forward and the race sampler under torch.compile): the eager engine's greedy tokens;
+    sampled ones the same for a sequence however it is batched."""
+    model = build("qwen2")
+    prompts = random_prompts((5, 8, 2, 11))
+    compiled = TorchEngine(model, tok, compile=True)
+    assert [g[0]["token_ids"] for g in compiled.generate(prompts, max_new_tokens=12, temperature=0)] == \
+        [g[0]["token_ids"] for g in TorchEngine(model, tok).generate(prompts, max_new_tokens=12, temperature=0)]
+    runs = [[c["token_ids"] for g in TorchEngine(model, tok, max_batch=mb, compile=True).generate(
+        prompts, n=3, max_new_tokens=12, temperature=1.0, seed=5) for c in g] for mb in (64, 3)]
+    assert runs[0] == runs[1] and len({tuple(r) for r in runs[0]}) > 6
 
 
 def test_update_weights_changes_outputs_and_restoring_restores_them(tok):
