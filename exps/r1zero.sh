@@ -24,6 +24,9 @@ INFERENCE=${INFERENCE:-$([ "$NGPU" -ge 2 ] && echo serve || echo local)}
 RES=${RES:-res}                                  # where the tracked results go, named after the run folder:
 TAG=$(basename "$RUN")                           # --run_dir=runs/x --prompt=r1 ... gives res/x.png, res/x_eval.json
 mkdir -p "$RUN" "$RES"
+# torch.compile's kernels cached with the run (the default cache is this machine's /tmp): a resumed piece in another
+# job or on another machine of the same kind reuses them instead of compiling again (~70 s on an H200; docs/perf.md)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$RUN/compile_cache}
 mark() { echo "$(date +%s) $1" >> "$RUN/phases.log"; }   # the run's wall time, part by part (unix seconds)
 mark start
 python -c "import models; models.resolve_model('$MODEL')"   # convert the GGUF once, before processes race
