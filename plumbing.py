@@ -316,6 +316,7 @@ LIMITS = {
     "tis_cap": (0.0, None, True, "0 turns the correction off"),
     "max_staleness": (0, 1, True, "0 = on-policy; 1 = the next batch is sampled while this one trains"),
     "kl_coef": (0.0, None, True, ""),
+    "log_kl_every": (1, None, True, ""),
     "lr": (0.0, None, False, ""),
     "min_lr_ratio": (0.0, 1.0, True, ""),
     "warmup_steps": (0, None, True, ""),

@@ -61,6 +61,8 @@ class Config:
     # the engine's log-prob mismatch corrected (bf16, other kernels); 0 = off: the ratio is against the sampler's
     kl_coef: float = 0.0  # beta of the k3 KL to the frozen initial model; 0 = no reference model (unless log_kl)
     log_kl: bool = False  # with kl_coef 0: load the reference anyway and log the KL to it (one more forward per step)
+    log_kl_every: int = 1  # with log_kl: only every this many steps (the others skip that forward, and train.policy_step
+    # then skips the sequences without a signal too)
     # --- optimizer
     lr: float = 1e-6  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
@@ -366,7 +368,8 @@ def main(cfg: Config, reward_fn=None):
         # --- advantage, loss and one optimizer step
         adv = group_advantages(reward, cfg.group_size, cfg.scale_rewards)  # [P*G]
         seq_prompts = [prompts[i] for i in idx for _ in range(cfg.group_size)]
-        stats, n_tok = policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg, tok.pad_token_id)
+        kl_ref = ref if cfg.kl_coef > 0 or step % cfg.log_kl_every == 0 else None  # log_kl: a measurement, not the loss
+        stats, n_tok = policy_step(acc, policy, kl_ref, opt, seq_prompts, completions, adv, cfg, tok.pad_token_id)
         sched.step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)  # the step's kernels count as training, not as the sync that follows

@@ -175,6 +175,16 @@ def test_policy_step_skips_zero_advantage_sequences_exactly(tiny_model, tmp_path
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-6)
 
 
+def test_log_kl_every_measures_the_kl_on_those_steps_only(tiny_model, tmp_path):
+    """log_kl with log_kl_every 2 (kl_coef 0): the KL to the reference is logged at steps 1 and 3; step 2 makes no
+    reference forward and trains only the sequences with a signal."""
+    cfg = cfg_for(tiny_model, tmp_path / "run", max_steps=3, log_kl=True, log_kl_every=2)
+    train.main(cfg, reward_fn=digit_reward)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [("kl" in r) for r in rows] == [True, False, True]
+    assert rows[0]["trained_frac"] == rows[2]["trained_frac"] == 1.0  # with the reference: every sequence
+
+
 def test_prompt_and_format_weight_come_from_the_config(tiny_model, tmp_path, monkeypatch):
     """cfg.prompt is the prompt of every question the run sends (training and in-loop validation), and the default
     reward is cfg.format_weight * format + accuracy. format_reward is made to pay 1 here, so the weight is visible
