@@ -310,6 +310,16 @@ def make_optimizer(cfg: Config, lm, state):
     return opt, sched
 
 
+def sample_batch(engine, sampler, prompts, cfg: Config, rank, world, step):
+    """This rank's share of the step's prompts and G completions of each, by the engine's weights now.
+    Returns (prompt indices, completion groups, seconds the generate call took)."""
+    idx = sampler.next(cfg.prompts_per_step)[rank::world]  # same sequence on every rank
+    t = time.perf_counter()
+    groups = engine.generate([prompts[i] for i in idx], n=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step * world + rank)
+    return idx, groups, time.perf_counter() - t
+
+
 def main(cfg: Config, reward_fn=None):
     """reward_fn(completion_text, gsm8k_answer) -> {"reward": float, ...components}; default: rewards.py's, weighted."""
     reward_fn = reward_fn or functools.partial(rewards.reward_components, format_weight=cfg.format_weight)
@@ -334,13 +344,7 @@ def main(cfg: Config, reward_fn=None):
     start, deadline = state["step"] if state else 0, plumbing.Deadline(cfg.stop_after_min)
     log = plumbing.RunLog(cfg, acc, resume_step=start if state else None)
 
-    def sample(step):  # this rank's share of the step's prompts and G completions of each, by the engine's weights now
-        idx = sampler.next(cfg.prompts_per_step)[rank::world]  # same sequence on every rank
-        t = time.perf_counter()
-        groups = engine.generate([prompts[i] for i in idx], n=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step * world + rank)
-        return idx, groups, time.perf_counter() - t
-
+    sample = functools.partial(sample_batch, engine, sampler, prompts, cfg, rank, world)  # sample(step)
     prefetch = concurrent.futures.ThreadPoolExecutor(1) if cfg.max_staleness else None
     next_batch = None  # max_staleness 1: the next step's sample(), running on the replicas while this step trains
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not acc.is_main_process,

@@ -168,17 +168,20 @@ def main():
         assert all(r == rounds for r in resp.result()), resp.result()
         return times[1:]  # the first round waited for the RPC to reach the replicas
 
-    native, native_error = None, None
+    native, native_error, native_push = None, None, None  # vLLM's own transfer, where it applies
+    sent = [(n, t) for n, t in state if n not in aliases]  # tied weights once, as ours
+
+    def no_errors(res):
+        errors = [r for r in res if isinstance(r, BaseException)]
+        assert not errors, errors
+
     if a.engine == "vllm" and a.colocate and gpu:  # vLLM's own CUDA IPC transfer: no group
         from dataclasses import asdict
         from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
-        sent = [(n, t) for n, t in state if n not in aliases]  # tied weights once, as ours
         nbytes = sum(t.numel() * t.element_size() for _, t in sent)
 
         def send(info):  # called once per packed chunk; the buffer holds the whole model, so once per push
-            res = c.sync._broadcast("native_receive", asdict(info)).result()
-            errors = [r for r in res if isinstance(r, BaseException)]
-            assert not errors, errors
+            no_errors(c.sync._broadcast("native_receive", asdict(info)).result())
 
         def native_push():
             t0 = time.perf_counter()
@@ -186,19 +189,12 @@ def main():
                 "send_mode": send, "packed": True, "packed_buffer_size_bytes": nbytes + 2**20})
             torch.cuda.synchronize()
             return time.perf_counter() - t0
-        try:
-            native_push()  # warm-up
-            native = []
-        except Exception as e:  # reported, not fatal: ours and the floor are still measured
-            native_error = f"{type(e).__name__}: {str(e)[:500]}"
     elif a.engine == "vllm" and not a.colocate:  # vLLM's own NCCL transfer, a group of its own
         from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
         info = {"master_address": "127.0.0.1", "master_port": free_port(), "world_size": 1 + a.replicas}
         resp = c.sync._broadcast("native_init", info | {"rank_offset": 1})
         group = NCCLWeightTransferEngine.trainer_init(info)
-        errors = [r for r in resp.result() if isinstance(r, BaseException)]
-        assert not errors, errors
-        sent = [(n, t) for n, t in state if n not in aliases]  # tied weights once, as ours
+        no_errors(resp.result())
         update = {"names": [n for n, _ in sent], "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in sent],
                   "shapes": [list(t.shape) for _, t in sent], "packed": True,
                   "packed_buffer_size_bytes": int(a.bucket_mb * 2**20)}
@@ -209,10 +205,9 @@ def main():
             NCCLWeightTransferEngine.trainer_send_weights(iter(sent), {
                 "group": group, "packed": True, "packed_buffer_size_bytes": update["packed_buffer_size_bytes"]})
             torch.cuda.synchronize()
-            res = resp.result()
-            errors = [r for r in res if isinstance(r, BaseException)]
-            assert not errors, errors
+            no_errors(resp.result())
             return time.perf_counter() - t0
+    if native_push is not None:
         try:
             native_push()  # warm-up
             native = []
