@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Qwen2's is the same function
 
 from models import eos_token_ids
+from weight_sync import ParamCopy
 
 
 class Completion(TypedDict):
@@ -163,6 +164,12 @@ class TorchEngine:
         self.check_every = 16 if model.device.type == "cuda" else 1  # a look at the rows is a host sync: it stalls CUDA
         self.cache, self.graphs = None, {}
         self.version = 0
+        params = dict(model.named_parameters(remove_duplicate=False))
+        self.loader = ParamCopy(params)  # update_weights' name -> parameter map
+        names = {}  # parameter -> its names (tied weights have two)
+        for n, p in params.items():
+            names.setdefault(id(p), []).append(n)
+        self.tied = frozenset(n for ns in names.values() if len(ns) > 1 for n in ns)
         self.compiled = compile
         self._decode_fn = torch.compile(self._decode, dynamic=True) if compile else self._decode
         self._race = torch.compile(_sample_race, dynamic=True) if compile else _sample_race
@@ -383,15 +390,10 @@ class TorchEngine:
 
     @torch.no_grad()
     def update_weights(self, named_tensors, version=None) -> int:
-        """Copy new weights into the live parameters (cast to the engine's dtype); tied names accepted."""
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        done = set()
-        for name, tensor in named_tensors:
-            assert name in params, f"unknown parameter {name!r} (engine has e.g. {next(iter(params))!r})"
-            params[name].copy_(tensor)
-            done.add(id(params[name]))
-        missing = [n for n, p in params.items() if id(p) not in done]
-        assert not missing, f"weight update left {len(missing)} parameters unchanged, e.g. {missing[:3]}"
+        """Copy new weights into the live parameters (cast to the engine's dtype; one fused copy, ParamCopy); every
+        parameter must be among them, tied ones under either name."""
+        named = list(named_tensors)
+        self.loader.load(named, {n: tuple(t.shape) for n, t in named}, self.tied)
         self.version = self.version + 1 if version is None else version
         return self.version
 

@@ -9,6 +9,7 @@ Configured by environment variables:
     GPU_MEMORY_UTILIZATION (0.85)  TENSOR_PARALLEL_SIZE (1)  ENFORCE_EAGER (0: vLLM with CUDA graphs)
     GPUS_PER_REPLICA (TENSOR_PARALLEL_SIZE; below 1: a share of a GPU, e.g. 0.5 beside the trainer on its GPU)
     INFER_MAX_BATCH (torch engine's cache rows, its memory: 0 = engine.default_max_batch)
+    INFER_COMPILE (0: 1 = the torch engine's decode step and sampler torch.compiled, TorchEngine(compile=True))
     VLLM_CPU_KVCACHE_SPACE (GiB, 1 here)
     HTTP_MAX_N (64)  HTTP_MAX_NEW_TOKENS (4096)  HTTP_MAX_BODY_BYTES (1000000): caps on one HTTP request
 or as builder arguments: `serve run infer_workers:build_app model=smollm2 num_workers=2 engine=torch`.
@@ -32,7 +33,7 @@ import torch
 
 from engine import TorchEngine, default_max_batch
 from models import DTYPES, default_dtype, load_model, load_tokenizer, resolve_model
-from weight_sync import Receiver, device_id, read_shared
+from weight_sync import ParamCopy, Receiver, device_id, plan_shapes, read_shared
 
 
 class VLLMWorkerExtension:
@@ -53,15 +54,44 @@ class VLLMWorkerExtension:
 
     def receive_weights(self, plan, timeout_s, ipc=False) -> int:
         device = self.device if torch.device(self.device).type == "cuda" else "cpu"
-        self.load_named_weights(read_shared(plan, device) if ipc else self.sync_receiver.receive(plan, timeout_s))
+        self.load_named_weights(read_shared(plan, device) if ipc else self.sync_receiver.receive(plan, timeout_s),
+                                *plan_shapes(plan))
         return plan["version"]
 
-    def load_named_weights(self, weights) -> None:
-        if torch.device(self.device).type == "cuda":
-            self.model_runner.get_model().load_weights(weights=weights)  # copies into the live tensors: graphs see them
-            torch.cuda.synchronize(self.device)  # "loaded" means loaded, not queued
-        else:
+    def load_named_weights(self, weights, shapes=None, aliases=frozenset()) -> None:
+        """On GPUs the first push goes through the model's load_weights; if a straight copy gives the same parameters
+        (checked on that push), the later ones are one fused copy (weight_sync.ParamCopy), else load_weights still."""
+        if torch.device(self.device).type != "cuda":
             self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+            return
+        model, weights = self.model_runner.get_model(), list(weights)
+        if shapes is None:  # an in-process list (VLLMEngine.update_weights): a tensor seen before is a tied alias
+            first = {}
+            aliases = frozenset(n for n, t in weights if first.setdefault((t.data_ptr(), t.shape), n) != n)
+            shapes = {n: tuple(t.shape) for n, t in weights}
+        if getattr(self, "param_copy", None):
+            self.param_copy.load(weights, shapes, aliases)
+        else:
+            model.load_weights(weights=weights)  # copies into the live tensors: graphs see them
+            if not hasattr(self, "param_copy"):
+                self.param_copy = checked_param_copy(model, weights, shapes, aliases)
+        torch.cuda.synchronize(self.device)  # "loaded" means loaded, not queued
+
+
+def checked_param_copy(model, weights, shapes, aliases) -> ParamCopy | None:
+    """For a vLLM model that has just loaded `weights` with its own loader: a ParamCopy if copying them straight gives
+    the same parameters (each destination equals its source; TP shards, quantised or re-laid-out weights do not),
+    else None, with the reason logged."""
+    try:
+        copy = ParamCopy(dict(model.named_parameters()), getattr(model, "packed_modules_mapping", None))
+        dst = copy.destinations(shapes, aliases)
+        differ = [n for n, t in weights if dst[n] is not None and not torch.equal(dst[n], t.to(dst[n].dtype))]
+        if differ:
+            raise ValueError(f"its loader changed {len(differ)} tensors on the way in, e.g. {differ[:2]}")
+        return copy
+    except ValueError as e:
+        logging.getLogger(__name__).warning("weight pushes keep vLLM's load_weights: %s", e)
+        return None
 
 
 class VLLMEngine:
@@ -118,12 +148,13 @@ class VLLMEngine:
 
 def make_engine(model: str, engine: str = "auto", dtype: str = "auto", max_model_len: int = 2048,
                 gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1, seed: int = 0, cpu_core=None,
-                enforce_eager: bool = False, max_batch: int = 0):
+                enforce_eager: bool = False, max_batch: int = 0, compile: bool = False):
     """An engine in this process. engine: vllm | torch | auto (vLLM where it is installed, else torch);
     dtype: auto (models.default_dtype) or a name in models.DTYPES. On the CPU, vLLM binds its threads to
     cpu_core (one per engine, so that replicas do not share cores) or to every core of this process. enforce_eager:
     vLLM without CUDA graphs or torch.compile (starts in seconds; generates slower). max_batch: the torch engine's
-    cache rows (0: engine.default_max_batch); with vLLM, gpu_memory_utilization caps the memory instead."""
+    cache rows (0: engine.default_max_batch); with vLLM, gpu_memory_utilization caps the memory instead. compile: the
+    torch engine's decode step compiled (vLLM compiles by itself unless enforce_eager)."""
     if engine == "auto":
         engine = "vllm" if importlib.util.find_spec("vllm") else "torch"
     if engine not in ("vllm", "torch"):
@@ -140,7 +171,7 @@ def make_engine(model: str, engine: str = "auto", dtype: str = "auto", max_model
         return VLLMEngine(model, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed, enforce_eager)
     dt = DTYPES[dtype] if dtype != "auto" else default_dtype(dev)
     return TorchEngine(load_model(model, dt, dev), load_tokenizer(model), max_model_len=max_model_len,
-                       max_batch=max_batch or default_max_batch(dev))
+                       max_batch=max_batch or default_max_batch(dev), compile=compile)
 
 
 class LocalSync:
@@ -245,7 +276,7 @@ class InferenceWorker:
     asyncio lock, so a weight change waits for in-flight requests to drain and new ones wait for it: no
     completion mixes weight versions."""
     def __init__(self, model, engine, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed,
-                 limits=None, enforce_eager=False, max_batch=0):
+                 limits=None, enforce_eager=False, max_batch=0, compile=False):
         from ray import serve
         self.replica = serve.get_replica_context().replica_id.unique_id
         core = None
@@ -256,7 +287,8 @@ class InferenceWorker:
             core = cores[rank % len(cores)]
         self.model, self.limits = model, limits or {k: default for k, (_, default) in LIMITS.items()}
         self.engine = make_engine(model, engine, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size,
-                                  seed, cpu_core=core, enforce_eager=enforce_eager, max_batch=max_batch)
+                                  seed, cpu_core=core, enforce_eager=enforce_eager, max_batch=max_batch,
+                                  compile=compile)
         self.sync = VLLMSync(self.engine) if isinstance(self.engine, VLLMEngine) else LocalSync(self.engine)
         self.lock = asyncio.Lock()
         self.generation = None
@@ -443,7 +475,8 @@ def build_app(args: dict, worker_cls=None):
                            float(opt("gpu_memory_utilization", "GPU_MEMORY_UTILIZATION", 0.85)), tp,
                            int(opt("seed", "INFER_SEED", 0)), limits,
                            str(opt("enforce_eager", "ENFORCE_EAGER", "0")).lower() in ("1", "true"),
-                           int(opt("max_batch", "INFER_MAX_BATCH", 0)))
+                           int(opt("max_batch", "INFER_MAX_BATCH", 0)),
+                           str(opt("compile", "INFER_COMPILE", "0")).lower() in ("1", "true"))
 
 
 inference_app = build_app({}) if importlib.util.find_spec("ray") else None  # importable without Ray (train.py)

@@ -160,3 +160,33 @@ def test_replica_on_the_trainers_gpu_gets_its_weights_by_cuda_ipc(tiny_model, tm
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("vllm"), reason="needs vLLM")
+def test_vllm_direct_copy_equals_its_own_loader(tiny_model):
+    """A vLLM engine on the GPU (in this process, eager): its first push goes through vLLM's load_weights and is
+    checked to equal a straight copy; the pushes after it are one fused copy (weight_sync.ParamCopy: q/k/v and
+    gate/up into the fused parameters) and give bit for bit the parameters and greedy tokens vLLM's loader gave."""
+    import infer_workers
+    e = infer_workers.make_engine(tiny_model, "vllm", "bfloat16", 1024, 0.3, enforce_eager=True)
+    rpc = lambda fn: e.llm.collective_rpc(fn)[0]  # noqa: E731  in this process: objects come back as they are
+    params = lambda: {n: p.clone() for n, p in rpc(lambda w: w.model_runner.get_model().named_parameters())}  # noqa: E731
+    greedy = lambda: [g[0]["token_ids"] for g in e.generate([[5, 6, 7, 8], [30, 31]], max_new_tokens=12,  # noqa: E731
+                                                            temperature=0)]
+    original = list(models.load_model(tiny_model, torch.bfloat16, "cuda").state_dict().items())
+    hf = models.load_model(tiny_model, torch.bfloat16, "cuda")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    noisy = list(hf.state_dict().items())
+    before = greedy()
+    e.update_weights(noisy)  # vLLM's loader, then the check
+    assert rpc(lambda w: w.param_copy) is not None, "the straight copy was refused: see the warning above"
+    by_loader, noisy_greedy = params(), greedy()
+    assert noisy_greedy != before
+    e.update_weights(original)  # ParamCopy from here on
+    assert greedy() == before
+    e.update_weights(noisy)
+    assert greedy() == noisy_greedy
+    assert all(torch.equal(p, by_loader[n]) for n, p in params().items())

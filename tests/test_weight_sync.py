@@ -78,3 +78,45 @@ def test_shared_buffer_is_read_in_place_by_another_process():
     assert not os.path.exists(path)
     with pytest.raises(RuntimeError, match="shared buffer .* is gone"):
         open_shared(plan["ipc"], "cpu")
+
+
+def test_param_copy_fills_fused_parameters_at_their_offsets():
+    """ParamCopy as a vLLM replica uses it: q/k/v and gate/up go to their rows of the fused parameters (in the
+    packed order, whatever order they arrive in), a tied weight's alias is left out, and a name, shape or part that
+    does not fit is a ValueError before anything is copied (the replica then keeps vLLM's own loader)."""
+    g = torch.Generator().manual_seed(0)
+    emb = torch.zeros(10, 4, dtype=torch.bfloat16)
+    params = {"l.qkv_proj.weight": torch.zeros(8, 4, dtype=torch.bfloat16), "l.qkv_proj.bias": torch.zeros(8),
+              "l.gate_up_proj.weight": torch.zeros(6, 4, dtype=torch.bfloat16), "emb.weight": emb}
+    packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    named = [("emb.weight", torch.randn(10, 4, generator=g)), ("l.v_proj.weight", torch.randn(2, 4, generator=g)),
+             ("l.q_proj.weight", torch.randn(4, 4, generator=g)), ("l.k_proj.weight", torch.randn(2, 4, generator=g)),
+             ("l.q_proj.bias", torch.randn(4, generator=g)), ("l.k_proj.bias", torch.randn(2, generator=g)),
+             ("l.v_proj.bias", torch.randn(2, generator=g)), ("l.up_proj.weight", torch.randn(3, 4, generator=g)),
+             ("l.gate_proj.weight", torch.randn(3, 4, generator=g))]
+    named.append(("lm_head.weight", named[0][1]))
+    buckets, aliases, tensors = make_plan(named, "bfloat16", 1.0)
+    shapes, alias_names = weight_sync.plan_shapes({"buckets": buckets, "aliases": aliases})
+    assert alias_names == {"lm_head.weight"} and list(shapes)[-1] == "lm_head.weight"
+    copy = weight_sync.ParamCopy(params, packed)
+    src = dict(named)
+    copy.load(named, shapes, alias_names)
+    bf = lambda *names: torch.cat([src[n] for n in names]).to(torch.bfloat16)  # noqa: E731
+    assert torch.equal(params["l.qkv_proj.weight"], bf("l.q_proj.weight", "l.k_proj.weight", "l.v_proj.weight"))
+    assert torch.equal(params["l.qkv_proj.bias"], torch.cat([src[f"l.{x}_proj.bias"] for x in "qkv"]))
+    assert torch.equal(params["l.gate_up_proj.weight"], bf("l.gate_proj.weight", "l.up_proj.weight"))
+    assert torch.equal(emb, bf("emb.weight"))
+    assert len(copy.maps) == 1  # the map is made once per list of names
+    copy.load(named, shapes, alias_names)
+    assert len(copy.maps) == 1
+
+    def error(named, aliases=alias_names):
+        fresh = {n: torch.zeros_like(p) for n, p in params.items()}
+        with pytest.raises(ValueError) as e:
+            weight_sync.ParamCopy(fresh, packed).load(named, {n: tuple(t.shape) for n, t in named}, aliases)
+        assert all(not p.any() for p in fresh.values())  # nothing copied
+        return str(e.value)
+    assert "cover 6 of its 8 rows" in error([x for x in named if x[0] != "l.k_proj.weight"])
+    assert "no parameter 'lm_head.weight'" in error(named, frozenset())  # an alias not declared as one
+    assert "does not fit" in error([(n, t[:, :3] if n == "l.up_proj.weight" else t) for n, t in named])
+    assert "would not be written" in error([x for x in named if not x[0].startswith("l.")])
