@@ -161,7 +161,8 @@ def make_engine(cfg, acc, tok, model_src: str, min_model_len: int):
     from models import default_dtype, load_model
     if cfg.inference == "local":
         return TorchEngine(load_model(model_src, default_dtype(acc.device), acc.device), tok,
-                           max_batch=default_max_batch(acc.device), max_model_len=max(2048, min_model_len))
+                           max_batch=default_max_batch(acc.device), max_model_len=max(2048, min_model_len),
+                           compile=cfg.compile_engine)
     import ray
     from infer_workers import ServeClient
     ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=False)

@@ -76,6 +76,8 @@ class Config:
     logprob_chunk: int = 1024  # tokens per lm_head + log-softmax chunk (bounds the [tokens, vocab] tensor)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     compile: bool = False  # torch.compile the decoder layers and the log-softmax chunks: fused elementwise work
+    compile_engine: bool = False  # torch.compile TorchEngine's decode step and sampler (the in-process engine; the
+    # Serve replicas of exps/r1zero.sh too, by INFER_COMPILE)
     # --- inference
     inference: str = "local"  # local: an in-process TorchEngine per rank | serve: a running app of infer_workers.py
     serve_app: str = "default"  # that app's name (serve run --name); found through ray_address
