@@ -11,6 +11,7 @@ lengths. Variants (--workload-variants), each timed on --iters calls of fresh pr
               until its longest row stops
   continuous: TorchEngine, a stopped row's slot taken by the next waiting sequence (--max-batch rows)
   continuous_compiled: the same with compile=True (decode forward and the exponential-race sampler compiled; opt-in)
+  NAME@ROWS (e.g. continuous_compiled@512): variant NAME with ROWS cache rows instead of --max-batch
   vllm:       vLLM in this process with its defaults (continuous batching, CUDA graphs, prefix caching), logprobs on
 Reported per variant: completions/s and sampled tok/s (median call), the completion lengths (mean, p50, p90, max,
 share cut at the cap) and, for ours, the decode steps and prefills the call ran and its time per decode step.
@@ -112,7 +113,8 @@ def real_workload(a):
            "model": a.model, "params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype)[6:],
            "prompt": a.prompt, "prompts": a.prompts, "n": a.n, "new_tokens": a.new_tokens, "max_batch": a.max_batch,
            "iters": a.iters, "prompt_len_mean": round(statistics.mean(len(p) for p in calls[1]), 1)}
-    for v in a.workload_variants:
+
+    def measure(v):  # -> this variant's figures
         if v == "vllm":
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             llm = vllm_engine(a.model, dtype, a.prompts * a.n, max(map(len, sum(calls, []))) + a.new_tokens,
@@ -124,8 +126,9 @@ def real_workload(a):
                 outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
                 return [len(c.token_ids) for o in outs for c in o.outputs], None
         else:
-            e = TorchEngine(model, tok, max_batch=a.max_batch, continuous=v.startswith("continuous"),
-                            compile=v.endswith("compiled"), max_model_len=max(map(len, sum(calls, []))) + a.new_tokens)
+            name, _, rows = v.partition("@")
+            e = TorchEngine(model, tok, max_batch=int(rows or a.max_batch), continuous=name.startswith("continuous"),
+                            compile=name.endswith("compiled"), max_model_len=max(map(len, sum(calls, []))) + a.new_tokens)
 
             def run(prompts, seed):
                 groups = e.generate(prompts, n=a.n, max_new_tokens=a.new_tokens, temperature=1.0, seed=seed)
@@ -153,14 +156,21 @@ def real_workload(a):
             n_steps = holder["r"][1]["decode_steps"]
             res["profile"] = prof | {"ms_per_decode_step": round(prof["wall_s"] * 1000 / n_steps, 2),
                                      "gpu_ms_per_decode_step": round(prof["kernel_s"] * 1000 / n_steps, 2)}
-        out[v] = res
+        return res
+
+    for v in a.workload_variants:
+        try:
+            out[v] = res = measure(v)
+        except Exception as e:  # reported, and the other variants still run
+            out[v] = res = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
         print(f"{v}: {res}", file=sys.stderr, flush=True)  # a run cut short keeps these
-        llm = e = run = None
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    base = a.workload_variants[0]
     for v in a.workload_variants[1:]:
-        out[f"{v}_over_{a.workload_variants[0]}"] = round(out[a.workload_variants[0]]["call_s"] / out[v]["call_s"], 2)
+        if "call_s" in out[v] and "call_s" in out[base]:
+            out[f"{v}_over_{base}"] = round(out[base]["call_s"] / out[v]["call_s"], 2)
     print(json.dumps(out))
 
 

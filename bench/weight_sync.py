@@ -5,6 +5,7 @@
     python bench/weight_sync.py --replicas 1 --shape qwen0.5b --engine vllm # + vLLM's native NCCL transfer
     python bench/weight_sync.py --replicas 1 --shape qwen0.5b --colocate    # the replica on the trainer's GPU: IPC
     python bench/weight_sync.py --replicas 1 --shape qwen0.5b --colocate --engine vllm  # + vLLM's own IPC transfer
+    python bench/weight_sync.py --load --shape qwen0.5b --engine vllm        # the load half alone, one device, no Ray
 
 It starts Ray on 127.0.0.1 and a Serve app of K replicas (--engine) holding a random model of the given shape, and
 times, in alternation, over the same buckets:
@@ -18,6 +19,10 @@ times, in alternation, over the same buckets:
           the trainer sends with trainer_send_weights; with --colocate its CUDA IPC transfer instead (ipc_engine, one
           packed buffer of the whole model, so one chunk and one RPC, as ours)
 and checks that the replicas' weights equal the trainer's afterwards (a greedy sample agrees).
+--load times the replica's half alone, in this process: a push's tensors already in one flat buffer on the device
+(views, as a replica receives them), loaded into an engine (--engine, built here) by its own loader (vLLM's
+load_weights; HF's load_state_dict for the torch engine) and by weight_sync.ParamCopy (one fused copy), against one
+copy of the same bytes; ParamCopy's exactness is checked as a replica checks it (checked_param_copy).
 With --colocate the replicas share the trainer's device (a share of GPU 0; on a CPU, its machine) and take the
 trainer's packed buffer in place (CUDA IPC; /dev/shm on a CPU); the floor is then one copy of the same bytes on that
 device (torch copy_ between two flat buffers), and "ours" the IPC push end to end.
@@ -83,6 +88,55 @@ class BenchWorker(infer_workers.InferenceWorker):
         return {"replica": self.replica, "t_arrive": arrive, "t_done": time.time()}
 
 
+def load_bench(a, dtype, dev):
+    """--load (see the module docstring)."""
+    assert dev.type == "cuda" or a.engine == "torch", "vLLM-CPU repacks its weights: --load --engine vllm needs a GPU"
+    from weight_sync import ParamCopy, plan_shapes
+    path = resolve_model(f"random:{a.shape}")
+    state = list(load_model(path, dtype, dev).state_dict().items())  # the trainer's tensors, in the engine's dtype
+    buckets, aliases, tensors = make_plan(state, str(dtype).removeprefix("torch."), a.bucket_mb)
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    views, off = {}, 0  # what a replica's receiver yields: views of its bucket buffers, aliases last
+    for name, shape, n in (x for bucket in buckets for x in bucket):
+        views[name], off = flat[off:off + n].view(shape), off + n
+    views |= {name: views[src] for name, src in aliases.items()}
+    shapes, alias_names = plan_shapes({"buckets": buckets, "aliases": aliases})
+    if a.engine == "vllm":
+        engine = infer_workers.make_engine(path, "vllm", str(dtype).removeprefix("torch."), 1024, 0.3,
+                                           enforce_eager=True)
+        model = engine.llm.collective_rpc(lambda worker: worker.model_runner.get_model())[0]  # in this process
+        model.load_weights(weights=list(views.items()))
+        copy = infer_workers.checked_param_copy(model, list(views.items()), shapes, alias_names)
+
+        def loader():
+            model.load_weights(weights=list(views.items()))
+    else:
+        model = infer_workers.make_engine(path, "torch", str(dtype).removeprefix("torch."), 1024).model
+        copy = ParamCopy(dict(model.named_parameters(remove_duplicate=False)))
+
+        def loader():
+            model.load_state_dict(views)
+    copy_to = torch.empty_like(flat)
+    variants = {"floor": lambda: copy_to.copy_(flat), "loader": loader}
+    if copy is not None:
+        variants["param_copy"] = lambda: copy.load(views.items(), shapes, alias_names)
+    times = {k: [] for k in variants}
+    for _ in range(a.iters + 1):  # alternate; the first round is a warm-up
+        for k, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times[k].append(time.perf_counter() - t0)
+    out = {"bench": "weight_load", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "engine": a.engine, "shape": a.shape, "dtype": str(dtype).removeprefix("torch."), "tensors": len(views),
+           "mbytes": round(flat.numel() * flat.element_size() / 2**20, 1), "iters": a.iters,
+           "param_copy_exact": copy is not None}
+    out |= {f"{k}_ms": round(1e3 * statistics.median(ts[1:]), 2) for k, ts in times.items()}
+    out |= {f"{k}_over_floor": round(out[f"{k}_ms"] / out["floor_ms"], 2) for k in variants if k != "floor"}
+    print(json.dumps(out), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replicas", type=int, default=2, help="Serve replicas (one GPU each on GPUs)")
@@ -93,7 +147,11 @@ def main():
     ap.add_argument("--deploy-timeout-s", type=float, default=600.0, help="how long the replicas may take to start")
     ap.add_argument("--colocate", action="store_true", help="replicas on the trainer's device, pushed by IPC (CUDA "
                     "IPC on GPU 0; /dev/shm on a CPU); the floor: a copy of the same bytes there")
+    ap.add_argument("--load", action="store_true", help="the replica's load half alone, on one device, no Ray")
     a = ap.parse_args()
+    if a.load:
+        gpu = torch.cuda.is_available()
+        return load_bench(a, torch.bfloat16 if gpu else torch.float32, torch.device("cuda:0" if gpu else "cpu"))
     import ray
     from ray import serve
 
