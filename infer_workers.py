@@ -126,13 +126,18 @@ class VLLMEngine:
                        **extra)
         self.tok = self.llm.get_tokenizer()
         self.num_workers, self.version, self.max_model_len = tensor_parallel_size, 0, max_model_len
+        self.loads = 0  # weight loads so far: each request's cache salt (see generate)
         self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
 
     def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, seed=0):
         from vllm import SamplingParams
         sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
                             logprobs=0)
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        # salted with the weights' load count, so no request reuses KV that vLLM's prefix cache holds from older
+        # weights: no reset_prefix_cache after a push (a Python loop over every KV block, ~15-30 ms per push at a
+        # few hundred thousand blocks, docs/perf.md); the stale blocks are evicted as any unused ones
+        outs = self.llm.generate([{"prompt_token_ids": p, "cache_salt": str(self.loads)} for p in prompts], sp,
+                                 use_tqdm=False)
         return [[{"token_ids": list(o.token_ids), "logprobs": [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)],
                   "text": o.text, "finish_reason": "stop" if o.finish_reason == "stop" else "length",
                   "version": self.version} for o in out.outputs] for out in outs]
@@ -140,8 +145,8 @@ class VLLMEngine:
     def update_weights(self, named_tensors, version=None) -> int:
         """In-process load (every worker gets the full tensors; its loader shards them). Over a process
         boundary (multiprocessing, TP) the tensors are serialised: for large pushes use the sync group."""
+        self.loads += 1  # before the load: one that fails half way changes the salt too
         self.llm.collective_rpc("load_named_weights", args=(list(named_tensors),))
-        self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
         self.version = self.version + 1 if version is None else version
         return self.version
 
@@ -209,8 +214,8 @@ class VLLMSync:
         self.engine.llm.collective_rpc("leave_sync_group")
 
     def receive_weights(self, plan, timeout_s, ipc=False) -> int:
+        self.engine.loads += 1  # before the load: one that fails half way changes the salt too
         self.engine.llm.collective_rpc("receive_weights", args=(plan, timeout_s, ipc))
-        self.engine.llm.reset_prefix_cache()  # cached KV was computed by the old weights
         self.engine.version = plan["version"]
         return self.engine.version
 

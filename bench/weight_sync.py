@@ -83,7 +83,7 @@ class BenchWorker(infer_workers.InferenceWorker):
             llm.start_weight_update(is_checkpoint_format=True)
             llm.update_weights({"update_info": update_info})
             llm.finish_weight_update()
-            llm.reset_prefix_cache()
+            self.engine.loads += 1  # no request reuses older KV (VLLMEngine.generate's cache salt), as in ours
         await self._locked(receive)
         return {"replica": self.replica, "t_arrive": arrive, "t_done": time.time()}
 

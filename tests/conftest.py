@@ -94,8 +94,31 @@ def check_engine_contract(engine, model_dir):
     assert greedy() == before, "the original weights restore the original greedy output"
 
 
+def check_no_stale_prefix_cache(engine, model_dir):
+    """vLLM with prefix caching: KV cached under old weights is never reused after a weight update. A prompt of two
+    full KV blocks is first run under perturbed weights, then under the originals again: its greedy tokens must be
+    those of a run with the prefix cache emptied by hand."""
+    import torch
+    from safetensors.torch import load_file
+    cache = engine.llm.llm_engine.vllm_config.cache_config
+    assert cache.enable_prefix_caching, "the check needs vLLM's prefix caching on"
+    original = load_file(os.path.join(model_dir, "model.safetensors"))
+    torch.manual_seed(1)
+    perturbed = {k: v + 0.5 * torch.randn_like(v) for k, v in original.items()}
+    long = [[5 + i % 500 for i in range(2 * cache.block_size + 1)]]
+    greedy = lambda: engine.generate(long, max_new_tokens=8, temperature=0)[0][0]["token_ids"]  # noqa: E731
+    engine.update_weights(perturbed.items())
+    stale = greedy()  # its prompt's blocks now cached, computed by the perturbed weights
+    engine.update_weights(original.items())
+    after = greedy()
+    engine.llm.reset_prefix_cache()
+    assert after == greedy() != stale, "a request after the update reused KV cached under the old weights"
+
+
 if __name__ == "__main__":  # python tests/conftest.py vllm MODEL_DIR: the contract on an in-process VLLMEngine
     sys.argv[1] == "vllm" or sys.exit(f"unknown engine {sys.argv[1]!r}")
     from infer_workers import make_engine
-    check_engine_contract(make_engine(sys.argv[2], "vllm", dtype="float32", max_model_len=1024), sys.argv[2])
+    e = make_engine(sys.argv[2], "vllm", dtype="float32", max_model_len=1024)
+    check_engine_contract(e, sys.argv[2])
+    check_no_stale_prefix_cache(e, sys.argv[2])
     print("contract ok")
