@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +131,8 @@ def convert_wheel_model(name: str, out: str) -> str:
     if len(paths) > 1:
         os.makedirs(CACHE, exist_ok=True)
         gguf = out + f".tmp{os.getpid()}.gguf"
-    print(f"converting {name} ({len(paths)} wheel file(s), {spec['size'] / 2**20:.0f} MiB GGUF) -> {out} (once)")
+    print(f"converting {name} ({len(paths)} wheel file(s), {spec['size'] / 2**20:.0f} MiB GGUF) -> {out} (once)",
+          file=sys.stderr)  # not stdout: the benches' stdout is their one JSON line
     with open(gguf, "wb") if len(paths) > 1 else open(os.devnull, "wb") as joined:
         for path in paths:
             with open(path, "rb") as f:
