@@ -147,7 +147,8 @@ class TorchEngine:
     updates copy in place, so the graphs stay valid. Other architectures take HF's forward + DynamicCache, in
     batches of max_batch. compile=True: the decode step's forward is torch.compiled (its norms, RoPE, SiLU and
     residual adds fused; graphs are captured of the compiled step) and sampling at top_p 1 is _sample_race,
-    compiled; an opt-in until timed on a GPU (bench/rollout.py's continuous_compiled variant).
+    compiled: on an H200 1.6x the eager step's speed on the real workload (docs/perf.md); Config.compile_engine
+    turns it on (the reproduction recipe does), off by default since on a CPU it gains nothing and costs a warm-up.
     """
     BLOCK = 128  # cache slots come in multiples of this: the cache's length and each graph's attended length
 

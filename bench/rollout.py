@@ -10,7 +10,7 @@ lengths. Variants (--workload-variants), each timed on --iters calls of fresh pr
   static:     TorchEngine as before continuous batching (continuous=False): batches of --max-batch rows, each run
               until its longest row stops
   continuous: TorchEngine, a stopped row's slot taken by the next waiting sequence (--max-batch rows)
-  continuous_compiled: the same with compile=True (decode forward and the exponential-race sampler compiled; opt-in)
+  continuous_compiled: the same with compile=True (decode forward and the exponential-race sampler compiled)
   NAME@ROWS (e.g. continuous_compiled@512): variant NAME with ROWS cache rows instead of --max-batch
   vllm:       vLLM in this process with its defaults (continuous batching, CUDA graphs, prefix caching), logprobs on
 Reported per variant: completions/s and sampled tok/s (median call), the completion lengths (mean, p50, p90, max,
