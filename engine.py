@@ -165,12 +165,7 @@ class TorchEngine:
         self.check_every = 16 if model.device.type == "cuda" else 1  # a look at the rows is a host sync: it stalls CUDA
         self.cache, self.graphs = None, {}
         self.version = 0
-        params = dict(model.named_parameters(remove_duplicate=False))
-        self.loader = ParamCopy(params)  # update_weights' name -> parameter map
-        names = {}  # parameter -> its names (tied weights have two)
-        for n, p in params.items():
-            names.setdefault(id(p), []).append(n)
-        self.tied = frozenset(n for ns in names.values() if len(ns) > 1 for n in ns)
+        self.loader = ParamCopy(dict(model.named_parameters(remove_duplicate=False)))  # update_weights' name map
         self.compiled = compile
         self._decode_fn = torch.compile(self._decode, dynamic=True) if compile else self._decode
         self._race = torch.compile(_sample_race, dynamic=True) if compile else _sample_race
@@ -394,7 +389,7 @@ class TorchEngine:
         """Copy new weights into the live parameters (cast to the engine's dtype; one fused copy, ParamCopy); every
         parameter must be among them, tied ones under either name."""
         named = list(named_tensors)
-        self.loader.load(named, {n: tuple(t.shape) for n, t in named}, self.tied)
+        self.loader.load(named, {n: tuple(t.shape) for n, t in named})
         self.version = self.version + 1 if version is None else version
         return self.version
 

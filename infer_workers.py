@@ -33,7 +33,7 @@ import torch
 
 from engine import TorchEngine, default_max_batch
 from models import DTYPES, default_dtype, load_model, load_tokenizer, resolve_model
-from weight_sync import ParamCopy, Receiver, device_id, plan_shapes, read_shared
+from weight_sync import ParamCopy, Receiver, device_id, make_plan, plan_shapes, read_shared
 
 
 class VLLMWorkerExtension:
@@ -66,10 +66,9 @@ class VLLMWorkerExtension:
             self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
             return
         model, weights = self.model_runner.get_model(), list(weights)
-        if shapes is None:  # an in-process list (VLLMEngine.update_weights): a tensor seen before is a tied alias
-            first = {}
-            aliases = frozenset(n for n, t in weights if first.setdefault((t.data_ptr(), t.shape), n) != n)
-            shapes = {n: tuple(t.shape) for n, t in weights}
+        if shapes is None:  # an in-process list (VLLMEngine.update_weights): planned as a push is, tied aliases found
+            buckets, aliases, _ = make_plan(weights, "float32", 1024.0)  # (the bucket size changes nothing here)
+            shapes, aliases = plan_shapes({"buckets": buckets, "aliases": aliases})
         if getattr(self, "param_copy", None):
             self.param_copy.load(weights, shapes, aliases)
         else:

@@ -166,9 +166,10 @@ def open_shared(handle, device):
     return rebuild_cuda_tensor(*args)  # args[6]: the trainer's device index, here this process's index of that GPU
 
 
-def read_shared(plan, device):
-    """(name, tensor) for every planned tensor and alias, as views of the trainer's shared buffer (plan["ipc"])."""
-    buf, by_name, off = open_shared(plan["ipc"], device), {}, 0
+def plan_views(buf, plan):
+    """(name, tensor) for every planned tensor and alias (last), as views of one flat buffer holding the plan's
+    buckets back to back."""
+    by_name, off = {}, 0
     for bucket in plan["buckets"]:
         for name, shape, n in bucket:
             by_name[name] = buf[off:off + n].view(shape)
@@ -176,6 +177,11 @@ def read_shared(plan, device):
             off += n
     for name, src in plan["aliases"].items():
         yield name, by_name[src]
+
+
+def read_shared(plan, device):
+    """(name, tensor) for every planned tensor and alias, as views of the trainer's shared buffer (plan["ipc"])."""
+    return plan_views(open_shared(plan["ipc"], device), plan)
 
 
 def plan_shapes(plan) -> tuple[dict, frozenset]:
@@ -188,7 +194,8 @@ class ParamCopy:
     """Checkpoint-named tensors copied straight into a model's live parameters by one torch._foreach_copy_, in place of
     the model's own loader (vLLM's load_weights runs Python for every tensor: ~0.1 ms each, docs/perf.md).
 
-    params: the model's named parameters. packed: fused parameters and the parts stacked in them along dim 0, in order
+    params: the model's named parameters (a tied one may be there under both names). packed: fused parameters and the
+    parts stacked in them along dim 0, in order
     (vLLM's packed_modules_mapping: {"qkv_proj": ["q_proj", "k_proj", "v_proj"], ...}); a part goes to its rows.
     The name -> destination map is made once per list of names and shapes, and checked: every parameter written
     exactly once and whole, at its shape, or ValueError saying what does not fit (then use the model's loader).
@@ -200,8 +207,8 @@ class ParamCopy:
         self.maps = {}
 
     def destinations(self, shapes: dict, aliases=frozenset()) -> dict:
-        """name -> the view it is copied into, for names and shapes in arrival order (None: left out, an alias of a
-        tied weight the model holds once)."""
+        """name -> the view it is copied into, for names and shapes in arrival order (None: left out, the second name
+        of a tied weight; aliases: such names the model has no parameter of, e.g. vLLM's tied lm_head)."""
         key = (tuple(shapes.items()), aliases)
         if key not in self.maps:
             self.maps[key] = self._map(shapes, aliases)
@@ -216,8 +223,8 @@ class ParamCopy:
         dst, written = {}, set()
         for target, parts in groups.items():
             p, names = self.params.get(target), [n for _, n in sorted(parts)]
-            if (p is None or id(p) in written) and names == [target] and target in aliases:
-                dst[target] = None  # tied: the model has it as one parameter, written under its first name
+            if names == [target] and (id(p) in written if p is not None else target in aliases):
+                dst[target] = None  # a tied weight's second name: the model holds it once, written under the first
                 continue
             if p is None or id(p) in written:
                 raise ValueError(f"{names[0]!r}: the model has no parameter {target!r}" if p is None else

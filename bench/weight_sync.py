@@ -91,16 +91,14 @@ class BenchWorker(infer_workers.InferenceWorker):
 def load_bench(a, dtype, dev):
     """--load (see the module docstring)."""
     assert dev.type == "cuda" or a.engine == "torch", "vLLM-CPU repacks its weights: --load --engine vllm needs a GPU"
-    from weight_sync import ParamCopy, plan_shapes
+    from weight_sync import ParamCopy, plan_shapes, plan_views
     path = resolve_model(f"random:{a.shape}")
     state = list(load_model(path, dtype, dev).state_dict().items())  # the trainer's tensors, in the engine's dtype
     buckets, aliases, tensors = make_plan(state, str(dtype).removeprefix("torch."), a.bucket_mb)
+    plan = {"buckets": buckets, "aliases": aliases}
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    views, off = {}, 0  # what a replica's receiver yields: views of its bucket buffers, aliases last
-    for name, shape, n in (x for bucket in buckets for x in bucket):
-        views[name], off = flat[off:off + n].view(shape), off + n
-    views |= {name: views[src] for name, src in aliases.items()}
-    shapes, alias_names = plan_shapes({"buckets": buckets, "aliases": aliases})
+    views = dict(plan_views(flat, plan))  # what a replica's receiver yields: views of the buckets, aliases last
+    shapes, alias_names = plan_shapes(plan)
     if a.engine == "vllm":
         engine = infer_workers.make_engine(path, "vllm", str(dtype).removeprefix("torch."), 1024, 0.3,
                                            enforce_eager=True)
