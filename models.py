@@ -220,13 +220,19 @@ TRACE_ATTENTION = False  # True: the CUDA varlen kernel is traced into the compi
 # two around a graph break); an experiment timed by bench/trainer.py's packed+compile+attn variant
 
 
-def packed_attention(module, q, k, v, attention_mask, scaling=None, cu_seq_lens_q=None, max_length_q=None, **_):
+def packed_attention(module, q, k, v, attention_mask, scaling=None, cu_seq_lens_q=None, max_length_q=None,
+                     segments=None, **_):
     """Causal attention inside each of the sequences packed into one row (transformers attention hook).
 
     q [1, H, N, D], k/v [1, Hkv, N, D], cu_seq_lens_q [S+1] int32 sequence starts (last = N) -> [1, N, H, D].
     CUDA: flash varlen kernel, no padding and no [N, N] mask. CPU: one sdpa per sequence (tests, tiny runs).
+    segments [N] (collate(..., share_prompts=True)): each packed sequence is one prompt (segment 0) followed by
+    several completions of it (segments 1, 2, ..); a completion attends to the prompt and to itself, not to the
+    others, so the prompt runs once for all of them (shared_prompt_attention).
     """
     assert cu_seq_lens_q is not None, "packed attention needs collate(..., packed=True) inputs"
+    if segments is not None:
+        return shared_prompt_attention(q, k, v, cu_seq_lens_q, segments, scaling), None
     if q.is_cuda and TRACE_ATTENTION:
         return _varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling), None
     return _packed_attention_eager(q, k, v, cu_seq_lens_q, max_length_q, scaling), None
@@ -250,6 +256,43 @@ def _varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling):
     out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
                       window_size=(-1, 0))  # (-1, 0) = causal
     return out[None]
+
+
+@torch.compiler.disable  # eager, like the varlen path: the masks are made once per forward, not per layer
+def shared_prompt_attention(q, k, v, cu_seq_lens, segments, scaling):
+    """Attention in a row of prompt-sharing sequences [prompt, completion 1, completion 2, ..] (packed_attention):
+    the sequences padded to the longest and batched, one sdpa under the mask of _shared_prompt_masks -> [1, N, H, D].
+    Dense over each padded sequence (~(prompt + G completions)^2): at GRPO's lengths (~300 + 8 x ~150 tokens) that is
+    less than the work the prompt's G - 1 repeats took."""
+    at, valid, mask = _shared_prompt_masks(cu_seq_lens, segments)  # [S, L], [S, L], [S, 1, L, L]
+    H, g = q.shape[1], q.shape[1] // k.shape[1]
+    q, k, v = (x[0][:, at].transpose(0, 1) for x in (q, k, v))  # [S, heads, L, D]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # GQA: sdpa's masked kernels take H heads
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)  # [S, H, L, D]
+    return out.transpose(1, 2)[valid][None]  # [1, N, H, D]: the valid slots, in the row's order
+
+
+_masks_cache: list = [None, None]  # ((cu_seq_lens, segments), masks): one entry, the current forward's
+
+
+def _shared_prompt_masks(cu_seq_lens, segments):
+    """-> at [S, L] each padded slot's token in the row (0 for padding), valid [S, L], mask [S, 1, L, L]: slot i sees
+    slot j <= i of its sequence if j is in the prompt or in i's own completion; a padding slot sees slot 0 (its
+    output is dropped). Made once per forward: every layer passes the same two tensors (kept, so ids stay unique)."""
+    key = _masks_cache[0]
+    if key is not None and key[0] is cu_seq_lens and key[1] is segments:
+        return _masks_cache[1]
+    dev, starts = segments.device, cu_seq_lens.long()
+    lens = starts[1:] - starts[:-1]  # [S]
+    L = int(lens.max())
+    j = torch.arange(L, device=dev)
+    valid = j < lens[:, None]  # [S, L]
+    at = torch.where(valid, starts[:-1, None] + j, 0)  # [S, L]
+    seg = torch.where(valid, segments[at], -1)  # [S, L]
+    mask = (j[:, None] >= j) & valid[:, None, :] & ((seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :]))
+    mask[:, :, 0] |= ~valid  # [S, L, L]: a padding row attends slot 0, so no row is empty
+    _masks_cache[:] = [(cu_seq_lens, segments), (at, valid, mask[:, None])]
+    return _masks_cache[1]
 
 
 def use_packed_attention(model):

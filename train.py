@@ -73,6 +73,7 @@ class Config:
     grad_clip: float = 1.0  # max global grad norm
     micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate over the step
     packing: bool = True  # micro-batch = one row of concatenated sequences, no padding (varlen attention)
+    share_prompts: bool = True  # packed: a prompt runs once for the G completions of it in a micro-batch (exact)
     logprob_chunk: int = 1024  # tokens per lm_head + log-softmax chunk (bounds the [tokens, vocab] tensor)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     compile: bool = False  # torch.compile the decoder layers and the log-softmax chunks: fused elementwise work
@@ -114,17 +115,21 @@ def token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=False):
     """Log-prob of each next token, and the entropy of its distribution.
 
     logp[b, t] = log softmax(logits[b, t] / T)[input_ids[b, t + 1]]   (logits at t predict t + 1)
-    inputs: collate()'s model inputs, padded [B, L] or packed [1, N]; packed results are unpacked.
-    Returns ([B, L-1], [B, L-1]). The lm_head and the fp32 log-softmax run chunk tokens at a time
+    inputs: model inputs [B, L] -> ([B, L-1], [B, L-1]) at every position; or collate()'s, padded [B, L] or packed
+    [1, N], whose "predict" names the positions that predict a completion token: only those are computed, and come
+    back in collate's [B, L-1] grid (0 elsewhere). The lm_head and the fp32 log-softmax run chunk tokens at a time
     under activation checkpointing, so at most [chunk, vocab] logits exist at once, forward or backward;
     compiled: that chunk's cast / log-softmax / gather / entropy run as fused kernels (torch.compile).
     """
     inputs = dict(inputs)
-    unpack = inputs.pop("unpack", None)  # [B, L-1] positions of the packed row, or None
+    predict = inputs.pop("predict", None)  # (positions [M] in the flattened hidden states, their targets [M], grid)
     hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
     R, L, H = hidden.shape
-    h = hidden[:, :-1].reshape(-1, H)  # [R*(L-1), H]
-    targets = inputs["input_ids"][:, 1:].reshape(-1)  # [R*(L-1)]
+    if predict is None:
+        h, targets = hidden[:, :-1].reshape(-1, H), inputs["input_ids"][:, 1:].reshape(-1)  # [R*(L-1), H], [R*(L-1)]
+    else:
+        at, targets, grid = predict
+        h = hidden.reshape(-1, H)[at]  # [M, H]: the prompt's positions predict nothing the loss uses
     head, fn = model.get_output_embeddings(), _chunk_logprobs_compiled() if compiled else _chunk_logprobs
     logps, ents = [], []
     for i in range(0, h.shape[0], chunk):
@@ -132,8 +137,11 @@ def token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=False):
                                                     temperature, use_reentrant=False)
         logps.append(lp)
         ents.append(ent)
-    logp, ent = torch.cat(logps).view(R, L - 1), torch.cat(ents).view(R, L - 1)
-    return (logp[0, unpack], ent[0, unpack]) if unpack is not None else (logp, ent)
+    logp, ent = torch.cat(logps), torch.cat(ents)
+    if predict is None:
+        return logp.view(R, L - 1), ent.view(R, L - 1)
+    return (torch.zeros(grid.shape, device=logp.device).masked_scatter(grid, logp),
+            torch.zeros(grid.shape, device=ent.device).masked_scatter(grid, ent))
 
 
 def _chunk_logprobs(h, w, b, targets, temperature):
@@ -217,36 +225,61 @@ def loss_norm(cfg: Config, num_seqs: int, num_tokens: int) -> float:
     return {"grpo": num_seqs, "dr_grpo": num_seqs * cfg.max_new_tokens, "dapo": max(num_tokens, 1)}[cfg.loss_type]
 
 
-def collate(prompts, completions, pad_id, device, packed=False):
+def collate(prompts, completions, pad_id, device, packed=False, share_prompts=False):
     """Prompt + completion ids as model inputs, plus the loss mask and the engine's log-probs.
 
     prompts [[5, 6]], completions [{"token_ids": [7, 8, 9], "logprobs": [a, b, c]}], pad 0 ->
       input_ids [[5, 6, 7, 8, 9]], attention [[1, 1, 1, 1, 1]]   (right-padded to the longest)
       loss_mask [[0, 1, 1, 1]]      over the L-1 predicted positions: 1 where a completion token is predicted
       old_logp  [[0, a, b, c]]      the engine's log-probs, aligned to the same positions
-    packed: the sequences are concatenated into one row [1, N] with position ids restarting at 0 and
-    their starts cu_seq_lens [S+1]; "unpack" maps the row's predictions back to [B, L-1].
+    inputs["predict"]: (the positions in the flattened inputs whose next token is a completion token, those tokens,
+    loss_mask as bool): token_logprobs computes only those.
+    packed: the sequences are concatenated into one row [1, N] with position ids restarting at 0 and their starts
+    cu_seq_lens [S+1]. share_prompts (packed): consecutive sequences with the same prompt become one packed sequence
+    [prompt, completion 1, completion 2, ..] (positions of each completion from len(prompt); "segments" [N]: 0 on the
+    prompt, k on completion k; models.packed_attention keeps the completions apart), so the prompt runs once:
+    [5, 6] twice with [7, 8] and [9] -> input_ids [[5, 6, 7, 8, 9]], position_ids [[0, 1, 2, 3, 2]].
     Returns (model inputs, loss_mask [B, L-1], old_logp [B, L-1]).
     """
-    seqs = [p + c["token_ids"] for p, c in zip(prompts, completions)]
-    L = max(map(len, seqs))
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    attn, mask, old = torch.zeros_like(ids), torch.zeros((len(seqs), L - 1)), torch.zeros((len(seqs), L - 1))
+    L = max(len(p) + len(c["token_ids"]) for p, c in zip(prompts, completions))
+    mask, old = torch.zeros((len(prompts), L - 1)), torch.zeros((len(prompts), L - 1))
     for b, (p, c) in enumerate(zip(prompts, completions)):
         n = len(c["token_ids"])
-        ids[b, :len(p) + n] = torch.tensor(p + c["token_ids"])
-        attn[b, :len(p) + n] = 1
         mask[b, len(p) - 1:len(p) - 1 + n] = 1
         old[b, len(p) - 1:len(p) - 1 + n] = torch.tensor(c["logprobs"])
     if not packed:
-        return {"input_ids": ids.to(device), "attention_mask": attn.to(device)}, mask.to(device), old.to(device)
-    keep = attn.bool()
-    starts = F.pad(attn.sum(-1).cumsum(0), (1, 0))  # [B+1]
-    unpack = (starts[:-1, None] + torch.arange(L - 1)) * attn[:, 1:]  # [B, L-1]; padding -> 0 (masked anyway)
-    inputs = {"input_ids": ids[keep][None], "position_ids": (attn.cumsum(-1) - 1)[keep][None],  # [1, N] each
-              "cu_seq_lens_q": starts.int(), "cu_seq_lens_k": starts.int(), "max_length_q": L, "max_length_k": L,
-              "unpack": unpack}
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}, mask.to(device), old.to(device)
+        ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for b, (p, c) in enumerate(zip(prompts, completions)):
+            ids[b, :len(p) + len(c["token_ids"])] = torch.tensor(p + c["token_ids"])
+            attn[b, :len(p) + len(c["token_ids"])] = 1
+        at = (torch.arange(len(prompts))[:, None] * L + torch.arange(L - 1))[mask.bool()]  # in the flattened [B*L]
+        inputs = {"input_ids": ids, "attention_mask": attn, "predict": (at, ids.view(-1)[at + 1], mask.bool())}
+    else:
+        ids, pos, seg, starts, at, targets = [], [], [], [0], [], []
+        for b, (p, c) in enumerate(zip(prompts, completions)):
+            c = c["token_ids"]
+            if not (share_prompts and b and prompts[b - 1] == p):  # a new packed sequence, from its prompt
+                first = b
+                ids += p
+                pos += range(len(p))
+                seg += [0] * len(p)
+                starts.append(len(ids))
+                base = len(ids) - len(p)
+            at += ([base + len(p) - 1] + list(range(len(ids), len(ids) + len(c) - 1))) if c else []  # predictors
+            targets += c
+            ids += c
+            pos += range(len(p), len(p) + len(c))
+            seg += [b - first + 1] * len(c)
+            starts[-1] = len(ids)
+        inputs = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),  # [1, N] each
+                  "cu_seq_lens_q": torch.tensor(starts, dtype=torch.int32), "max_length_q": L,
+                  "predict": (torch.tensor(at), torch.tensor(targets), mask.bool())}
+        inputs |= {"cu_seq_lens_k": inputs["cu_seq_lens_q"], "max_length_k": L}
+        if share_prompts:
+            inputs["segments"] = torch.tensor(seg)
+    move = lambda v: v.to(device) if torch.is_tensor(v) else tuple(map(move, v)) if isinstance(v, tuple) else v
+    return {k: move(v) for k, v in inputs.items()}, mask.to(device), old.to(device)
 
 
 def policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg: Config, pad_id):
@@ -275,7 +308,7 @@ def policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg: Confi
     policy.train()
     for j, i in enumerate(range(0, len(completions), mb)):
         sl = slice(i, i + mb)
-        inputs, mask, old = collate(seq_prompts[sl], completions[sl], pad_id, dev, cfg.packing)
+        inputs, mask, old = collate(seq_prompts[sl], completions[sl], pad_id, dev, cfg.packing, cfg.share_prompts)
         ctx = acc.no_sync(policy) if j < n_mb - 1 else torch.enable_grad()  # all-reduce once, at the end
         with ctx, acc.autocast():
             logp, ent = policy(inputs, cfg.temperature, cfg.logprob_chunk)  # [b, L-1] each

@@ -42,18 +42,16 @@ def liger_token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=Fa
     ours computes in the same fused kernel: the variant is timed, not trained with."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     inputs = dict(inputs)
-    unpack = inputs.pop("unpack", None)
+    at, targets, grid = inputs.pop("predict")  # train.collate's: only the positions that predict completion tokens
     hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
-    R, L, H = hidden.shape
     kind = hidden.device.type
     dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
-    h = (hidden[:, :-1].reshape(-1, H) / temperature).to(dt)  # [R*(L-1), H]: logits / T = (h / T) W^T
+    h = (hidden.reshape(-1, hidden.shape[-1])[at] / temperature).to(dt)  # [M, H]: logits / T = (h / T) W^T
     head = model.get_output_embeddings()
-    nll = liger_fused_linear_cross_entropy(h, head.weight.to(dt), inputs["input_ids"][:, 1:].reshape(-1), head.bias,
-                                           reduction="none", accum_dtype=torch.float32)  # [R*(L-1)] fp32
-    logp = -nll.view(R, L - 1)
-    ent = torch.zeros_like(logp)
-    return (logp[0, unpack], ent[0, unpack]) if unpack is not None else (logp, ent)
+    nll = liger_fused_linear_cross_entropy(h, head.weight.to(dt), targets, head.bias, reduction="none",
+                                           accum_dtype=torch.float32)  # [M] fp32
+    logp = torch.zeros(grid.shape, device=nll.device).masked_scatter(grid, -nll)
+    return logp, torch.zeros_like(logp)
 
 
 def model_flops(lm, lengths) -> float:

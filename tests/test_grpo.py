@@ -91,23 +91,40 @@ def test_collate_aligns_mask_and_old_logprobs():
     assert packed["input_ids"].tolist() == [[5, 6, 1, 2, 3, 7, 4]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1]]
     assert packed["cu_seq_lens_q"].tolist() == [0, 5, 7] and packed["max_length_q"] == 5
-    assert packed["unpack"].tolist() == [[0, 1, 2, 3], [5, 0, 0, 0]]  # row position t of sequence b
+    for x in (inputs, packed):  # the positions whose next token is a completion token, in the flattened inputs
+        at, targets, grid = x["predict"]
+        assert at.tolist() == [1, 2, 3, 5] and targets.tolist() == [1, 2, 3, 4] and torch.equal(grid, mask.bool())
     assert torch.equal(pmask, mask) and torch.equal(pold, old)
+    shared, smask, sold = collate([[5, 6], [5, 6], [7]], [{"token_ids": [7, 8], "logprobs": [-.1, -.2]},
+                                                          {"token_ids": [9], "logprobs": [-.3]}, comps[1]], 0, "cpu",
+                                  packed=True, share_prompts=True)
+    assert shared["input_ids"].tolist() == [[5, 6, 7, 8, 9, 7, 4]]  # [5, 6] once, then both its completions
+    assert shared["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1]]  # each completion from len(prompt)
+    assert shared["segments"].tolist() == [0, 0, 1, 1, 2, 0, 1] and shared["cu_seq_lens_q"].tolist() == [0, 5, 7]
+    at, targets, _ = shared["predict"]
+    assert at.tolist() == [1, 2, 1, 5] and targets.tolist() == [7, 8, 9, 4]  # 6 predicts both completions' first
+    assert smask.tolist() == [[0, 1, 1], [0, 1, 0], [1, 0, 0]]
+    torch.testing.assert_close(sold, torch.tensor([[0, -.1, -.2], [0, -.3, 0], [-.4, 0, 0]]))
 
 
-def test_packed_and_compiled_logprobs_and_grads_equal_padded(lm):
-    """Packing and torch.compile are speed knobs only: same log-probs, entropies and gradients as the
-    padded eager batch (compiled: two packed batches of different lengths, one compiled graph each)."""
+def test_packed_shared_and_compiled_logprobs_and_grads_equal_padded(lm):
+    """Packing, prompt sharing and torch.compile are speed knobs only: same log-probs, entropies and gradients as the
+    padded eager batch (compiled: batches of different lengths, one compiled graph each). Shared: the prompt runs
+    once for its completions, which must not see each other (a leak would change the later ones' log-probs)."""
     import copy
     packed_lm = models.use_packed_attention(copy.deepcopy(lm))
     compiled_lm = models.compile_model(models.use_packed_attention(copy.deepcopy(lm)))
-    prompts = [[5, 6, 7], list(range(10, 19)), [20]]
-    comps = [{"token_ids": list(range(30, 30 + n)), "logprobs": [-1.0] * n} for n in (6, 2, 4)]
-    for sl in (slice(0, 3), slice(1, 3)):
+    prompts = [[5, 6, 7], [5, 6, 7], [5, 6, 7], list(range(10, 19)), list(range(10, 19)), [20]]
+    comps = [{"token_ids": list(range(30, 30 + n)), "logprobs": [-1.0] * n} for n in (6, 3, 5, 2, 4, 4)]
+    runs = ((lm, False, False, False), (packed_lm, True, False, False), (packed_lm, True, True, False),
+            (compiled_lm, True, False, True), (compiled_lm, True, True, True))
+    for sl in (slice(0, 6), slice(1, 5)):
         out = []
-        for model, packed, compiled in ((lm, False, False), (packed_lm, True, False), (compiled_lm, True, True)):
+        for model, packed, share, compiled in runs:
             model.zero_grad()
-            inputs, mask, _ = collate(prompts[sl], comps[sl], 0, "cpu", packed=packed)
+            inputs, mask, _ = collate(prompts[sl], comps[sl], 0, "cpu", packed=packed, share_prompts=share)
+            if packed:  # shared: each prompt once
+                assert share == (inputs["input_ids"].numel() < mask.sum() + sum(map(len, prompts[sl])))
             lp, ent = token_logprobs(model, inputs, 0.9, chunk=5, compiled=compiled)
             (lp * mask).sum().backward()
             out.append((lp * mask, ent * mask, model.model.layers[0].self_attn.q_proj.weight.grad.clone(),
@@ -116,6 +133,20 @@ def test_packed_and_compiled_logprobs_and_grads_equal_padded(lm):
             for a, b in zip(out[0], other):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         assert out[0][2].abs().sum() > 0
+
+
+def test_shared_prompt_completions_do_not_see_each_other(lm):
+    """Changing one completion's tokens leaves the other completions of its prompt exactly as they were."""
+    model = models.use_packed_attention(__import__("copy").deepcopy(lm))
+    prompts = [[5, 6, 7]] * 3
+    lps = []
+    for middle in ([40, 41, 42], [50, 51, 52]):
+        comps = [{"token_ids": t, "logprobs": [0.0] * len(t)} for t in ([30, 31], middle, [60, 61, 62, 63])]
+        inputs, mask, _ = collate(prompts, comps, 0, "cpu", packed=True, share_prompts=True)
+        with torch.no_grad():
+            lps.append(token_logprobs(model, inputs)[0])
+    torch.testing.assert_close(lps[0][[0, 2]], lps[1][[0, 2]], atol=0, rtol=0)
+    assert not torch.allclose(lps[0][1], lps[1][1])
 
 
 def test_group_advantages_by_hand():
