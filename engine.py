@@ -197,9 +197,11 @@ class TorchEngine:
     def _generate_static(self, flat, max_new_tokens, temperature, top_p, keys):
         """Llama/Qwen2: continuous batching over min(N, max_batch) cache rows -> [(token ids, logprobs)] per sequence.
 
-        Device state per row: the sequence it holds (seq), tokens sampled (gen), stopped (done), the slot its next
-        input goes to (in_col); the host keeps its own view (busy rows, an upper bound of each row's slot) and syncs
-        with the device only every check_every steps, when it frees stopped rows and admits waiting sequences.
+        Each decode step is _step on the engine's static row state (one CUDA graph per bucket on GPUs). The host keeps
+        its own view (which sequence each busy row holds, an upper bound of each row's slot) and looks at the device
+        only every check_every steps: it copies the stopped rows' outputs out, frees them, packs the busy rows into
+        the lowest ones when nothing waits (so the steps' batch bucket shrinks as rows finish), and admits waiting
+        sequences into free rows.
         """
         dev, N = self.model.device, len(flat)
         longest = max(map(len, flat))
@@ -208,68 +210,94 @@ class TorchEngine:
             f"pass TorchEngine(..., max_model_len=...) (its KV cache grows up to max_batch x max_model_len slots)"
         R = min(N, self.max_batch)
         self._reserve(R, longest + max_new_tokens - 1)  # the last token is sampled, never fed back
-        seq = torch.full((R,), N, dtype=torch.long, device=dev)  # N: no sequence (its writes go to a spare row)
-        gen = torch.zeros(R, dtype=torch.long, device=dev)
-        done = torch.ones(R, dtype=torch.bool, device=dev)
-        row_keys = torch.zeros(R, dtype=torch.long, device=dev)
-        tokens = torch.zeros((N + 1, max_new_tokens), dtype=torch.long, device=dev)  # row N: the spare
-        logps = torch.zeros((N + 1, max_new_tokens), dtype=torch.float32, device=dev)
-        length = torch.full((N + 1,), max_new_tokens, dtype=torch.long, device=dev)
-        logits = torch.zeros((R, self.model.config.vocab_size), dtype=self.model.dtype, device=dev)
-        self.in_col.zero_()
-        waiting, free, busy = list(range(N))[::-1], list(range(R)), {}  # busy: row -> (prompt length, step admitted)
-        step, changed, self.last_stats = 0, False, {"rows": R, "prefills": 0, "decode_steps": 0}  # (bench/rollout.py)
+        self.done.fill_(True)  # rows outside the call stay stopped: their writes go to the spare column
+        self.max_new.fill_(max_new_tokens)
+        tokens = torch.zeros((N, max_new_tokens), dtype=torch.long, device=dev)
+        logps = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=dev)
+        length = torch.zeros(N, dtype=torch.long, device=dev)
+        waiting, free, busy = list(range(N))[::-1], list(range(R)), {}  # busy: row -> (seq, prompt len, step admitted)
+        step, changed, self.last_stats = 0, False, {"rows": R, "prefills": 0, "decode_steps": 0, "row_steps": 0,
+                                                   "compactions": 0}
         while waiting or busy:
             if waiting and free and (self.continuous or not busy):  # --- admit: prefill waiting sequences into free rows
                 take, free = free[:len(waiting)], free[len(waiting):]
                 seqs = [waiting.pop() for _ in take]
                 rows = torch.tensor(take, device=dev)
-                logits[rows] = self._prefill([flat[s] for s in seqs], rows)
-                seq[rows] = torch.tensor(seqs, device=dev)
-                row_keys[rows], gen[rows], done[rows] = keys[seq[rows]], 0, False
-                busy |= {r: (len(flat[s]), step) for r, s in zip(take, seqs)}
+                self.logits[rows] = self._prefill([flat[s] for s in seqs], rows)
+                self.keys[rows], self.gen[rows], self.done[rows] = keys[torch.tensor(seqs, device=dev)], 0, False
+                busy |= {r: (s, len(flat[s]), step) for r, s in zip(take, seqs)}
                 self.last_stats["prefills"] += 1
                 changed = True
             if changed:  # the host's bounds over the busy rows, without a look at the device
-                W = min(1 << max(busy).bit_length(), R)  # rows in play: the graph bucket over the highest busy row
-                grow = max(n - at for n, at in busy.values())  # a row's slot is n + (step - 1 - at), < n + max_new - 1
-                cap = max(n for n, _ in busy.values()) + max_new_tokens - 1
-                last_admitted, changed = max(at for _, at in busy.values()), False
-            nxt, lp = self._sample(logits[:W], temperature, top_p, row_keys[:W], gen[:W])  # --- sample
-            out, at = torch.where(done[:W], N, seq[:W]), gen[:W].clamp(max=max_new_tokens - 1)  # stopped rows: the spare
-            tokens[out, at], logps[out, at] = nxt, lp
-            gen[:W] += ~done[:W]
-            stop = ~done[:W] & (torch.isin(nxt, self.eos) | (gen[:W] == max_new_tokens))
-            length[torch.where(stop, seq[:W], N)] = gen[:W]
-            done[:W] |= stop
+                W = self._bucket(max(busy) + 1)  # rows in play
+                grow = max(n - at for _, n, at in busy.values())  # a row's slot is n + (step - 1 - at) < n + max_new - 1
+                cap = max(n for _, n, _ in busy.values()) + max_new_tokens - 1
+                last_admitted, changed = max(at for _, _, at in busy.values()), False
+            self._run_step(W, min(grow + step + 1, cap), temperature, top_p)  # --- sample, record, decode
+            self.last_stats["decode_steps"] += 1
+            self.last_stats["row_steps"] += W
             step += 1
             if step % self.check_every == 0 or step - last_admitted >= max_new_tokens:  # (then every row has stopped)
-                stopped = set(torch.nonzero(done).view(-1).tolist()) & busy.keys()  # --- free the rows that stopped
-                for r in stopped:
-                    del busy[r]
-                free, changed = sorted(free + list(stopped)), bool(stopped)
-            if busy:  # --- feed the sampled tokens (rows freed above take new sequences at the next admit)
-                logits[:W] = self._decode_step(nxt, done[:W], min(grow + step, cap))
-                self.last_stats["decode_steps"] += 1
+                stopped = sorted(set(torch.nonzero(self.done[:W]).view(-1).tolist()) & busy.keys())
+                if stopped:  # --- copy their outputs out, free them
+                    r, s = torch.tensor(stopped, device=dev), torch.tensor([busy.pop(i)[0] for i in stopped], device=dev)
+                    tokens[s], logps[s] = self.row_tok[r, :max_new_tokens], self.row_lp[r, :max_new_tokens]
+                    length[s] = self.gen[r]
+                    free, changed = sorted(free + stopped), True
+                    if not waiting and busy and self._bucket(max(busy) + 1) > self._bucket(len(busy)):
+                        busy = self._compact(busy, min(grow + step, cap))
+                        self.last_stats["compactions"] += 1
+                        free = sorted(set(range(R)) - busy.keys())
         length, tokens, logps = length.tolist(), tokens.tolist(), logps.tolist()
         return [(tokens[i][:length[i]], logps[i][:length[i]]) for i in range(N)]
 
-    def _decode_step(self, nxt, done, S):
-        """Each row's sampled token at its slot in_col -> logits [W, V]; rows that stopped keep their slot."""
-        W = len(nxt)
-        self.in_tok[:W] = nxt
-        if self.cuda_graphs:
-            Bb = min(1 << (W - 1).bit_length(), self.max_batch)  # batch bucket: the next power of two
-            Sb = min(-(-S // self.BLOCK) * self.BLOCK, self.cache.shape[4])  # attended slots: a multiple of BLOCK
-            if (Bb, Sb) not in self.graphs:
-                self.graphs[Bb, Sb] = self._capture(Bb, Sb)
-            graph, out = self.graphs[Bb, Sb]
-            graph.replay()
-            out = out[:W]
-        else:
-            out = self._decode_fn(self.in_tok[:W], self.in_col[:W], S)
-        self.in_col[:W] += ~done  # device-side: no host sync
-        return out
+    BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]  # then multiples of 256
+
+    def _bucket(self, n):
+        """The batch bucket of n rows in play: the smallest of BUCKETS (then of 256s) that holds them, at most the
+        cache's rows. Steps run over a whole bucket; a bucket is one CUDA graph per attended length."""
+        b = next((b for b in self.BUCKETS if b >= n), -(-n // 256) * 256)
+        return min(b, self.cache.shape[2])
+
+    def _compact(self, busy, filled):
+        """Move the busy rows above len(busy) into the free rows below it (cache slots [:filled] and row state), so
+        they fill rows 0..len(busy)-1 and the steps run over a smaller bucket -> the new busy map."""
+        n = len(busy)
+        src = [r for r in sorted(busy) if r >= n]
+        dst = [r for r in range(n) if r not in busy]
+        i, j = (torch.tensor(x, device=self.model.device) for x in (src, dst))
+        view = self.cache[:, :, :, :, :filled]
+        view[:, :, j] = view[:, :, i]
+        for t in (self.in_col, self.gen, self.done, self.keys, self.logits, self.row_tok, self.row_lp):
+            t[j] = t[i]
+        self.done[i] = True
+        moved = dict(zip(src, dst))
+        return {moved.get(r, r): v for r, v in busy.items()}
+
+    def _step(self, B, S, temperature, top_p):
+        """One decode step of rows 0..B-1, all on static engine state (so a CUDA graph can replay it): sample each
+        row's next token from logits, record it and its logprob at column gen of the row's outputs (a stopped row:
+        the spare last column), count it, stop the row at an eos or max_new tokens, then feed the tokens at slot
+        in_col (which a stopped row keeps) through the model, attending slots 0..S-1, -> logits."""
+        done, gen = self.done[:B], self.gen[:B]
+        nxt, lp = self._sample(self.logits[:B], temperature, top_p, self.keys[:B], gen)
+        rows, at = torch.arange(B, device=nxt.device), torch.where(done, self.row_tok.shape[1] - 1, gen)
+        self.row_tok[rows, at], self.row_lp[rows, at] = nxt, lp
+        gen += ~done
+        done |= (nxt[:, None] == self.eos).any(-1) | (gen >= self.max_new)
+        self.in_tok[:B] = nxt
+        self.logits[:B] = self._decode_fn(self.in_tok[:B], self.in_col[:B], S)
+        self.in_col[:B] += ~done
+
+    def _run_step(self, W, S, temperature, top_p):
+        """_step over W rows attending S slots: eager, or on CUDA the replay of its graph for (W, S's bucket of
+        BLOCK slots, temperature, top_p), captured on first use."""
+        if not self.cuda_graphs:
+            return self._step(W, S, temperature, top_p)
+        key = (W, min(-(-S // self.BLOCK) * self.BLOCK, self.cache.shape[4]), temperature, top_p)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
+        self.graphs[key].replay()
 
     def _generate_hf(self, prompts, max_new_tokens, temperature, top_p, keys):
         """Any architecture: HF's forward + DynamicCache over one left-padded batch, run until its last row stops."""
@@ -302,9 +330,11 @@ class TorchEngine:
         return [(tokens[b][:length[b]], logps[b][:length[b]]) for b in range(B)]
 
     def _reserve(self, B, slots):
-        """A cache for B rows x `slots` slots: grown (and graphs dropped) only when the current one is too small."""
+        """A cache for B rows x `slots` slots and the rows' static state: grown (and graphs dropped) only when the
+        current one is too small."""
         old = self.cache.shape if self.cache is not None else (0,) * 6
-        rows = max(old[2], min(1 << (B - 1).bit_length(), self.max_batch))  # room for B's graph bucket
+        bucket = next((b for b in self.BUCKETS if b >= B), -(-B // 256) * 256)
+        rows = max(old[2], min(bucket, self.max_batch))  # room for B's bucket
         slots = max(old[4], -(-slots // self.BLOCK) * self.BLOCK)
         if (rows, slots) == (old[2], old[4]):
             return
@@ -312,25 +342,35 @@ class TorchEngine:
         self.cache, self.graphs = None, {}  # free the old cache and the graphs that point into it first
         self.cache = torch.zeros(len(self.model.model.layers), 2, rows, a.k_proj.out_features // a.head_dim, slots,
                                  a.head_dim, dtype=self.model.dtype, device=dev)  # [layers, k|v, rows, KV, slots, hd]
-        # the decode step's inputs: static, so a CUDA graph reads them at fixed addresses
-        self.in_tok = torch.zeros(rows, dtype=torch.long, device=dev)  # [rows] this step's input token
-        self.in_col = torch.zeros(rows, dtype=torch.long, device=dev)  # [rows] the slot (= position) it goes to
+        # each row's state, static, so a CUDA graph reads and writes it at fixed addresses
+        self.in_tok = torch.zeros(rows, dtype=torch.long, device=dev)  # this step's input token
+        self.in_col = torch.zeros(rows, dtype=torch.long, device=dev)  # the slot (= position) it goes to
+        self.gen = torch.zeros(rows, dtype=torch.long, device=dev)  # tokens sampled
+        self.done = torch.ones(rows, dtype=torch.bool, device=dev)  # stopped (or holding no sequence)
+        self.keys = torch.zeros(rows, dtype=torch.long, device=dev)  # its sequence's sampling key
+        self.logits = torch.zeros((rows, self.model.config.vocab_size), dtype=self.model.dtype, device=dev)  # next
+        self.row_tok = torch.zeros((rows, slots + 1), dtype=torch.long, device=dev)  # its outputs; last column: spare
+        self.row_lp = torch.zeros((rows, slots + 1), dtype=torch.float32, device=dev)
+        self.max_new = torch.zeros((), dtype=torch.long, device=dev)  # the call's max_new_tokens
         self.pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None  # one memory pool for all graphs
 
-    def _capture(self, Bb, S):
-        """CUDA graph of one decode step for batch bucket Bb attending over S slots -> (graph, logits [Bb, V]).
-        Captured mid-generation on the current step's inputs: the warm-up writes the same cache entries
-        that the replay right after writes again."""
-        args = (self.in_tok[:Bb], self.in_col[:Bb], S)
+    def _capture(self, B, S, temperature, top_p):
+        """CUDA graph of _step(B, S, temperature, top_p). Captured mid-generation: the warm-up step (off the capture:
+        lazy inits, compilation) runs on a copy of the rows' state, which is put back after it, so the replay right
+        after takes the step once (its cache writes are the warm-up's again)."""
+        state = (self.in_tok, self.in_col, self.gen, self.done, self.logits, self.row_tok, self.row_lp)
+        saved = [t[:B].clone() for t in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: lazy inits (cuBLAS workspaces, compilation) happen here
-            self._decode_fn(*args)
+        with torch.cuda.stream(side):
+            self._step(B, S, temperature, top_p)
         torch.cuda.current_stream().wait_stream(side)
+        for t, v in zip(state, saved):
+            t[:B] = v
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):  # other threads: NCCL, Ray
-            logits = self._decode_fn(*args)
-        return graph, logits
+            self._step(B, S, temperature, top_p)
+        return graph
 
     def _prefill(self, prompts, rows):
         """New sequences into cache rows `rows` [n] from slot 0 -> logits at each one's last prompt token [n, V].

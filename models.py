@@ -284,7 +284,7 @@ def _shared_prompt_masks(cu_seq_lens, segments):
         return _masks_cache[1]
     dev, starts = segments.device, cu_seq_lens.long()
     lens = starts[1:] - starts[:-1]  # [S]
-    L = int(lens.max())
+    L = -(-int(lens.max()) // 64) * 64  # a multiple of 64: aligned for the masked kernels, fewer distinct shapes
     j = torch.arange(L, device=dev)
     valid = j < lens[:, None]  # [S, L]
     at = torch.where(valid, starts[:-1, None] + j, 0)  # [S, L]

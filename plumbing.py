@@ -161,7 +161,7 @@ def make_engine(cfg, acc, tok, model_src: str, min_model_len: int):
     from models import default_dtype, load_model
     if cfg.inference == "local":
         return TorchEngine(load_model(model_src, default_dtype(acc.device), acc.device), tok,
-                           max_batch=default_max_batch(acc.device), max_model_len=max(2048, min_model_len),
+                           max_batch=cfg.engine_rows or default_max_batch(acc.device), max_model_len=max(2048, min_model_len),
                            compile=cfg.compile_engine)
     import ray
     from infer_workers import ServeClient
@@ -326,6 +326,7 @@ LIMITS = {
     "adam_beta2": (0.0, 0.9999, False, ""),
     "grad_clip": (0.0, None, False, ""),
     "micro_batch_size": (1, None, True, ""),
+    "engine_rows": (0, None, True, ""),
     "logprob_chunk": (1, None, True, ""),
     "sync_port": (0, 65535, True, "0 picks a free port"),
     "sync_bucket_mb": (0.0, None, False, ""),

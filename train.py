@@ -79,6 +79,8 @@ class Config:
     compile: bool = False  # torch.compile the decoder layers and the log-softmax chunks: fused elementwise work
     compile_engine: bool = False  # torch.compile TorchEngine's decode step and sampler (the in-process engine; the
     # Serve replicas of exps/r1zero.sh too, by INFER_COMPILE)
+    engine_rows: int = 0  # TorchEngine's cache rows, sequences decoded at once (its KV cache's memory); 0 = 256 on GPUs,
+    # 64 on the CPU (engine.default_max_batch); the Serve replicas of exps/r1zero.sh too, by INFER_MAX_BATCH
     # --- inference
     inference: str = "local"  # local: an in-process TorchEngine per rank | serve: a running app of infer_workers.py
     serve_app: str = "default"  # that app's name (serve run --name); found through ray_address

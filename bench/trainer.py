@@ -14,8 +14,12 @@ for each variant, after one warm-up step, starting from the same weights:
   packed+compile+liger: the compiled layers, with the lm_head + log-softmax done by liger-kernel's fused linear
                   cross-entropy instead of our chunks (liger_token_logprobs; needs liger-kernel, on CPU only under
                   TRITON_INTERPRET=1)
-and checks that the variants' first-step losses agree. MFU counts model FLOPs on real tokens only
-(6 * matmul params * tokens + causal attention; no recompute), against --peak-tflops.
+  +share (e.g. packed+compile+share): train.Config.share_prompts on, each prompt runs once for its --group
+                  completions in a micro-batch (the others have it off)
+and checks that the variants' first-step losses agree. MFU counts model FLOPs of the work a variant does (6 * matmul
+params * tokens through the layers, 6 * lm_head params * completion tokens, causal attention pairs; no recompute)
+against --peak-tflops; mfu_of_unshared_work counts the work as before prompt sharing and collate's "predict" (every
+token of every sequence through the layers and the head) over the same time. BENCH_CODE (env) is recorded as "code".
 """
 import argparse
 import json
@@ -54,16 +58,20 @@ def liger_token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=Fa
     return logp, torch.zeros_like(logp)
 
 
-def model_flops(lm, lengths) -> float:
-    """fwd + bwd FLOPs of the batch: 6 per matmul weight per token (lm_head included), plus causal attention."""
+def model_flops(lm, groups, share=False, head_on_all=False) -> float:
+    """fwd + bwd FLOPs of the batch, counted on the work done: 6 per matmul weight per token through the layers, 6 per
+    lm_head weight per token it runs on (the completion tokens; head_on_all: every token, as before collate's
+    "predict"), plus attention over the causal pairs. groups: (prompt length, [completion lengths]) per prompt;
+    share: each prompt's tokens run once for its completions, which attend to it and to themselves."""
     c = lm.config
-    matmul = sum(p.numel() for n, p in lm.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
-    if c.tie_word_embeddings:
-        matmul += lm.get_output_embeddings().weight.numel()  # tied: the lm_head matmul still runs
+    head = lm.get_output_embeddings().weight.numel()  # tied or not, the lm_head matmul runs
+    layers = sum(p.numel() for n, p in lm.named_parameters() if p.dim() == 2 and "layers." in n)
     attn_dim = c.num_attention_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
-    # per layer per sequence of n: QK^T and PV, 2 * n^2 / 2 * d each (causal), x3 for fwd + bwd
-    attention = sum(6 * c.num_hidden_layers * attn_dim * n * n for n in lengths)
-    return 6 * matmul * sum(lengths) + attention
+    tokens = sum((P if share else P * len(cs)) + sum(cs) for P, cs in groups)
+    head_tokens = sum(P * len(cs) + sum(cs) if head_on_all else sum(cs) for P, cs in groups)
+    pairs = sum(P * P / 2 + sum(P * n + n * n / 2 for n in cs) if share else sum((P + n) ** 2 / 2 for n in cs)
+                for P, cs in groups)  # per layer: QK^T and PV, 2 * 2 * d FLOP per pair forward, x3 with backward
+    return 6 * layers * tokens + 6 * head * head_tokens + 12 * c.num_hidden_layers * attn_dim * pairs
 
 
 def kernel_shares(step):
@@ -124,16 +132,20 @@ def main():
                             "logprobs": [-math.log(vocab)] * n})  # ~ a random model's: ratio ~ 1
     adv = torch.randn(len(completions), generator=torch.Generator().manual_seed(0)).to(acc.device)
     lengths = [len(p) + len(c["token_ids"]) for p, c in zip(seq_prompts, completions)]
-    flops = model_flops(lm, lengths)
+    groups = [(len(p), [len(c["token_ids"]) for c in completions[i * a.group:(i + 1) * a.group]])
+              for i, p in enumerate(prompts)]
+    flops = model_flops(lm, groups, head_on_all=True)  # the work before collate's "predict" and prompt sharing
     init = {k: v.detach().clone() for k, v in lm.state_dict().items()}
     token_logprobs = train.token_logprobs  # ours; the liger variant swaps in its own
 
     out = {"bench": "trainer", "device": torch.cuda.get_device_name() if gpu else "cpu", "shape": a.shape,
-           "sequences": len(completions), "tokens": sum(lengths), "model_tflop_per_step": round(flops / 1e12, 1)}
+           "sequences": len(completions), "tokens": sum(lengths), "model_tflop_per_step": round(flops / 1e12, 1),
+           "code": os.environ.get("BENCH_CODE", "")}
     losses = {}
     for variant in a.variants:
         cfg = train.Config(prompts_per_step=a.prompts, group_size=a.group, max_new_tokens=a.completion_len[1],
                            packing=variant.startswith("packed"), grad_checkpointing=variant.endswith("ckpt"),
+                           share_prompts="share" in variant,
                            compile="compile" in variant,
                            micro_batch_size=a.packed_mb if variant.startswith("packed") else a.padded_mb)
         lm.load_state_dict(init)
@@ -164,8 +176,10 @@ def main():
             if gpu:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-        s = min(times)
-        out[variant] = {"step_s": round(s, 3), "tok_s": round(sum(lengths) / s), "mfu": round(flops / s / (a.peak_tflops * 1e12), 3),
+        s, done = min(times), model_flops(lm, groups, share=cfg.share_prompts and cfg.packing)
+        out[variant] = {"step_s": round(s, 3), "tok_s": round(sum(lengths) / s), "model_tflop": round(done / 1e12, 1),
+                        "mfu": round(done / s / (a.peak_tflops * 1e12), 3),  # on the work this variant does
+                        "mfu_of_unshared_work": round(flops / s / (a.peak_tflops * 1e12), 3),  # as counted before
                         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
                         "micro_batch": cfg.micro_batch_size, "warmup_step_s": round(warmup_s, 1)}
         if a.profile and gpu and variant.startswith("packed") and not variant.endswith("ckpt"):
