@@ -209,7 +209,7 @@ class TorchEngine:
             f"longest prompt {longest} + max_new_tokens {max_new_tokens} > max_model_len {self.max_model_len} tokens: " \
             f"pass TorchEngine(..., max_model_len=...) (its KV cache grows up to max_batch x max_model_len slots)"
         R = min(N, self.max_batch)
-        self._reserve(R, longest + max_new_tokens - 1)  # the last token is sampled, never fed back
+        self._reserve(R, longest + max_new_tokens)  # the step that samples a row's last token feeds it too
         self.done.fill_(True)  # rows outside the call stay stopped: their writes go to the spare column
         self.max_new.fill_(max_new_tokens)
         tokens = torch.zeros((N, max_new_tokens), dtype=torch.long, device=dev)
@@ -230,8 +230,8 @@ class TorchEngine:
                 changed = True
             if changed:  # the host's bounds over the busy rows, without a look at the device
                 W = self._bucket(max(busy) + 1)  # rows in play
-                grow = max(n - at for _, n, at in busy.values())  # a row's slot is n + (step - 1 - at) < n + max_new - 1
-                cap = max(n for _, n, _ in busy.values()) + max_new_tokens - 1
+                grow = max(n - at for _, n, at in busy.values())  # a row's next slot is n + (step - at) < n + max_new
+                cap = max(n for _, n, _ in busy.values()) + max_new_tokens
                 last_admitted, changed = max(at for _, _, at in busy.values()), False
             self._run_step(W, min(grow + step + 1, cap), temperature, top_p)  # --- sample, record, decode
             self.last_stats["decode_steps"] += 1

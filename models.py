@@ -228,71 +228,75 @@ def packed_attention(module, q, k, v, attention_mask, scaling=None, cu_seq_lens_
     CUDA: flash varlen kernel, no padding and no [N, N] mask. CPU: one sdpa per sequence (tests, tiny runs).
     segments [N] (collate(..., share_prompts=True)): each packed sequence is one prompt (segment 0) followed by
     several completions of it (segments 1, 2, ..); a completion attends to the prompt and to itself, not to the
-    others, so the prompt runs once for all of them (shared_prompt_attention).
+    others, so the prompt runs once for all of them: each segment is then a query block of its own, over the keys
+    of the prompt and its own (_shared_prompt_keys), bottom-right causal.
     """
     assert cu_seq_lens_q is not None, "packed attention needs collate(..., packed=True) inputs"
+    cu_q = cu_k = cu_seq_lens_q
+    max_q = max_k = max_length_q
     if segments is not None:
-        return shared_prompt_attention(q, k, v, cu_seq_lens_q, segments, scaling), None
-    if q.is_cuda and TRACE_ATTENTION:
-        return _varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling), None
-    return _packed_attention_eager(q, k, v, cu_seq_lens_q, max_length_q, scaling), None
+        at, cu_q, cu_k, max_q, max_k = _shared_prompt_keys(cu_seq_lens_q, segments)
+        k, v = k[:, :, at], v[:, :, at]  # [1, Hkv, keys, D]: each completion's block holds its prompt's keys again
+    if q.is_cuda and TRACE_ATTENTION and segments is None:
+        return _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling), None
+    return _packed_attention_eager(q, k, v, cu_q, cu_k, max_q, max_k, scaling), None
 
 
 @torch.compiler.disable  # a graph break in compiled layers: varlen takes Python ints, the CPU path a loop
-def _packed_attention_eager(q, k, v, cu_seq_lens_q, max_length_q, scaling):
-    if not q.is_cuda:
-        bounds = cu_seq_lens_q.tolist()
-        outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, scale=scaling,
-                                               enable_gqa=True) for s, e in zip(bounds[:-1], bounds[1:])]
+def _packed_attention_eager(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
+    if not q.is_cuda:  # query block i over key block i, causal from the bottom right (as flash's varlen)
+        bq, bk = cu_q.tolist(), cu_k.tolist()
+        outs = []
+        for qs, qe, ks, ke in zip(bq[:-1], bq[1:], bk[:-1], bk[1:]):
+            mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=q.device).tril(ke - ks - (qe - qs))
+            outs.append(F.scaled_dot_product_attention(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], attn_mask=mask,
+                                                       scale=scaling, enable_gqa=True))
         return torch.cat(outs, 2).transpose(1, 2)
-    return _varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling)
+    return _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling)
 
 
-def _varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling):
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
     from torch.nn.attention.varlen import varlen_attn
     dtype = q.dtype if q.dtype != torch.float32 else torch.bfloat16  # fp32 sneaks in through fp32 RoPE tables
     k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))  # GQA: [1, H, N, D]
     q, k, v = (x[0].transpose(0, 1).to(dtype).contiguous() for x in (q, k, v))  # [N, H, D]
-    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
-                      window_size=(-1, 0))  # (-1, 0) = causal
+    out = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling,
+                      window_size=(-1, 0))  # (-1, 0) = causal, aligned at the bottom right when a block has more keys
     return out[None]
 
 
-@torch.compiler.disable  # eager, like the varlen path: the masks are made once per forward, not per layer
-def shared_prompt_attention(q, k, v, cu_seq_lens, segments, scaling):
-    """Attention in a row of prompt-sharing sequences [prompt, completion 1, completion 2, ..] (packed_attention):
-    the sequences padded to the longest and batched, one sdpa under the mask of _shared_prompt_masks -> [1, N, H, D].
-    Dense over each padded sequence (~(prompt + G completions)^2): at GRPO's lengths (~300 + 8 x ~150 tokens) that is
-    less than the work the prompt's G - 1 repeats took."""
-    at, valid, mask = _shared_prompt_masks(cu_seq_lens, segments)  # [S, L], [S, L], [S, 1, L, L]
-    H, g = q.shape[1], q.shape[1] // k.shape[1]
-    q, k, v = (x[0][:, at].transpose(0, 1) for x in (q, k, v))  # [S, heads, L, D]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # GQA: sdpa's masked kernels take H heads
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)  # [S, H, L, D]
-    return out.transpose(1, 2)[valid][None]  # [1, N, H, D]: the valid slots, in the row's order
+_keys_cache: list = [None, None]  # ((cu_seq_lens, segments), layout): one entry, the current forward's
 
 
-_masks_cache: list = [None, None]  # ((cu_seq_lens, segments), masks): one entry, the current forward's
-
-
-def _shared_prompt_masks(cu_seq_lens, segments):
-    """-> at [S, L] each padded slot's token in the row (0 for padding), valid [S, L], mask [S, 1, L, L]: slot i sees
-    slot j <= i of its sequence if j is in the prompt or in i's own completion; a padding slot sees slot 0 (its
-    output is dropped). Made once per forward: every layer passes the same two tensors (kept, so ids stay unique)."""
-    key = _masks_cache[0]
+def _shared_prompt_keys(cu_seq_lens, segments):
+    """The blocks of a prompt-sharing row (packed_attention) -> (at [keys] row positions of each block's keys, cu_q,
+    cu_k [blocks+1] int32, max_q, max_k). Blocks in row order: a prompt (its keys: itself), then each completion of it
+    (its keys: the prompt, then itself). Made once per forward: every layer passes the same two tensors (kept, so
+    their ids stay unique)."""
+    key = _keys_cache[0]
     if key is not None and key[0] is cu_seq_lens and key[1] is segments:
-        return _masks_cache[1]
-    dev, starts = segments.device, cu_seq_lens.long()
-    lens = starts[1:] - starts[:-1]  # [S]
-    L = -(-int(lens.max()) // 64) * 64  # a multiple of 64: aligned for the masked kernels, fewer distinct shapes
-    j = torch.arange(L, device=dev)
-    valid = j < lens[:, None]  # [S, L]
-    at = torch.where(valid, starts[:-1, None] + j, 0)  # [S, L]
-    seg = torch.where(valid, segments[at], -1)  # [S, L]
-    mask = (j[:, None] >= j) & valid[:, None, :] & ((seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :]))
-    mask[:, :, 0] |= ~valid  # [S, L, L]: a padding row attends slot 0, so no row is empty
-    _masks_cache[:] = [(cu_seq_lens, segments), (at, valid, mask[:, None])]
-    return _masks_cache[1]
+        return _keys_cache[1]
+    seg, bounds = segments.tolist(), cu_seq_lens.tolist()
+    at, cu_q, cu_k = [], [0], [0]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        p = s
+        while p < e and seg[p] == 0:
+            p += 1
+        blocks, a = [(s, p, range(s, p))], p  # the prompt [s, p)
+        for i in range(p + 1, e + 1):
+            if i == e or seg[i] != seg[a]:
+                blocks.append((a, i, [*range(s, p), *range(a, i)]))  # completion [a, i): the prompt's keys, then its own
+                a = i
+        for qs, qe, keys in blocks:
+            at += keys
+            cu_q.append(qe)
+            cu_k.append(cu_k[-1] + len(keys))
+    dev = segments.device
+    cq, ck = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
+    layout = (torch.tensor(at, device=dev), cq.to(dev), ck.to(dev), int((cq[1:] - cq[:-1]).max()),
+              int((ck[1:] - ck[:-1]).max()))
+    _keys_cache[:] = [(cu_seq_lens, segments), layout]
+    return layout
 
 
 def use_packed_attention(model):

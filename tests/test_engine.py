@@ -202,6 +202,15 @@ def test_cache_grown_by_a_longer_call_keeps_outputs(tok):
     assert engine.generate(prompts, max_new_tokens=150, temperature=0) == fresh
 
 
+def test_context_ending_on_a_cache_block_edge(tok):
+    """prompt + max_new_tokens - 1 = a whole number of cache blocks: the step that samples a row's last token still
+    has a slot to feed it into (the serve tests found this edge), and the tokens are HF generate's."""
+    model = build("llama")
+    prompts = random_prompts((TorchEngine.BLOCK + 1 - 12, 40))
+    got = [g[0]["token_ids"] for g in TorchEngine(model, tok).generate(prompts, max_new_tokens=12, temperature=0)]
+    assert got == hf_greedy(model, prompts, 12)
+
+
 def test_too_long_request_names_max_model_len(tok):
     """prompt + max_new_tokens over max_model_len is an error that names the knob."""
     engine = TorchEngine(build("llama"), tok, max_model_len=32)
