@@ -268,6 +268,7 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
 _keys_cache: list = [None, None]  # ((cu_seq_lens, segments), layout): one entry, the current forward's
 
 
+@torch.compiler.disable  # host work, once per forward: not traced into the compiled layers
 def _shared_prompt_keys(cu_seq_lens, segments):
     """The blocks of a prompt-sharing row (packed_attention) -> (at [keys] row positions of each block's keys, cu_q,
     cu_k [blocks+1] int32, max_q, max_k). Blocks in row order: a prompt (its keys: itself), then each completion of it
