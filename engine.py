@@ -256,10 +256,11 @@ class TorchEngine:
     BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]  # then multiples of 256
 
     def _bucket(self, n):
-        """The batch bucket of n rows in play: the smallest of BUCKETS (then of 256s) that holds them, at most the
-        cache's rows. Steps run over a whole bucket; a bucket is one CUDA graph per attended length."""
+        """The batch bucket of n rows in play: the smallest of BUCKETS (then of 256s) that holds them, at most
+        max_batch (not the cache's rows, which earlier calls may have grown: a call's steps, and so its numbers, depend
+        on the call alone). Steps run over a whole bucket; a bucket is one CUDA graph per attended length."""
         b = next((b for b in self.BUCKETS if b >= n), -(-n // 256) * 256)
-        return min(b, self.cache.shape[2])
+        return min(b, self.max_batch)
 
     def _compact(self, busy, filled):
         """Move the busy rows above len(busy) into the free rows below it (cache slots [:filled] and row state), so

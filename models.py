@@ -236,7 +236,8 @@ def packed_attention(module, q, k, v, attention_mask, scaling=None, cu_seq_lens_
     max_q = max_k = max_length_q
     if segments is not None:
         at, cu_q, cu_k, max_q, max_k = _shared_prompt_keys(cu_seq_lens_q, segments)
-        k, v = k[:, :, at], v[:, :, at]  # [1, Hkv, keys, D]: each completion's block holds its prompt's keys again
+        k, v = k.index_select(2, at), v.index_select(2, at)  # [1, Hkv, keys, D]: each completion's block holds its
+        # prompt's keys again (index_select: its backward adds the repeats in a fixed order; k[:, :, at]'s did not)
     if q.is_cuda and TRACE_ATTENTION and segments is None:
         return _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling), None
     return _packed_attention_eager(q, k, v, cu_q, cu_k, max_q, max_k, scaling), None
