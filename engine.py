@@ -336,8 +336,7 @@ class TorchEngine:
         """A cache for B rows x `slots` slots and the rows' static state: grown (and graphs dropped) only when the
         current one is too small."""
         old = self.cache.shape if self.cache is not None else (0,) * 6
-        bucket = next((b for b in self.BUCKETS if b >= B), -(-B // 256) * 256)
-        rows = max(old[2], min(bucket, self.max_batch))  # room for B's bucket
+        rows = max(old[2], self._bucket(B))  # room for B's bucket
         slots = max(old[4], -(-slots // self.BLOCK) * self.BLOCK)
         if (rows, slots) == (old[2], old[4]):
             return

@@ -14,8 +14,8 @@ lengths. Variants (--workload-variants), each timed on --iters calls of fresh pr
   NAME@ROWS (e.g. continuous_compiled@512): variant NAME with ROWS cache rows instead of --max-batch
   vllm:       vLLM in this process with its defaults (continuous batching, CUDA graphs, prefix caching), logprobs on
 Reported per variant: completions/s and sampled tok/s (median call), the completion lengths (mean, p50, p90, max,
-share cut at the cap) and, for ours, the decode steps and prefills the call ran, its time per decode step, and (engines
-since prompt sharing's commit) the rows those steps ran over (row_steps) and how often busy rows were moved down.
+share cut at the cap) and, for ours, the decode steps and prefills the call ran, its time per decode step, the rows
+those steps ran over (row_steps) and how often busy rows were moved down (compactions).
 --profile: for ours, one more call under torch.profiler: GPU kernel-time shares (GEMM, attention, the top others),
 how busy the GPU was (kernel time / wall time), and GPU kernel time per decode step beside wall time per step.
 
@@ -148,8 +148,8 @@ def real_workload(a):
                "len_p50": statistics.median(lens), "len_p90": q[-1], "len_max": max(lens),
                "cut_at_cap": round(sum(n >= a.new_tokens for n in lens) / len(lens), 4)}
         if steps_run[0] is not None:  # ours: what the median call ran
-            res |= {k: statistics.median(st[k] for st in steps_run) for k in ("decode_steps", "prefills", "row_steps",
-                                                                               "compactions") if k in steps_run[0]}
+            res |= {k: statistics.median(st[k] for st in steps_run)
+                    for k in ("decode_steps", "prefills", "row_steps", "compactions")}
             res["ms_per_decode_step"] = round(1000 * s / res["decode_steps"], 2)
         if a.profile and v != "vllm" and dev.type == "cuda":  # one more call (the first timed call's prompts), profiled
             from trainer import kernel_shares

@@ -19,7 +19,7 @@ for each variant, after one warm-up step, starting from the same weights:
 and checks that the variants' first-step losses agree. MFU counts model FLOPs of the work a variant does (6 * matmul
 params * tokens through the layers, 6 * lm_head params * completion tokens, causal attention pairs; no recompute)
 against --peak-tflops; mfu_of_unshared_work counts the work as before prompt sharing and collate's "predict" (every
-token of every sequence through the layers and the head) over the same time. BENCH_CODE (env) is recorded as "code".
+token of every sequence through the layers and the head) over the same time.
 """
 import argparse
 import json
@@ -139,8 +139,7 @@ def main():
     token_logprobs = train.token_logprobs  # ours; the liger variant swaps in its own
 
     out = {"bench": "trainer", "device": torch.cuda.get_device_name() if gpu else "cpu", "shape": a.shape,
-           "sequences": len(completions), "tokens": sum(lengths), "model_tflop_per_step": round(flops / 1e12, 1),
-           "code": os.environ.get("BENCH_CODE", "")}
+           "sequences": len(completions), "tokens": sum(lengths), "model_tflop_per_step": round(flops / 1e12, 1)}
     losses = {}
     for variant in a.variants:
         cfg = train.Config(prompts_per_step=a.prompts, group_size=a.group, max_new_tokens=a.completion_len[1],
