@@ -60,24 +60,60 @@ def _static_cache_ok(model) -> bool:
             and not any(k in inner.rotary_emb.rope_type for k in ("dynamic", "longrope")))
 
 
-def _attend(q, k, v, mask, scale):
-    """q [B, H, T, hd], k/v [B, KV, S, hd], mask [B, T, S] (True = attend) -> [B, T, H*hd].
+def _attention_bias(mask, group, dtype):
+    """mask [B, T, S] (True = attend) -> the additive bias _attend takes, [B, 1, group * T, S] in dtype: made once per
+    forward, not by every layer's sdpa (which turns a boolean mask into this at each call)."""
+    B, T, S = mask.shape
+    mask = mask[:, None].expand(B, group, T, S).reshape(B, 1, group * T, S)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _attend(q, k, v, bias, scale):
+    """q [B, H, T, hd], k/v [B, KV, S, hd], bias [B, 1, H/KV * T, S] (_attention_bias) -> [B, T, H*hd].
     GQA without copying k/v: the H/KV query heads that share a kv head are stacked along T."""
     B, H, T, hd = q.shape
-    KV, S = k.shape[1], k.shape[2]
-    g = H // KV
-    q = q.reshape(B, KV, g * T, hd)  # head h = kv * g + r reads k/v head kv: row r * T + t
-    mask = mask[:, None].expand(B, g, T, S).reshape(B, 1, g * T, S)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, KV, g*T, hd]
+    KV = k.shape[1]
+    q = q.reshape(B, KV, H // KV * T, hd)  # head h = kv * g + r reads k/v head kv: row r * T + t
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # [B, KV, g*T, hd]
     return o.reshape(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
 
 
 @torch.compiler.disable  # eager inside a compiled decode step: compiled, the in-place write into the KV cache (a graph
 # input) became a copy of the whole cache at every step (on the CPU: 3.6 s a step for SmolLM2)
-def _store_and_attend(store, i, q, k, v, mask, scale):
+def _store_and_attend(store, i, q, k, v, bias, scale):
     """store(i, k, v) puts layer i's new keys/values into the cache and returns those to attend; then _attend."""
     k, v = store(i, k, v)
-    return _attend(q, k, v, mask, scale)
+    return _attend(q, k, v, bias, scale)
+
+
+def _fuse(linears):
+    """The weights (and biases) of linears that read the same input, stacked into one [sum of outputs, in] tensor, so
+    they are one GEMM (q/k/v; gate/up). The linears' parameters become row views of it: HF's forward, update_weights'
+    in-place copies and the CUDA graphs all read the same memory. Kept on the first linear and reused while its
+    parameters still are those views (several engines on one model); made again if they moved (model.to()).
+    -> (weight, bias or None)."""
+    fused = getattr(linears[0], "_engine_fused", None)
+    if fused is None or not _views_of(fused, linears):
+        w = torch.cat([m.weight.detach() for m in linears])
+        b = torch.cat([m.bias.detach() for m in linears]) if linears[0].bias is not None else None
+        rows = 0
+        for m in linears:
+            n = m.weight.shape[0]
+            m.weight.data = w[rows:rows + n]
+            if b is not None:
+                m.bias.data = b[rows:rows + n]
+            rows += n
+        fused = linears[0]._engine_fused = (w, b)
+    return fused
+
+
+def _views_of(fused, linears):
+    w, b, rows = *fused, 0
+    for m in linears:
+        if m.weight.data_ptr() != w[rows].data_ptr() or (b is not None and m.bias.data_ptr() != b[rows].data_ptr()):
+            return False
+        rows += m.weight.shape[0]
+    return True
 
 
 M32 = 0xFFFFFFFF
@@ -155,7 +191,7 @@ class TorchEngine:
     BLOCK = 128  # cache slots come in multiples of this: the cache's length and each graph's attended length
 
     def __init__(self, model, tokenizer, max_batch: int = 64, max_model_len: int | None = None,
-                 cuda_graphs: bool = True, continuous: bool = True, compile: bool = False):
+                 cuda_graphs: bool = True, continuous: bool = True, compile: bool = False, fuse: bool = True):
         self.model = model.eval().requires_grad_(False)
         self.tok = tokenizer
         self.eos = torch.tensor(eos_token_ids(tokenizer, model), device=model.device)
@@ -167,10 +203,18 @@ class TorchEngine:
         self.check_every = 16 if model.device.type == "cuda" else 1  # a look at the rows is a host sync: it stalls CUDA
         self.cache, self.graphs = None, {}
         self.version = 0
+        self.fuse = fuse and self.static
+        self.proj = self._projections()
         self.loader = ParamCopy(dict(model.named_parameters(remove_duplicate=False)))  # update_weights' name map
         self.compiled = compile
         self._decode_fn = torch.compile(self._decode, dynamic=True) if compile else self._decode
         self._race = torch.compile(_sample_race, dynamic=True) if compile else _sample_race
+
+    def _projections(self):
+        """Per layer the fused q/k/v and gate/up weights (_fuse), or None (fuse=False, or the HF loop)."""
+        return [(_fuse([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]),
+                 _fuse([l.mlp.gate_proj, l.mlp.up_proj])) if self.fuse else None for l in self.model.model.layers] \
+            if self.static else []
 
     def _sample(self, logits, temperature, top_p, keys, step):
         if self.compiled and temperature > 0 and top_p >= 1.0:
@@ -182,6 +226,10 @@ class TorchEngine:
         """temperature 0 = greedy (logprobs then from temperature 1). Same seed, same samples: sequence i of the call
         (prompt i // n) samples from sequence_keys(seed)[i], however it is batched."""
         flat = [p for p in prompts for _ in range(n)]
+        proj = self._projections()  # the same, unless the model's parameters were moved since: then new graphs and
+        if any(a is not b for p, q in zip(proj, self.proj) if p for a, b in zip(p, q)):  # weight destinations
+            self.proj, self.graphs = proj, {}
+            self.loader.maps.clear()
         keys = sequence_keys(seed, len(flat), self.model.device)
         if self.static:
             rows = self._generate_static(flat, max_new_tokens, temperature, top_p, keys)
@@ -416,14 +464,24 @@ class TorchEngine:
         m, (B, T) = self.model.model, ids.shape
         h = m.embed_tokens(ids)  # [B, T, D]
         cos, sin = m.rotary_emb(h, pos)  # [B, T, hd]
+        a = m.layers[0].self_attn
+        heads = [a.q_proj.out_features // a.head_dim] + [a.k_proj.out_features // a.head_dim] * 2  # q, k, v heads
+        bias = _attention_bias(mask, heads[0] // heads[1], h.dtype)
         for i, layer in enumerate(m.layers):
-            a, x = layer.self_attn, layer.input_layernorm(h)
-            q = a.q_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)  # [B, H, T, hd]
-            k = a.k_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)  # [B, KV, T, hd]
-            v = a.v_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)  # [B, KV, T, hd]
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            h = h + a.o_proj(_store_and_attend(store, i, q, k, v, mask, a.scaling))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            a, mlp, x = layer.self_attn, layer.mlp, layer.input_layernorm(h)
+            if self.proj[i]:  # one GEMM for q/k/v, one for gate/up
+                (qkv, gate_up) = self.proj[i]
+                q, k, v = F.linear(x, *qkv).view(B, T, -1, a.head_dim).transpose(1, 2).split(heads, 1)
+            else:
+                q, k, v = (p(x).view(B, T, -1, a.head_dim).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)  # q [B, H, T, hd], k/v [B, KV, T, hd]
+            h = h + a.o_proj(_store_and_attend(store, i, q, k, v, bias, a.scaling))
+            x = layer.post_attention_layernorm(h)
+            if self.proj[i]:
+                gate, up = F.linear(x, *gate_up).chunk(2, -1)
+                h = h + mlp.down_proj(mlp.act_fn(gate) * up)
+            else:
+                h = h + mlp(x)
         return self.model.lm_head(m.norm(h[torch.arange(B, device=h.device), last]))  # [B, V]
 
     @torch.no_grad()

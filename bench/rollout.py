@@ -11,6 +11,7 @@ lengths. Variants (--workload-variants), each timed on --iters calls of fresh pr
               until its longest row stops
   continuous: TorchEngine, a stopped row's slot taken by the next waiting sequence (--max-batch rows)
   continuous_compiled: the same with compile=True (decode forward and the exponential-race sampler compiled)
+  NAME_unfused (e.g. continuous_compiled_unfused): the same with fuse=False (q/k/v and gate/up as separate GEMMs)
   NAME@ROWS (e.g. continuous_compiled@512): variant NAME with ROWS cache rows instead of --max-batch
   vllm:       vLLM in this process with its defaults (continuous batching, CUDA graphs, prefix caching), logprobs on
 Reported per variant: completions/s and sampled tok/s (median call), the completion lengths (mean, p50, p90, max,
@@ -129,7 +130,8 @@ def real_workload(a):
         else:
             name, _, rows = v.partition("@")
             e = TorchEngine(model, tok, max_batch=int(rows or a.max_batch), continuous=name.startswith("continuous"),
-                            compile=name.endswith("compiled"), max_model_len=max(map(len, sum(calls, []))) + a.new_tokens)
+                            compile="_compiled" in name, fuse="_unfused" not in name,
+                            max_model_len=max(map(len, sum(calls, []))) + a.new_tokens)
 
             def run(prompts, seed):
                 groups = e.generate(prompts, n=a.n, max_new_tokens=a.new_tokens, temperature=1.0, seed=seed)

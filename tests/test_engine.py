@@ -192,6 +192,32 @@ def test_update_weights_changes_outputs_and_restoring_restores_them(tok):
     assert greedy() == before
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_projections_are_the_parameters(arch, tok):
+    """q/k/v and gate/up run as one GEMM each over fused weights whose rows are the model's parameters: the unfused
+    forward's tokens and logprobs, one copy of the weights, and an engine that follows parameters moved after it was
+    made (model.to()) instead of computing with stale fused copies."""
+    model = build(arch)
+    prompts = random_prompts((6, 3, 10))
+    fused, plain = TorchEngine(model, tok), TorchEngine(model, tok, fuse=False)
+    run = lambda e: [g[0] for g in e.generate(prompts, max_new_tokens=12, temperature=0)]  # noqa: E731
+    a, b = run(fused), run(plain)
+    assert [c["token_ids"] for c in a] == [c["token_ids"] for c in b]
+    assert torch.allclose(torch.tensor(sum((c["logprobs"] for c in a), [])),
+                          torch.tensor(sum((c["logprobs"] for c in b), [])), atol=1e-5)
+    attn = model.model.layers[0].self_attn
+    (w, bias), (gate_up, _) = fused.proj[0]
+    assert attn.k_proj.weight.data_ptr() == w[attn.q_proj.out_features].data_ptr()  # a view, not a copy
+    assert (bias is None) == (arch == "llama")
+    assert model.model.layers[0].mlp.up_proj.weight.data_ptr() == gate_up[gate_up.shape[0] // 2].data_ptr()
+    assert TorchEngine(model, tok).proj[0][0] is fused.proj[0][0]  # a second engine on the model: the same weights
+    with torch.no_grad():
+        for p in model.parameters():  # moved (as model.to() does), then changed in place
+            p.data = p.data.clone()
+            p.add_(0.3 * torch.randn_like(p))
+    assert [c["token_ids"] for c in run(fused)] == hf_greedy(model, prompts, 12) != [c["token_ids"] for c in a]
+
+
 def test_cache_grown_by_a_longer_call_keeps_outputs(tok):
     """A cache grown (more rows, more slots) by a later call gives a fresh engine's outputs."""
     model = build("llama")
