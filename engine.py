@@ -12,7 +12,7 @@ tests/test_engine.py::test_engine_protocol holds each of them to it:
 Receiving weights from another process (a Serve replica) is not part of it: see infer_workers.LocalSync.
 
 TorchEngine is the single-machine default (`--inference local`) and the replica engine where vLLM is absent.
-Over ~350 lines because the fast path lives here: for Llama/Qwen2-shaped models our own forward over a static KV
+Over ~450 lines because the fast path lives here: for Llama/Qwen2-shaped models our own forward over a static KV
 cache with continuous batching (a finished row's cache slot takes the next waiting sequence), each decode step one
 CUDA graph on GPUs (12x stock `generate` at bs 256, docs/perf.md).
 Left out: paged memory (each cache row holds one sequence's whole context; the G completions of a prompt share its
@@ -182,7 +182,8 @@ class TorchEngine:
     the busy rows are packed down, so the steps run over fewer rows as sequences finish. On CUDA each decode step
     (sampling and its bookkeeping included) is one CUDA graph per (batch bucket, attended-length bucket, sampling
     settings), captured on first use, so the host only replays between its looks at the rows; weight updates copy in
-    place, so the graphs stay valid. Other architectures take HF's forward + DynamicCache, in
+    place, so the graphs stay valid. q/k/v and gate/up run as one GEMM each over fused weights that the parameters are
+    row views of (_fuse; fuse=False: separate GEMMs). Other architectures take HF's forward + DynamicCache, in
     batches of max_batch. compile=True: the decode step's forward is torch.compiled (its norms, RoPE, SiLU and
     residual adds fused; graphs are captured of the compiled step) and sampling at top_p 1 is _sample_race,
     compiled: on an H200 1.6x the eager step's speed on the real workload (docs/perf.md); Config.compile_engine

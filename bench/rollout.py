@@ -24,10 +24,12 @@ The shape sweep (default):
 
 Prompts are random token ids (fixed seed, lengths drawn from --prompt-len), left-padded. Every row
 generates exactly --new-tokens: the eos is an id no row can emit (the vocab size) in our engine and stock, and vLLM
-ignores eos, so all do identical work. Variants (--variants), per batch size, each after a warm-up:
+ignores eos, so all do identical work. Variants (--variants; the first is the baseline the others are compared
+with), per batch size, each after a warm-up:
   stock:  model.generate(do_sample=False), its default dynamic cache (timed --stock-iters times: it is slow)
   graphs: TorchEngine with its static cache, decode steps replayed as CUDA graphs (CUDA only)
   eager:  TorchEngine with its static cache, no graphs
+  graphs_compiled, eager_unfused, ...: those with compile=True (_compiled) or fuse=False (_unfused)
   vllm:   vLLM as its defaults run it (engine core in its own process, async scheduling, CUDA graphs), prompts as
           token ids, the sampled token's logprob on (logprobs=0, as the trainer asks); also timed with logprobs off
   vllm_inproc: the same engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), as a Serve replica runs it
@@ -224,7 +226,8 @@ def main():
     torch_variants = [v for v in variants if not v.startswith("vllm")]
 
     def engine(variant, model, max_batch):
-        e = TorchEngine(model, tok, max_batch=max_batch, cuda_graphs=variant == "graphs")
+        e = TorchEngine(model, tok, max_batch=max_batch, cuda_graphs=variant.startswith("graphs"),
+                        compile="_compiled" in variant, fuse="_unfused" not in variant)
         e.eos = torch.tensor(eos, device=dev)
         return e
 
@@ -270,11 +273,12 @@ def main():
                   file=sys.stderr, flush=True)
         llm = None
         gc.collect()
+    base = variants[0]  # the baseline: stock by default
     for B in a.batch:
         res, tokens = results[B], all_tokens[B]
         for v in variants[1:]:
-            res[f"{v}_over_stock"] = round(res[f"{v}_tok_s"] / res["stock_tok_s"], 2)
-            res |= {f"{v}_vs_stock_{k}": x for k, x in agreement(tokens[v], tokens["stock"]).items()}
+            res[f"{v}_over_{base}"] = round(res[f"{v}_tok_s"] / res[f"{base}_tok_s"], 2)
+            res |= {f"{v}_vs_{base}_{k}": x for k, x in agreement(tokens[v], tokens[base]).items()}
         if "graphs" in tokens and "eager" in tokens:
             res["graphs_vs_eager_identical_rows"] = agreement(tokens["graphs"], tokens["eager"])["identical_rows"]
         out[f"bs{B}"] = res
