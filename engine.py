@@ -12,7 +12,7 @@ tests/test_engine.py::test_engine_protocol holds each of them to it:
 Receiving weights from another process (a Serve replica) is not part of it: see infer_workers.LocalSync.
 
 TorchEngine is the single-machine default (`--inference local`) and the replica engine where vLLM is absent.
-Over ~450 lines because the fast path lives here: for Llama/Qwen2-shaped models our own forward over a static KV
+Over ~500 lines because the fast path lives here: for Llama/Qwen2-shaped models our own forward over a static KV
 cache with continuous batching (a finished row's cache slot takes the next waiting sequence), each decode step one
 CUDA graph on GPUs (12x stock `generate` at bs 256, docs/perf.md).
 Left out: paged memory (each cache row holds one sequence's whole context; the G completions of a prompt share its
@@ -108,6 +108,7 @@ def _fuse(linears):
 
 
 def _views_of(fused, linears):
+    """Whether each linear's weight (and bias) is still its rows of the fused ones."""
     w, b, rows = *fused, 0
     for m in linears:
         if m.weight.data_ptr() != w[rows].data_ptr() or (b is not None and m.bias.data_ptr() != b[rows].data_ptr()):
@@ -217,6 +218,14 @@ class TorchEngine:
                  _fuse([l.mlp.gate_proj, l.mlp.up_proj])) if self.fuse else None for l in self.model.model.layers] \
             if self.static else []
 
+    def _follow_parameters(self):
+        """If the model's parameters moved since the fused weights were made (model.to()), fuse them again and drop
+        what points at the old memory: the CUDA graphs and update_weights' destinations."""
+        proj = self._projections()  # the same objects while nothing moved
+        if any(a is not b for p, q in zip(proj, self.proj) if p for a, b in zip(p, q)):
+            self.proj, self.graphs = proj, {}
+            self.loader.maps.clear()
+
     def _sample(self, logits, temperature, top_p, keys, step):
         if self.compiled and temperature > 0 and top_p >= 1.0:
             return self._race(logits, temperature, keys, step)
@@ -227,10 +236,7 @@ class TorchEngine:
         """temperature 0 = greedy (logprobs then from temperature 1). Same seed, same samples: sequence i of the call
         (prompt i // n) samples from sequence_keys(seed)[i], however it is batched."""
         flat = [p for p in prompts for _ in range(n)]
-        proj = self._projections()  # the same, unless the model's parameters were moved since: then new graphs and
-        if any(a is not b for p, q in zip(proj, self.proj) if p for a, b in zip(p, q)):  # weight destinations
-            self.proj, self.graphs = proj, {}
-            self.loader.maps.clear()
+        self._follow_parameters()
         keys = sequence_keys(seed, len(flat), self.model.device)
         if self.static:
             rows = self._generate_static(flat, max_new_tokens, temperature, top_p, keys)
@@ -471,7 +477,7 @@ class TorchEngine:
         for i, layer in enumerate(m.layers):
             a, mlp, x = layer.self_attn, layer.mlp, layer.input_layernorm(h)
             if self.proj[i]:  # one GEMM for q/k/v, one for gate/up
-                (qkv, gate_up) = self.proj[i]
+                qkv, gate_up = self.proj[i]
                 q, k, v = F.linear(x, *qkv).view(B, T, -1, a.head_dim).transpose(1, 2).split(heads, 1)
             else:
                 q, k, v = (p(x).view(B, T, -1, a.head_dim).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
@@ -490,6 +496,7 @@ class TorchEngine:
         """Copy new weights into the live parameters (cast to the engine's dtype; one fused copy, ParamCopy); every
         parameter must be among them, tied ones under either name."""
         named = list(named_tensors)
+        self._follow_parameters()
         self.loader.load(named, {n: tuple(t.shape) for n, t in named})
         self.version = self.version + 1 if version is None else version
         return self.version

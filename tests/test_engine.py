@@ -196,7 +196,8 @@ def test_update_weights_changes_outputs_and_restoring_restores_them(tok):
 def test_fused_projections_are_the_parameters(arch, tok):
     """q/k/v and gate/up run as one GEMM each over fused weights whose rows are the model's parameters: the unfused
     forward's tokens and logprobs, one copy of the weights, and an engine that follows parameters moved after it was
-    made (model.to()) instead of computing with stale fused copies."""
+    made (model.to()) instead of computing with stale fused copies, whether the move is seen first by generate or by
+    update_weights."""
     model = build(arch)
     prompts = random_prompts((6, 3, 10))
     fused, plain = TorchEngine(model, tok), TorchEngine(model, tok, fuse=False)
@@ -216,6 +217,15 @@ def test_fused_projections_are_the_parameters(arch, tok):
             p.data = p.data.clone()
             p.add_(0.3 * torch.randn_like(p))
     assert [c["token_ids"] for c in run(fused)] == hf_greedy(model, prompts, 12) != [c["token_ids"] for c in a]
+    fused.update_weights((k, v.detach()) for k, v in model.named_parameters())  # copy destinations planned on these
+    for p in model.parameters():  # moved again, then new weights through update_weights before any generate
+        p.data = p.data.clone()
+    torch.manual_seed(2)
+    new = {k: v.detach() + 0.3 * torch.randn_like(v) for k, v in model.named_parameters()}  # a tied weight once
+    fused.update_weights(new.items())
+    want = build(arch)
+    assert want.load_state_dict(new, strict=False).missing_keys == ["lm_head.weight"]  # tied: the embedding's
+    assert [c["token_ids"] for c in run(fused)] == hf_greedy(want, prompts, 12)
 
 
 def test_cache_grown_by_a_longer_call_keeps_outputs(tok):
