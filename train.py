@@ -246,9 +246,8 @@ def collate(prompts, completions, pad_id, device, packed=False, share_prompts=Fa
     L = max(len(p) + len(c["token_ids"]) for p, c in zip(prompts, completions))
     mask, old = torch.zeros((len(prompts), L - 1)), torch.zeros((len(prompts), L - 1))
     for b, (p, c) in enumerate(zip(prompts, completions)):
-        n = len(c["token_ids"])
-        mask[b, len(p) - 1:len(p) - 1 + n] = 1
-        old[b, len(p) - 1:len(p) - 1 + n] = torch.tensor(c["logprobs"])
+        mask[b, len(p) - 1:len(p) - 1 + len(c["token_ids"])] = 1
+    old[mask.bool()] = torch.tensor([x for c in completions for x in c["logprobs"]])  # row by row, in order
     if not packed:
         ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -274,12 +273,13 @@ def collate(prompts, completions, pad_id, device, packed=False, share_prompts=Fa
             pos += range(len(p), len(p) + len(c))
             seg += [b - first + 1] * len(c)
             starts[-1] = len(ids)
-        inputs = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),  # [1, N] each
+        long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731 (a given dtype: 2x faster from long lists)
+        inputs = {"input_ids": long([ids]), "position_ids": long([pos]),  # [1, N] each
                   "cu_seq_lens_q": torch.tensor(starts, dtype=torch.int32), "max_length_q": L,
-                  "predict": (torch.tensor(at), torch.tensor(targets), mask.bool())}
+                  "predict": (long(at), long(targets), mask.bool())}
         inputs |= {"cu_seq_lens_k": inputs["cu_seq_lens_q"], "max_length_k": L}
         if share_prompts:
-            inputs["segments"] = torch.tensor(seg)
+            inputs["segments"] = long(seg)
     inputs = {k: tuple(x.to(device) for x in v) if k == "predict" else v.to(device) if torch.is_tensor(v) else v
               for k, v in inputs.items()}
     return inputs, mask.to(device), old.to(device)
