@@ -278,25 +278,23 @@ def _shared_prompt_keys(cu_seq_lens, segments):
     key = _keys_cache[0]
     if key is not None and key[0] is cu_seq_lens and key[1] is segments:
         return _keys_cache[1]
-    seg, bounds = segments.tolist(), cu_seq_lens.tolist()
-    at, cu_q, cu_k = [], [0], [0]
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        p = s
-        while p < e and seg[p] == 0:
-            p += 1
-        blocks, a = [(s, p, range(s, p))], p  # the prompt [s, p)
-        for i in range(p + 1, e + 1):
-            if i == e or seg[i] != seg[a]:
-                blocks.append((a, i, [*range(s, p), *range(a, i)]))  # completion [a, i): the prompt's keys, then its own
-                a = i
-        for qs, qe, keys in blocks:
-            at += keys
-            cu_q.append(qe)
-            cu_k.append(cu_k[-1] + len(keys))
-    dev = segments.device
-    cq, ck = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
-    layout = (torch.tensor(at, device=dev), cq.to(dev), ck.to(dev), int((cq[1:] - cq[:-1]).max()),
-              int((ck[1:] - ck[:-1]).max()))
+    seg, bounds = segments.cpu(), cu_seq_lens.tolist()
+    starts = set(bounds[:-1])
+    edges = sorted(set(bounds) | set((torch.nonzero(seg[1:] != seg[:-1])[:, 0] + 1).tolist()))  # where blocks begin
+    keys, cu_q, cu_k = [], [0], [0]
+    for qs, qe in zip(edges[:-1], edges[1:]):  # a block [qs, qe) per prompt and per completion: tens, not tokens
+        if qs in starts:
+            s = p = qs  # a packed sequence begins; its prompt is [s, p)
+        if seg[qs] == 0:
+            p = qe
+            keys.append(torch.arange(qs, qe))
+        else:
+            keys.append(torch.cat([torch.arange(s, p), torch.arange(qs, qe)]))  # the prompt's keys, then its own
+        cu_q.append(qe)
+        cu_k.append(cu_k[-1] + len(keys[-1]))
+    dev, longest = segments.device, lambda cu: max(b - a for a, b in zip(cu, cu[1:]))  # noqa: E731
+    layout = (torch.cat(keys).to(dev), torch.tensor(cu_q, dtype=torch.int32, device=dev),
+              torch.tensor(cu_k, dtype=torch.int32, device=dev), longest(cu_q), longest(cu_k))
     _keys_cache[:] = [(cu_seq_lens, segments), layout]
     return layout
 
