@@ -247,15 +247,16 @@ def collate(prompts, completions, pad_id, device, packed=False, share_prompts=Fa
     mask, old = torch.zeros((len(prompts), L - 1)), torch.zeros((len(prompts), L - 1))
     for b, (p, c) in enumerate(zip(prompts, completions)):
         mask[b, len(p) - 1:len(p) - 1 + len(c["token_ids"])] = 1
-    old[mask.bool()] = torch.tensor([x for c in completions for x in c["logprobs"]])  # row by row, in order
+    predicted = mask.bool()
+    old[predicted] = torch.tensor([x for c in completions for x in c["logprobs"]])  # row by row, in order
     if not packed:
         ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for b, (p, c) in enumerate(zip(prompts, completions)):
             ids[b, :len(p) + len(c["token_ids"])] = torch.tensor(p + c["token_ids"])
             attn[b, :len(p) + len(c["token_ids"])] = 1
-        at = (torch.arange(len(prompts))[:, None] * L + torch.arange(L - 1))[mask.bool()]  # in the flattened [B*L]
-        inputs = {"input_ids": ids, "attention_mask": attn, "predict": (at, ids.view(-1)[at + 1], mask.bool())}
+        at = (torch.arange(len(prompts))[:, None] * L + torch.arange(L - 1))[predicted]  # in the flattened [B*L]
+        inputs = {"input_ids": ids, "attention_mask": attn, "predict": (at, ids.view(-1)[at + 1], predicted)}
     else:
         ids, pos, seg, starts, at, targets = [], [], [], [0], [], []
         for b, (p, c) in enumerate(zip(prompts, completions)):
@@ -276,7 +277,7 @@ def collate(prompts, completions, pad_id, device, packed=False, share_prompts=Fa
         long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731 (a given dtype: 2x faster from long lists)
         inputs = {"input_ids": long([ids]), "position_ids": long([pos]),  # [1, N] each
                   "cu_seq_lens_q": torch.tensor(starts, dtype=torch.int32), "max_length_q": L,
-                  "predict": (long(at), long(targets), mask.bool())}
+                  "predict": (long(at), long(targets), predicted)}
         inputs |= {"cu_seq_lens_k": inputs["cu_seq_lens_q"], "max_length_k": L}
         if share_prompts:
             inputs["segments"] = long(seg)

@@ -103,6 +103,11 @@ def agreement(got, want) -> dict:
             "first_divergence_mean": round(statistics.mean(first), 1) if first else None}
 
 
+def engine_flags(variant):
+    """TorchEngine options a variant's name asks for: _compiled (compile=True), _unfused (fuse=False)."""
+    return {"compile": "_compiled" in variant, "fuse": "_unfused" not in variant}
+
+
 def real_workload(a):
     """--model: a real model on GSM8K training prompts, sampled as a run samples them (see the module docstring)."""
     import gsm8k
@@ -132,8 +137,7 @@ def real_workload(a):
         else:
             name, _, rows = v.partition("@")
             e = TorchEngine(model, tok, max_batch=int(rows or a.max_batch), continuous=name.startswith("continuous"),
-                            compile="_compiled" in name, fuse="_unfused" not in name,
-                            max_model_len=max(map(len, sum(calls, []))) + a.new_tokens)
+                            **engine_flags(name), max_model_len=max(map(len, sum(calls, []))) + a.new_tokens)
 
             def run(prompts, seed):
                 groups = e.generate(prompts, n=a.n, max_new_tokens=a.new_tokens, temperature=1.0, seed=seed)
@@ -227,7 +231,7 @@ def main():
 
     def engine(variant, model, max_batch):
         e = TorchEngine(model, tok, max_batch=max_batch, cuda_graphs=variant.startswith("graphs"),
-                        compile="_compiled" in variant, fuse="_unfused" not in variant)
+                        **engine_flags(variant))
         e.eos = torch.tensor(eos, device=dev)
         return e
 
