@@ -299,19 +299,27 @@ class InferenceWorker:
         self.generation = None
 
     async def _locked(self, fn, *args, **kwargs):
-        async with self.lock:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+        """fn(*args, **kwargs) on a thread, holding the lock until it returns. A caller cancelled meanwhile (an HTTP
+        client that hangs up, a handle request cancelled) gets CancelledError at once, but the lock stays held until
+        fn is done: a thread still in the engine must not overlap the next request or a weight load (regression: two
+        vLLM generate calls at once broke the engine, and every later request of that replica failed with a 500)."""
+        await self.lock.acquire()
+        job = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        job.add_done_callback(lambda j: (self.lock.release(), j.cancelled() or j.exception()))  # seen: no warning
+        return await asyncio.shield(job)
 
     async def generate(self, request: dict) -> list:
         """request: {"prompts": [[token ids]], "n", "max_new_tokens", "temperature", "top_p", "seed"}, and from the
         trainer "version": the weights it pushed last; a replica holding others raises StaleWeights."""
         request = dict(request)
         want = request.pop("version", None)
-        async with self.lock:  # the version is checked under the lock that weight updates take too
+
+        def run():  # the version is checked under the lock that weight updates take too
             if want is not None and self.engine.version != want:
                 raise StaleWeights(f"replica {self.replica} holds weight version {self.engine.version}, the trainer "
                                    f"pushed {want}")
-            return await asyncio.to_thread(self.engine.generate, **request)
+            return self.engine.generate(**request)
+        return await self._locked(run)
 
     async def __call__(self, http_request):
         """HTTP: POST JSON {"prompts": ["text", ...] or [[ids], ...], "n": 2, ...} -> {"completions": [[...]]}.

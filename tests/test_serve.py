@@ -370,6 +370,35 @@ def test_bad_http_request_gets_a_4xx_and_the_app_stays_up(app, body, status, say
     assert len(json.load(urllib.request.urlopen(good, timeout=60))["completions"][0][0]["token_ids"]) > 0
 
 
+
+def test_clients_that_hang_up_mid_generation_leave_the_replicas_right(app):
+    """HTTP clients that hang up mid-generation (Serve cancels their requests) leave both replicas answering, with
+    the same greedy tokens as before. Regression: the replica let go of its lock at the cancel while its engine still
+    ran the request, so the next one entered the engine beside it; vLLM's broke and answered every later request
+    with a 500 (`serve run` under a 30 s client timeout, CI)."""
+    import threading
+    name, port = app
+    c = client(name)
+    before = greedy(c)
+    slow = json.dumps({"prompts": ["Natalia sold clips"] * 8, "n": 8, "max_new_tokens": 1500,
+                       "temperature": 1.0}).encode()
+    hung_up = []
+
+    def hang_up():
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/{name}", slow, {"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=0.5)
+        except TimeoutError:  # the client gives up: Serve cancels the request at the replica
+            hung_up.append(True)
+    threads = [threading.Thread(target=hang_up) for _ in range(4)]  # enough that both replicas get some
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(hung_up) == 4, "a slow request answered within 0.5 s: it no longer tests a cancel mid-generation"
+    for _ in range(3):
+        assert greedy(c) == before
+
 def test_app_with_another_model_or_a_short_context_is_refused(app, tiny_model):
     """The trainer checks what the replicas report before it trains: another model, or a context shorter than its
     longest prompt + max_new_tokens, is an error that says how to restart the app."""

@@ -25,14 +25,20 @@ def test_serve_run_cli_serves_over_http(tiny_model, tmp_path):
     p = subprocess.Popen([serve, "run", "infer_workers:inference_app"], cwd=ROOT, env=env, stdout=log,
                          stderr=subprocess.STDOUT, start_new_session=True)
     body = json.dumps({"prompts": ["Natalia sold clips"], "n": 2, "max_new_tokens": 5, "temperature": 1.0}).encode()
+
+    def tail():
+        return open(tmp_path / "serve.log").read()[-3000:]
     try:
         deadline, out = time.monotonic() + 300, None
         while out is None:
-            assert p.poll() is None, open(tmp_path / "serve.log").read()[-3000:]
-            assert time.monotonic() < deadline, "serve run did not answer within 300 s"
+            assert p.poll() is None, tail()
+            assert time.monotonic() < deadline, f"serve run did not answer within 300 s; its log ends:\n{tail()}"
             try:
                 req = urllib.request.Request("http://127.0.0.1:8000/", body, {"Content-Type": "application/json"})
                 out = json.load(urllib.request.urlopen(req, timeout=30))
+            except urllib.error.HTTPError as e:  # 404/503 while the app deploys; a 500 is the app failing
+                assert e.code < 500 or e.code == 503, f"HTTP {e.code}: {e.read()[:500]!r}; the log ends:\n{tail()}"
+                time.sleep(2)
             except (urllib.error.URLError, ConnectionError, TimeoutError):  # not up yet, or the replica still starting
                 time.sleep(2)
         comps = out["completions"][0]
