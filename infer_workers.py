@@ -305,7 +305,8 @@ class InferenceWorker:
         vLLM generate calls at once broke the engine, and every later request of that replica failed with a 500)."""
         await self.lock.acquire()
         job = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
-        job.add_done_callback(lambda j: (self.lock.release(), j.cancelled() or j.exception()))  # seen: no warning
+        # the lock goes when fn is done; its error is read, so one that no cancelled caller awaits is not logged as lost
+        job.add_done_callback(lambda j: (self.lock.release(), j.cancelled() or j.exception()))
         return await asyncio.shield(job)
 
     async def generate(self, request: dict) -> list:

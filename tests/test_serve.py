@@ -370,7 +370,6 @@ def test_bad_http_request_gets_a_4xx_and_the_app_stays_up(app, body, status, say
     assert len(json.load(urllib.request.urlopen(good, timeout=60))["completions"][0][0]["token_ids"]) > 0
 
 
-
 def test_clients_that_hang_up_mid_generation_leave_the_replicas_right(app):
     """HTTP clients that hang up mid-generation (Serve cancels their requests) leave both replicas answering, with
     the same greedy tokens as before. Regression: the replica let go of its lock at the cancel while its engine still
@@ -398,6 +397,7 @@ def test_clients_that_hang_up_mid_generation_leave_the_replicas_right(app):
     assert len(hung_up) == 4, "a slow request answered within 0.5 s: it no longer tests a cancel mid-generation"
     for _ in range(3):
         assert greedy(c) == before
+
 
 def test_app_with_another_model_or_a_short_context_is_refused(app, tiny_model):
     """The trainer checks what the replicas report before it trains: another model, or a context shorter than its
