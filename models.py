@@ -221,24 +221,24 @@ TRACE_ATTENTION = False  # True: the CUDA varlen kernel is traced into the compi
 
 
 def packed_attention(module, q, k, v, attention_mask, scaling=None, cu_seq_lens_q=None, max_length_q=None,
-                     segments=None, **_):
+                     shared=None, **_):
     """Causal attention inside each of the sequences packed into one row (transformers attention hook).
 
     q [1, H, N, D], k/v [1, Hkv, N, D], cu_seq_lens_q [S+1] int32 sequence starts (last = N) -> [1, N, H, D].
     CUDA: flash varlen kernel, no padding and no [N, N] mask. CPU: one sdpa per sequence (tests, tiny runs).
-    segments [N] (collate(..., share_prompts=True)): each packed sequence is one prompt (segment 0) followed by
-    several completions of it (segments 1, 2, ..); a completion attends to the prompt and to itself, not to the
-    others, so the prompt runs once for all of them: each segment is then a query block of its own, over the keys
-    of the prompt and its own (_shared_prompt_keys), bottom-right causal.
+    shared (collate(..., share_prompts=True)): each packed sequence is one prompt followed by several completions
+    of it; a completion attends to the prompt and to itself, not to the others, so the prompt runs once for all of
+    them. Each prompt and each completion is then a query block of its own, over the keys shared_prompt_layout gives
+    it (the prompt's and its own), bottom-right causal. Made on the host by collate: no host sync in the forward.
     """
     assert cu_seq_lens_q is not None, "packed attention needs collate(..., packed=True) inputs"
     cu_q = cu_k = cu_seq_lens_q
     max_q = max_k = max_length_q
-    if segments is not None:
-        at, cu_q, cu_k, max_q, max_k = _shared_prompt_keys(cu_seq_lens_q, segments)
+    if shared is not None:
+        at, cu_q, cu_k, max_q, max_k = shared
         k, v = k.index_select(2, at), v.index_select(2, at)  # [1, Hkv, keys, D]: each completion's block holds its
         # prompt's keys again (index_select: its backward adds the repeats in a fixed order; k[:, :, at]'s did not)
-    if q.is_cuda and TRACE_ATTENTION and segments is None:
+    if q.is_cuda and TRACE_ATTENTION and shared is None:
         return _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling), None
     return _packed_attention_eager(q, k, v, cu_q, cu_k, max_q, max_k, scaling), None
 
@@ -266,37 +266,27 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
     return out[None]
 
 
-_keys_cache: list = [None, None]  # ((cu_seq_lens, segments), layout): one entry, the current forward's
-
-
-@torch.compiler.disable  # host work, once per forward: not traced into the compiled layers
-def _shared_prompt_keys(cu_seq_lens, segments):
-    """The blocks of a prompt-sharing row (packed_attention) -> (at [keys] row positions of each block's keys, cu_q,
-    cu_k [blocks+1] int32, max_q, max_k). Blocks in row order: a prompt (its keys: itself), then each completion of it
-    (its keys: the prompt, then itself). Made once per forward: every layer passes the same two tensors (kept, so
-    their ids stay unique)."""
-    key = _keys_cache[0]
-    if key is not None and key[0] is cu_seq_lens and key[1] is segments:
-        return _keys_cache[1]
-    seg, bounds = segments.cpu(), cu_seq_lens.tolist()
-    starts = set(bounds[:-1])
-    edges = sorted(set(bounds) | set((torch.nonzero(seg[1:] != seg[:-1])[:, 0] + 1).tolist()))  # where blocks begin
+def shared_prompt_layout(starts: list[int], segments: torch.Tensor):
+    """The blocks of a prompt-sharing row (packed_attention), on the host. starts [S+1]: where each packed sequence
+    begins (last = N); segments [N]: 0 on a sequence's prompt, k on its completion k. -> (at [keys]: the row
+    positions of each block's keys, cu_q, cu_k [blocks+1] int32, max_q, max_k). Blocks in row order: a prompt (its
+    keys: itself), then each completion of it (its keys: the prompt, then itself)."""
+    first = set(starts[:-1])
+    edges = sorted(set(starts) | set((torch.nonzero(segments[1:] != segments[:-1])[:, 0] + 1).tolist()))  # blocks
     keys, cu_q, cu_k = [], [0], [0]
     for qs, qe in zip(edges[:-1], edges[1:]):  # a block [qs, qe) per prompt and per completion: tens, not tokens
-        if qs in starts:
+        if qs in first:
             s = p = qs  # a packed sequence begins; its prompt is [s, p)
-        if seg[qs] == 0:
+        if segments[qs] == 0:
             p = qe
             keys.append(torch.arange(qs, qe))
         else:
             keys.append(torch.cat([torch.arange(s, p), torch.arange(qs, qe)]))  # the prompt's keys, then its own
         cu_q.append(qe)
         cu_k.append(cu_k[-1] + len(keys[-1]))
-    dev, longest = segments.device, lambda cu: max(b - a for a, b in zip(cu, cu[1:]))  # noqa: E731
-    layout = (torch.cat(keys).to(dev), torch.tensor(cu_q, dtype=torch.int32, device=dev),
-              torch.tensor(cu_k, dtype=torch.int32, device=dev), longest(cu_q), longest(cu_k))
-    _keys_cache[:] = [(cu_seq_lens, segments), layout]
-    return layout
+    longest = lambda cu: max(b - a for a, b in zip(cu, cu[1:]))  # noqa: E731
+    return (torch.cat(keys), torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32),
+            longest(cu_q), longest(cu_k))
 
 
 def use_packed_attention(model):

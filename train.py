@@ -29,9 +29,9 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 import gsm8k
+import models
 import plumbing
 import rewards
-from models import load_tokenizer
 
 
 @dataclass
@@ -238,8 +238,8 @@ def collate(prompts, completions, pad_id, device, packed=False, share_prompts=Fa
     loss_mask as bool): token_logprobs computes only those.
     packed: the sequences are concatenated into one row [1, N] with position ids restarting at 0 and their starts
     cu_seq_lens [S+1]. share_prompts (packed): consecutive sequences with the same prompt become one packed sequence
-    [prompt, completion 1, completion 2, ..] (positions of each completion from len(prompt); "segments" [N]: 0 on the
-    prompt, k on completion k; models.packed_attention keeps the completions apart), so the prompt runs once:
+    [prompt, completion 1, completion 2, ..] (positions of each completion from len(prompt); "shared": the blocks
+    models.packed_attention attends, which keep the completions apart, made here on the host), so the prompt runs once:
     [5, 6] twice with [7, 8] and [9] -> input_ids [[5, 6, 7, 8, 9]], position_ids [[0, 1, 2, 3, 2]].
     Returns (model inputs, loss_mask [B, L-1], old_logp [B, L-1]).
     """
@@ -280,9 +280,9 @@ def collate(prompts, completions, pad_id, device, packed=False, share_prompts=Fa
                   "predict": (long(at), long(targets), predicted)}
         inputs |= {"cu_seq_lens_k": inputs["cu_seq_lens_q"], "max_length_k": L}
         if share_prompts:
-            inputs["segments"] = long(seg)
-    inputs = {k: tuple(x.to(device) for x in v) if k == "predict" else v.to(device) if torch.is_tensor(v) else v
-              for k, v in inputs.items()}
+            inputs["shared"] = models.shared_prompt_layout(starts, long(seg))
+    to = lambda x: x.to(device) if torch.is_tensor(x) else x  # noqa: E731
+    inputs = {k: tuple(map(to, v)) if isinstance(v, tuple) else to(v) for k, v in inputs.items()}
     return inputs, mask.to(device), old.to(device)
 
 
@@ -368,7 +368,7 @@ def main(cfg: Config, reward_fn=None):
     plumbing.start_run(cfg, acc)
 
     # --- data, models, engine, optimizer (resumed from the last checkpoint with --resume)
-    tok = load_tokenizer(cfg.model)
+    tok = models.load_tokenizer(cfg.model)
     train_rows, prompts, eval_rows, context = plumbing.load_data(cfg, tok)
     state = plumbing.load_checkpoint(cfg.run_dir) if cfg.resume else None
     lm, ref = plumbing.load_models(cfg, state["model_dir"] if state else cfg.model, dev)

@@ -100,7 +100,10 @@ def test_collate_aligns_mask_and_old_logprobs():
                                   packed=True, share_prompts=True)
     assert shared["input_ids"].tolist() == [[5, 6, 7, 8, 9, 7, 4]]  # [5, 6] once, then both its completions
     assert shared["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1]]  # each completion from len(prompt)
-    assert shared["segments"].tolist() == [0, 0, 1, 1, 2, 0, 1] and shared["cu_seq_lens_q"].tolist() == [0, 5, 7]
+    assert shared["cu_seq_lens_q"].tolist() == [0, 5, 7]
+    keys, cu_q, cu_k, max_q, max_k = shared["shared"]  # blocks: prompt [5, 6], its completions [7, 8] and [9], [7], [4]
+    assert cu_q.tolist() == [0, 2, 4, 5, 6, 7] and (max_q, max_k) == (2, 4)
+    assert cu_k.tolist() == [0, 2, 6, 9, 10, 12] and keys.tolist() == [0, 1, 0, 1, 2, 3, 0, 1, 4, 5, 5, 6]
     at, targets, _ = shared["predict"]
     assert at.tolist() == [1, 2, 1, 5] and targets.tolist() == [7, 8, 9, 4]  # 6 predicts both completions' first
     assert smask.tolist() == [[0, 1, 1], [0, 1, 0], [1, 0, 0]]

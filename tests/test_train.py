@@ -157,7 +157,7 @@ def test_policy_step_skips_zero_advantage_sequences_exactly(tiny_model, tmp_path
     from accelerate import Accelerator
     acc = Accelerator(cpu=True)
     cfg = cfg_for(tiny_model, tmp_path, micro_batch_size=2, kl_coef=0.0)
-    tok = train.load_tokenizer(tiny_model)
+    tok = models.load_tokenizer(tiny_model)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 200, (5,), generator=g).tolist() for _ in range(8)]
     completions = [{"token_ids": torch.randint(3, 200, (n,), generator=g).tolist(), "logprobs": [-3.0] * n}
