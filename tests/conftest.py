@@ -40,15 +40,23 @@ def make_tiny_model(path, vocab=512, hidden=64, layers=2, heads=2, kv_heads=1, s
 
 
 def run_group(cmd, timeout, **kw) -> subprocess.CompletedProcess:
-    """subprocess.run(cmd, capture_output=True, text=True) in a process group of its own: on timeout the whole group
-    is killed (a launcher's hung ranks too, not just the launcher) and TimeoutError shows the output's tail."""
+    """subprocess.run(cmd, capture_output=True, text=True) in a process group of its own: on timeout it and every
+    process under it are killed (a launcher's hung ranks too: torchrun starts each in a session of its own, where
+    killing the group misses them and they keep the output pipes open) and TimeoutError shows the output's tail."""
+    import psutil
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        under = psutil.Process(p.pid).children(recursive=True)
         os.killpg(p.pid, signal.SIGKILL)
+        for q in under:
+            try:
+                q.kill()
+            except psutil.NoSuchProcess:
+                pass
         out, err = p.communicate()
-        raise TimeoutError(f"{' '.join(map(str, cmd))[:200]} ran past {timeout} s; its process group was killed\n"
+        raise TimeoutError(f"{' '.join(map(str, cmd))[:200]} ran past {timeout} s; it and its processes were killed\n"
                            f"{(out + err)[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 

@@ -246,3 +246,17 @@ def test_help_lists_every_setting_and_scripts_answer_help(capsys, monkeypatch):
         assert line and f" {f.type.__name__} " in line and len(line.split(f.type.__name__, 1)[1].strip()) > 10, \
             (f.name, line)
     assert out["bad"][0] == 2 and out["bad"][2].startswith("error: config group_size=1"), out["bad"]
+
+
+def test_a_timed_out_launch_takes_its_ranks_with_it():
+    """conftest.run_group kills what a timed-out command started in sessions of its own (torchrun's ranks), so its
+    output pipes close and the test fails with the timeout instead of hanging (regression: a 2-rank run that hung at
+    exit left its rank alive after the launcher was killed, and the suite waited on the rank's pipe)."""
+    import psutil
+    from conftest import run_group
+    rank = "import subprocess, sys, time; print(subprocess.Popen([sys.executable, '-c', 'import time; " \
+           "time.sleep(3600)'], start_new_session=True).pid, flush=True); time.sleep(3600)"
+    with pytest.raises(TimeoutError, match="ran past 3 s") as e:
+        run_group([sys.executable, "-c", rank], 3)
+    pid = int(re.search(r"\n(\d+)\n", str(e.value)).group(1))
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
