@@ -18,6 +18,7 @@ row, varlen flash attention on CUDA) and torch.compile of the decoder layers.
 """
 import hashlib
 import importlib.util
+import itertools
 import os
 import re
 import sys
@@ -266,27 +267,15 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
     return out[None]
 
 
-def shared_prompt_layout(starts: list[int], segments: torch.Tensor):
-    """The blocks of a prompt-sharing row (packed_attention), on the host. starts [S+1]: where each packed sequence
-    begins (last = N); segments [N]: 0 on a sequence's prompt, k on its completion k. -> (at [keys]: the row
-    positions of each block's keys, cu_q, cu_k [blocks+1] int32, max_q, max_k). Blocks in row order: a prompt (its
-    keys: itself), then each completion of it (its keys: the prompt, then itself)."""
-    first = set(starts[:-1])
-    edges = sorted(set(starts) | set((torch.nonzero(segments[1:] != segments[:-1])[:, 0] + 1).tolist()))  # blocks
-    keys, cu_q, cu_k = [], [0], [0]
-    for qs, qe in zip(edges[:-1], edges[1:]):  # a block [qs, qe) per prompt and per completion: tens, not tokens
-        if qs in first:
-            s = p = qs  # a packed sequence begins; its prompt is [s, p)
-        if segments[qs] == 0:
-            p = qe
-            keys.append(torch.arange(qs, qe))
-        else:
-            keys.append(torch.cat([torch.arange(s, p), torch.arange(qs, qe)]))  # the prompt's keys, then its own
-        cu_q.append(qe)
-        cu_k.append(cu_k[-1] + len(keys[-1]))
-    longest = lambda cu: max(b - a for a, b in zip(cu, cu[1:]))  # noqa: E731
-    return (torch.cat(keys), torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32),
-            longest(cu_q), longest(cu_k))
+def shared_prompt_layout(blocks: list[tuple[int, int, int, int]]):
+    """The query blocks of a prompt-sharing row (packed_attention), on the host. blocks, in row order: (qs, qe, ps,
+    pe): rows [qs, qe) attend the keys [ps, pe) (its prompt's; empty for a prompt) and then their own [qs, qe).
+    -> (at [keys]: the row position of each block's keys, cu_q, cu_k [blocks+1] int32, max_q, max_k)."""
+    at = torch.cat([r for qs, qe, ps, pe in blocks for r in (torch.arange(ps, pe), torch.arange(qs, qe))])
+    len_q = [qe - qs for qs, qe, _, _ in blocks]
+    len_k = [n + pe - ps for n, (_, _, ps, pe) in zip(len_q, blocks)]
+    cu = lambda lens: torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)  # noqa: E731
+    return at, cu(len_q), cu(len_k), max(len_q), max(len_k)
 
 
 def use_packed_attention(model):

@@ -258,21 +258,21 @@ def collate(prompts, completions, pad_id, device, packed=False, share_prompts=Fa
         at = (torch.arange(len(prompts))[:, None] * L + torch.arange(L - 1))[predicted]  # in the flattened [B*L]
         inputs = {"input_ids": ids, "attention_mask": attn, "predict": (at, ids.view(-1)[at + 1], predicted)}
     else:
-        ids, pos, seg, starts, at, targets = [], [], [], [0], [], []
+        ids, pos, starts, at, targets, blocks = [], [], [0], [], [], []
         for b, (p, c) in enumerate(zip(prompts, completions)):
             c = c["token_ids"]
             if not (share_prompts and b and prompts[b - 1] == p):  # a new packed sequence, from its prompt
-                first = b
+                base = len(ids)
                 ids += p
                 pos += range(len(p))
-                seg += [0] * len(p)
                 starts.append(len(ids))
-                base = len(ids) - len(p)
+                blocks.append((base, len(ids), base, base))  # the prompt: its own keys
             at += ([base + len(p) - 1] + list(range(len(ids), len(ids) + len(c) - 1))) if c else []  # predictors
+            if c:
+                blocks.append((len(ids), len(ids) + len(c), base, base + len(p)))  # its prompt's keys, then its own
             targets += c
             ids += c
             pos += range(len(p), len(p) + len(c))
-            seg += [b - first + 1] * len(c)
             starts[-1] = len(ids)
         long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731 (a given dtype: 2x faster from long lists)
         inputs = {"input_ids": long([ids]), "position_ids": long([pos]),  # [1, N] each
@@ -280,7 +280,7 @@ def collate(prompts, completions, pad_id, device, packed=False, share_prompts=Fa
                   "predict": (long(at), long(targets), predicted)}
         inputs |= {"cu_seq_lens_k": inputs["cu_seq_lens_q"], "max_length_k": L}
         if share_prompts:
-            inputs["shared"] = models.shared_prompt_layout(starts, long(seg))
+            inputs["shared"] = models.shared_prompt_layout(blocks)
     to = lambda x: x.to(device) if torch.is_tensor(x) else x  # noqa: E731
     inputs = {k: tuple(map(to, v)) if isinstance(v, tuple) else to(v) for k, v in inputs.items()}
     return inputs, mask.to(device), old.to(device)
