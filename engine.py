@@ -352,10 +352,14 @@ class TorchEngine:
         BLOCK slots, temperature, top_p), captured on first use."""
         if not self.cuda_graphs:
             return self._step(W, S, temperature, top_p)
-        key = (W, min(-(-S // self.BLOCK) * self.BLOCK, self.cache.shape[4]), temperature, top_p)
+        key = (W, min(self._in_blocks(S), self.cache.shape[4]), temperature, top_p)
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
         self.graphs[key].replay()
+
+    def _in_blocks(self, slots):
+        """slots rounded up to whole BLOCKs: 1 -> 128, 128 -> 128, 129 -> 256."""
+        return -(-slots // self.BLOCK) * self.BLOCK
 
     def _generate_hf(self, prompts, max_new_tokens, temperature, top_p, keys):
         """Any architecture: HF's forward + DynamicCache over one left-padded batch, run until its last row stops."""
@@ -392,7 +396,7 @@ class TorchEngine:
         current one is too small."""
         old = self.cache.shape if self.cache is not None else (0,) * 6
         rows = max(old[2], self._bucket(B))  # room for B's bucket
-        slots = max(old[4], -(-slots // self.BLOCK) * self.BLOCK)
+        slots = max(old[4], self._in_blocks(slots))
         if (rows, slots) == (old[2], old[4]):
             return
         a, dev = self.model.model.layers[0].self_attn, self.model.device
