@@ -16,7 +16,11 @@ for each variant, after one warm-up step, starting from the same weights:
                   TRITON_INTERPRET=1)
   +share (e.g. packed+compile+share): train.Config.share_prompts on, each prompt runs once for its --group
                   completions in a micro-batch (the others have it off)
-and checks that the variants' first-step losses agree. MFU counts model FLOPs of the work a variant does (6 * matmul
+  +kl (e.g. packed+compile+share+kl): a step that logs the KL, as train.py's every log_kl_every-th: the frozen
+                  reference model (the initial weights, bf16 on GPUs) runs a no-grad forward of every micro-batch,
+                  compiled like the policy (train.py's way); +kl-eager leaves the reference's layers uncompiled
+and checks that the variants' first-step losses agree. Each variant reports the graphs torch.compile had made by the
+end of its warm-up step (the count runs on through the process: a later variant adds only the graphs it needs anew). MFU counts model FLOPs of the work a variant does (6 * matmul
 params * tokens through the layers, 6 * lm_head params * completion tokens, causal attention pairs; no recompute)
 against --peak-tflops; mfu_of_unshared_work counts the work as before prompt sharing and collate's "predict" (every
 token of every sequence through the layers and the head) over the same time.
@@ -33,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 import models  # noqa: E402
 import train  # noqa: E402
@@ -158,16 +163,25 @@ def main():
         train.token_logprobs = liger_token_logprobs if variant.endswith("liger") else token_logprobs
         models.TRACE_ATTENTION = variant.endswith("attn")
         policy, opt = acc.prepare(train.Policy(lm, cfg.compile), opt)
+        ref = None
+        if "+kl" in variant:  # as plumbing.load_models makes it
+            ref = load_model(f"random:{a.shape}", models.default_dtype(acc.device), acc.device).requires_grad_(False)
+            if cfg.packing:
+                models.use_packed_attention(ref)
+            if cfg.compile and not variant.endswith("kl-eager"):
+                models.compile_model(ref)
 
         def step():
-            return train.policy_step(acc, policy, None, opt, seq_prompts, completions, adv, cfg, pad_id=0)[0]
+            return train.policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg, pad_id=0)[0]
 
         if gpu:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        losses[variant] = step()["loss"].item()  # warm-up, from the initial weights: comparable across variants
+        first = step()  # warm-up, from the initial weights: comparable across variants
+        losses[variant] = first["loss"].item()
         warmup_s = time.perf_counter() - t  # compilation included
+        graphs = counters["stats"]["unique_graphs"]  # made so far in this process
         times = []
         for _ in range(a.iters):
             t = time.perf_counter()
@@ -175,15 +189,17 @@ def main():
             if gpu:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-        s, done = min(times), model_flops(lm, groups, share=cfg.share_prompts and cfg.packing)
+        with_ref = 4 / 3 if ref is not None else 1  # + the reference's forward: a third of a forward + backward
+        s, done = min(times), model_flops(lm, groups, share=cfg.share_prompts and cfg.packing) * with_ref
         out[variant] = {"step_s": round(s, 3), "tok_s": round(sum(lengths) / s), "model_tflop": round(done / 1e12, 1),
                         "mfu": round(done / s / (a.peak_tflops * 1e12), 3),  # on the work this variant does
-                        "mfu_of_unshared_work": round(flops / s / (a.peak_tflops * 1e12), 3),  # as counted before
+                        "mfu_of_unshared_work": round(flops * with_ref / s / (a.peak_tflops * 1e12), 3),  # as before
                         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
-                        "micro_batch": cfg.micro_batch_size, "warmup_step_s": round(warmup_s, 1)}
+                        "micro_batch": cfg.micro_batch_size, "warmup_step_s": round(warmup_s, 1),
+                        "compiled_graphs": graphs} | ({"first_step_kl": first["kl"].item()} if ref is not None else {})
         if a.profile and gpu and variant.startswith("packed") and not variant.endswith("ckpt"):
             out[variant]["kernel_time_share"] = kernel_shares(step)
-        del policy, opt
+        del policy, opt, ref
         acc.free_memory()
     ref = losses[a.variants[0]]
     out["first_step_loss"] = {k: round(v, 6) for k, v in losses.items()}
