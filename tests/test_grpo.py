@@ -112,8 +112,8 @@ def test_collate_aligns_mask_and_old_logprobs():
 
 def test_packed_shared_and_compiled_logprobs_and_grads_equal_padded(lm):
     """Packing, prompt sharing and torch.compile are speed knobs only: same log-probs, entropies and gradients as the
-    padded eager batch (compiled: batches of different lengths, one compiled graph each). Shared: the prompt runs
-    once for its completions, which must not see each other (a leak would change the later ones' log-probs)."""
+    padded eager batch (compiled: a batch of new lengths compiles no new graph). Shared: the prompt runs once for its
+    completions, which must not see each other (a leak would change the later ones' log-probs)."""
     import copy
     packed_lm = models.use_packed_attention(copy.deepcopy(lm))
     compiled_lm = models.compile_model(models.use_packed_attention(copy.deepcopy(lm)))
@@ -121,6 +121,7 @@ def test_packed_shared_and_compiled_logprobs_and_grads_equal_padded(lm):
     comps = [{"token_ids": list(range(30, 30 + n)), "logprobs": [-1.0] * n} for n in (6, 3, 5, 2, 4, 4)]
     runs = ((lm, False, False, False), (packed_lm, True, False, False), (packed_lm, True, True, False),
             (compiled_lm, True, False, True), (compiled_lm, True, True, True))
+    graphs = []  # torch.compile's graphs after each batch: the second batch's new lengths must compile nothing
     for sl in (slice(0, 6), slice(1, 5)):
         out = []
         for model, packed, share, compiled in runs:
@@ -136,6 +137,8 @@ def test_packed_shared_and_compiled_logprobs_and_grads_equal_padded(lm):
             for a, b in zip(out[0], other):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         assert out[0][2].abs().sum() > 0
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[0], f"graphs after each batch: {graphs} (a recompile per shape)"
 
 
 def test_shared_prompt_completions_do_not_see_each_other(lm):
