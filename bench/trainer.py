@@ -20,9 +20,10 @@ for each variant, after one warm-up step, starting from the same weights:
                   reference model (the initial weights, bf16 on GPUs) runs a no-grad forward of every micro-batch,
                   compiled like the policy (train.py's way); +kl-eager leaves the reference's layers uncompiled
 and checks that the variants' first-step losses agree. Each variant reports the graphs torch.compile had made by the
-end of its warm-up step (the count runs on through the process: a later variant adds only the graphs it needs anew). MFU counts model FLOPs of the work a variant does (6 * matmul
-params * tokens through the layers, 6 * lm_head params * completion tokens, causal attention pairs; no recompute)
-against --peak-tflops; mfu_of_unshared_work counts the work as before prompt sharing and collate's "predict" (every
+end of its warm-up step (the count runs on through the process: a later variant adds only the graphs it needs anew).
+MFU counts model FLOPs of the work a variant does (6 * matmul params * tokens through the layers, 6 * lm_head params *
+completion tokens, causal attention pairs; no recompute; +kl: the reference's forward, a third more) against
+--peak-tflops; mfu_of_unshared_work counts the work as before prompt sharing and collate's "predict" (every
 token of every sequence through the layers and the head) over the same time.
 """
 import argparse
@@ -201,9 +202,9 @@ def main():
             out[variant]["kernel_time_share"] = kernel_shares(step)
         del policy, opt, ref
         acc.free_memory()
-    ref = losses[a.variants[0]]
+    base = losses[a.variants[0]]
     out["first_step_loss"] = {k: round(v, 6) for k, v in losses.items()}
-    out["max_loss_rel_diff"] = max(abs(v - ref) / max(abs(ref), 1e-8) for v in losses.values())
+    out["max_loss_rel_diff"] = max(abs(v - base) / max(abs(base), 1e-8) for v in losses.values())
     if "padded" in out and "packed" in out:
         out["packed_speedup"] = round(out["padded"]["step_s"] / out["packed"]["step_s"], 2)
     print(json.dumps(out))
