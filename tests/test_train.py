@@ -251,9 +251,9 @@ def test_two_rank_step_equals_one_rank(multi_gpu_ref):
 
 
 def test_trainer_bench_variants_agree_and_kl_steps_run_the_reference():
-    """bench/trainer.py on the CPU (a GPU host's too: its reference would be bf16): padded, packed, shared and KL-logging steps from the same weights give the same
-    first-step loss (kl_coef 0: the KL is logged, not trained on), and a +kl variant really runs the reference: its
-    KL to the identical initial model is 0."""
+    """bench/trainer.py on the CPU (a GPU host's too: its reference would be bf16): padded, packed, shared and
+    KL-logging steps from the same weights give the same first-step loss (kl_coef 0: the KL is logged, not trained
+    on), and a +kl variant really runs the reference: its KL to the identical initial model is 0."""
     cmd = [sys.executable, os.path.join(ROOT, "bench", "trainer.py"), "--shape", "small", "--prompts", "2", "--group",
            "4", "--prompt-len", "8", "16", "--completion-len", "4", "24", "--packed-mb", "4", "--iters", "1",
            "--variants", "padded", "packed", "packed+share", "packed+share+kl"]
