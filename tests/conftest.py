@@ -39,22 +39,44 @@ def make_tiny_model(path, vocab=512, hidden=64, layers=2, heads=2, kv_heads=1, s
     return str(path)
 
 
+def kill_tree(pid):
+    """SIGKILL pid and every process under it, in any session. Each process is stopped before its children are read:
+    a stopped process starts no more, so none is missed (listing first raced a parent starting a child just then, and
+    that child, in a session of its own, lived on holding the output pipes)."""
+    import time
+    import psutil
+    seen, todo = {}, [pid]
+    while todo:
+        try:
+            q = psutil.Process(todo.pop())
+            q.suspend()
+            deadline = time.monotonic() + 5
+            while q.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE) and time.monotonic() < deadline:
+                time.sleep(0.001)  # SIGSTOP lands asynchronously: a fork in flight completes first
+            seen[q.pid] = q
+            todo += [c.pid for c in q.children() if c.pid not in seen]
+        except psutil.NoSuchProcess:
+            pass
+    for q in seen.values():
+        try:
+            q.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)  # and any of its process group no longer under it
+    except ProcessLookupError:
+        pass
+
+
 def run_group(cmd, timeout, **kw) -> subprocess.CompletedProcess:
     """subprocess.run(cmd, capture_output=True, text=True) in a process group of its own: on timeout it and every
     process under it are killed (a launcher's hung ranks too: torchrun starts each in a session of its own, where
     killing the group misses them and they keep the output pipes open) and TimeoutError shows the output's tail."""
-    import psutil
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        under = psutil.Process(p.pid).children(recursive=True)
-        os.killpg(p.pid, signal.SIGKILL)
-        for q in under:
-            try:
-                q.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_tree(p.pid)
         out, err = p.communicate()
         raise TimeoutError(f"{' '.join(map(str, cmd))[:200]} ran past {timeout} s; it and its processes were killed\n"
                            f"{(out + err)[-3000:]}") from None

@@ -260,3 +260,27 @@ def test_a_timed_out_launch_takes_its_ranks_with_it():
         run_group([sys.executable, "-c", rank], 3)
     pid = int(re.search(r"\n(\d+)\n", str(e.value)).group(1))
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_timed_out_launch_that_keeps_starting_processes_leaves_none():
+    """run_group's kill does not race a command that starts processes in sessions of their own as it is killed
+    (regression, a suite flake: a rank started just after the kill listed the tree outlived it, running; with the
+    output pipes held open, run_group could hang on them). The command here starts one every few milliseconds."""
+    import psutil
+    import threading
+    from conftest import run_group
+    marker = f"time.sleep(3600)  # {os.getpid()}-spawned"
+    spawner = ("import subprocess, sys, time\nwhile True:\n    print(subprocess.Popen([sys.executable, '-c', "
+               f"{('import time; ' + marker)!r}], start_new_session=True).pid, flush=True)\n")
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("out", pytest.raises(TimeoutError, run_group,
+                                                                             [sys.executable, "-c", spawner], 3)))
+    t.start()
+    t.join(120)
+    left = []
+    for q in psutil.process_iter(["cmdline", "status"]):
+        if marker in " ".join(q.info["cmdline"] or []) and q.info["status"] != psutil.STATUS_ZOMBIE:
+            left.append(q.pid)
+            q.kill()
+    assert not t.is_alive(), f"run_group hung: {len(left)} started processes outlived the kill, holding its pipes"
+    assert not left and re.search(r"^\d+$", str(box["out"].value), re.M), left  # it did start some
