@@ -9,10 +9,12 @@ validation set (in-loop eval, hyper-parameter choices), and trains on the rest. 
 numbers only.
 
 Evaluation metrics (each with its 95% Wilson interval):
-  strict  pass@1: greedy completion, answer read from <answer>...</answer> (rewards.accuracy_reward)
-  lenient pass@1: greedy completion, the last number anywhere in it (forgives a missing format)
-  format:         share of greedy completions in the exact format (rewards.format_reward == 1)
-  maj@k:          k samples at temperature T, majority vote over their <answer> values
+  strict  pass@1: greedy completion that stopped by itself, in the exact format (format 1.0), with the right
+                  number in the answer block that ends it (rewards.reward_components)
+  lenient pass@1: greedy completion, the last number anywhere in it (forgives the format and a cut at the cap)
+  format:         share of greedy completions that stopped in the exact format (rewards.reward_components)
+  cut:            share of greedy completions cut at max_new_tokens (they earn no strict credit)
+  maj@k:          k samples at temperature T, majority vote over the answers of those that stopped with one
 The in-loop eval (train.py) and this script call the same `evaluate` with the same prompt (the run's Config.prompt;
 the eval JSON records it).
 """
@@ -172,35 +174,40 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def majority(texts: list[str], tagged: bool = True) -> str:
-    """Majority vote over the <answer> values of k samples (tagged=False: their last numbers), on canonical numbers
-    ($18 = 18); "" if none."""
-    answers = (rewards.extract_answer(t) if tagged else t for t in texts)
+def majority(completions: list[dict], tagged: bool = True) -> str:
+    """Majority vote over k completions, on canonical numbers ($18 = 18); "" if none. tagged: the answers of those
+    that stopped by themselves and end with an answer block (rewards.final_answer), as the strict score reads them;
+    else the last number of each."""
+    answers = (rewards.final_answer(c["text"]) if c["finish_reason"] == "stop" else None for c in completions) \
+        if tagged else (c["text"] for c in completions)
     votes = collections.Counter(v for v in (rewards.lenient_answer(a) for a in answers if a) if v)
     return votes.most_common(1)[0][0] if votes else ""
 
 
 def evaluate(engine, tok, rows, max_new_tokens=512, maj_k=0, temperature=1.0, seed=0, batch=64,
              progress=False, prompt=DEFAULT_PROMPT) -> dict:
-    """Greedy strict/lenient pass@1 and format rate over rows, and maj@k when maj_k > 0, with PROMPTS[prompt].
+    """Greedy strict/lenient pass@1, format rate and cut share over rows, and maj@k when maj_k > 0, with
+    PROMPTS[prompt].
 
     Prompts go to the engine `batch` at a time (greedy first, then the k samples); progress=True shows a bar
-    with the running accuracy. maj@k votes over <answer> values, or over last numbers for a prompt without tags.
+    with the running accuracy. maj@k votes over the answers that end the samples which stopped (majority), or over
+    last numbers for a prompt without tags.
     Returns {"n", "prompt", metric: value, metric + "_ci95": [low, high], ..., "samples"}.
     """
     from tqdm import tqdm
     golds = [rewards.parse_gold(r["answer"]) for r in rows]
     prompts, tagged = build_prompts(tok, [r["question"] for r in rows], prompt), PROMPTS[prompt][2] == "<think>"
-    hits = {"pass@1_strict": 0, "pass@1_lenient": 0, "format": 0} | ({f"maj@{maj_k}": 0} if maj_k else {})
+    hits = {"pass@1_strict": 0, "pass@1_lenient": 0, "format": 0, "cut": 0} | ({f"maj@{maj_k}": 0} if maj_k else {})
     samples = []
     bar = tqdm(total=len(rows) * (1 + maj_k), unit="completion", disable=not progress, dynamic_ncols=True)
     for i in range(0, len(rows), batch):
         greedy = engine.generate(prompts[i:i + batch], n=1, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
         for gold, (c,) in zip(golds[i:i + batch], greedy):
-            lenient = rewards.lenient_answer(c["text"])
-            hits["pass@1_strict"] += rewards.accuracy_reward(c["text"], gold)
+            lenient, graded = rewards.lenient_answer(c["text"]), rewards.reward_components(c, gold)
+            hits["pass@1_strict"] += graded["format"] == 1.0 and graded["accuracy"] == 1.0
             hits["pass@1_lenient"] += lenient is not None and rewards.answers_equal(lenient, gold)
-            hits["format"] += rewards.format_reward(c["text"]) == 1.0
+            hits["format"] += graded["format"] == 1.0
+            hits["cut"] += c["finish_reason"] == "length"
             samples.append({"gold": gold, "completion": c["text"], "finish_reason": c["finish_reason"]})
         bar.update(len(greedy))
         bar.set_postfix(strict=f"{hits['pass@1_strict'] / len(samples):.1%}",
@@ -209,7 +216,7 @@ def evaluate(engine, tok, rows, max_new_tokens=512, maj_k=0, temperature=1.0, se
         groups = engine.generate(prompts[i:i + batch], n=maj_k, max_new_tokens=max_new_tokens, temperature=temperature,
                                  seed=seed + 1 + i)
         for j, (gold, group) in enumerate(zip(golds[i:i + batch], groups)):
-            top = majority([g["text"] for g in group], tagged)
+            top = majority(group, tagged)
             hits[f"maj@{maj_k}"] += rewards.accuracy_reward(f"<answer>{top}</answer>", gold)
             samples[i + j]["majority"] = top
         bar.update(len(groups) * maj_k)

@@ -8,6 +8,7 @@ so every rank calls it, in the same order.
 """
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -162,7 +163,7 @@ def make_engine(cfg, acc, tok, model_src: str, min_model_len: int):
     if cfg.inference == "local":
         return TorchEngine(load_model(model_src, default_dtype(acc.device), acc.device), tok,
                            max_batch=cfg.engine_rows or default_max_batch(acc.device), max_model_len=max(2048, min_model_len),
-                           compile=cfg.compile_engine)
+                           compile=cfg.compile_engine, fuse=cfg.fuse_engine)
     import ray
     from infer_workers import ServeClient
     ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=False)
@@ -203,13 +204,83 @@ def close_engine(engine) -> None:
         engine.close()
 
 
+class Health:
+    """Degeneration, said plainly while it happens and in the run's last lines. A rule fires once, with its numbers,
+    after PATIENCE training steps in a row on the wrong side of its threshold (a loss or gradient that is not finite:
+    at once):
+      cut     the share of a step's completions cut at max_new_tokens is CUT or more: the policy runs to the cap
+      format  the share in the exact format fell below FORMAT, having been above it: a format collapse
+      nan     the loss or the gradient norm is NaN or infinite
+    A run whose reward has no "format" component never fires "format"."""
+    CUT, FORMAT, PATIENCE = 0.2, 0.5, 5
+
+    def __init__(self, max_new_tokens: int):
+        self.cap, self.streak, self.fired, self.had_format = max_new_tokens, {}, {}, False
+        self.last_step, self.last_val = None, None  # the newest rows, for summary()
+
+    def see(self, m: dict) -> list[str]:
+        """One metrics row -> the messages of the rules it fires (each rule fires once per run)."""
+        if "val/n" in m:
+            self.last_val = m
+            return []
+        self.last_step, new = m, []
+        fmt = m.get("format_rate", 0.0) if "format" in m else None
+        self.had_format |= fmt is not None and fmt >= self.FORMAT
+        bad = {"cut": m["truncated"] >= self.CUT, "format": self.had_format and fmt < self.FORMAT,
+               "nan": not all(math.isfinite(m[k]) for k in ("loss", "grad_norm") if k in m)}
+        for rule, is_bad in bad.items():
+            self.streak[rule] = self.streak.get(rule, 0) + 1 if is_bad else 0
+            if rule not in self.fired and self.streak[rule] >= (1 if rule == "nan" else self.PATIENCE):
+                self.fired[rule] = self._message(rule, m)
+                new.append(self.fired[rule])
+        return new
+
+    def _message(self, rule, m):
+        n = f"for {self.PATIENCE} steps in a row" if rule != "nan" else "this step"
+        return {"cut": f"{m['truncated']:.0%} of completions cut at max_new_tokens={self.cap} {n} (mean length "
+                       f"{m['completion_len']:.0f} tokens): the policy runs to the cap instead of stopping",
+                "format": f"format {m.get('format_rate', 0):.0%} {n}, after it was above {self.FORMAT:.0%}: the "
+                          f"format is collapsing",
+                "nan": f"loss {m.get('loss')} / grad_norm {m.get('grad_norm')} {n}: not finite"}[rule] \
+            + f" (step {m['step']})"
+
+    def active(self) -> list[str]:
+        """The rules that fired and are still on the wrong side at the last step seen."""
+        return [r for r in self.fired if self.streak[r]]
+
+    def summary(self) -> list[str]:
+        """The run's last lines: the final validation and the last training step, and any degeneration by name."""
+        out = []
+        if self.last_val:
+            v = self.last_val
+            out.append(f"final validation (step {v['step']}, n={v['val/n']}): strict {v['val/pass@1_strict']:.1%}, "
+                       f"lenient {v['val/pass@1_lenient']:.1%}, format {v['val/format']:.1%}, cut at the cap "
+                       f"{v['val/cut']:.1%}")
+        if self.last_step:
+            t = self.last_step
+            out.append(f"last training step ({t['step']}): reward {t['reward']:.3f}, format {t['format_rate']:.0%}, "
+                       f"cut {t['truncated']:.0%}, completion {t['completion_len']:.0f} tokens")
+        v, bad = self.last_val, [self.fired[r] for r in self.active()]
+        if v and v["val/cut"] >= self.CUT:
+            bad.append(f"{v['val/cut']:.0%} of the final validation's greedy completions were cut at the cap")
+        if v and self.had_format and v["val/format"] < self.FORMAT:
+            bad.append(f"the final validation's format is {v['val/format']:.0%}")
+        if bad:
+            out.append("DEGENERATE at the end: " + " | ".join(bad))
+        elif self.fired:
+            out.append("degeneration seen during the run, gone by its end: " + " | ".join(self.fired.values()))
+        return out
+
+
 class RunLog:
-    """metrics.jsonl (one line per step, and one per validation eval) and wandb, written by the main process.
+    """metrics.jsonl (one line per step, and one per validation eval) and wandb, written by the main process; Health
+    reads every row, warns on the bar and in the log when the run degenerates, and close() prints its summary.
 
     resume_step: the checkpoint a resumed run starts from. Rows a killed run wrote after that checkpoint are dropped
     (they are redone), so every step appears once in the file and in the curves."""
     def __init__(self, cfg, acc, resume_step=None):
         self.main, path = acc.is_main_process, os.path.join(cfg.run_dir, "metrics.jsonl")
+        self.health = Health(cfg.max_new_tokens)
         if self.main and resume_step is not None and os.path.exists(path):
             redo_eval = bool(cfg.eval_every) and resume_step % cfg.eval_every == 0  # the resumed run evaluates it again
             rows = [json.loads(line) for line in open(path) if line.strip()]
@@ -218,6 +289,8 @@ class RunLog:
             with open(path + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
             os.replace(path + ".tmp", path)
+            for r in keep:  # the resumed run's health goes on from the rows before (their warnings were shown then)
+                self.health.see(r)
         self.file = open(path, "a") if self.main else None
         self.wandb = None
         if cfg.wandb_project and self.main:
@@ -227,19 +300,31 @@ class RunLog:
             self.wandb = wandb
 
     def write(self, m: dict, bar=None):
-        """One row; a step's row also goes to the progress bar (flagged: completions rewards.STATS counted)."""
-        if self.main:
-            self.file.write(json.dumps(m) + "\n")
-            self.file.flush()
-            if self.wandb:
-                self.wandb.log(m, step=m["step"])
-            if bar is not None:
-                bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m.get('accuracy', 0):.0%}",
-                                fmt=f"{m['format_rate']:.0%}", len=f"{m['completion_len']:.0f}tok",
-                                flagged=int(m["rewards_flagged"]), step=f"{m['step_s']:.1f}s")
+        """One row; a step's row also goes to the progress bar (flagged: completions rewards.STATS counted; cut: the
+        share cut at max_new_tokens; DEGENERATE: the Health rules on the wrong side now)."""
+        if not self.main:
+            return
+        warnings = self.health.see(m)
+        if warnings:
+            m = m | {"warnings": warnings}
+        self.file.write(json.dumps(m) + "\n")
+        self.file.flush()
+        if self.wandb:
+            self.wandb.log({k: v for k, v in m.items() if k != "warnings"}, step=m["step"])
+        for w in warnings:
+            from tqdm import tqdm
+            tqdm.write(f"WARNING: {w}", file=sys.stderr)
+        if bar is not None:
+            bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m.get('accuracy', 0):.0%}",
+                            fmt=f"{m['format_rate']:.0%}", cut=f"{m['truncated']:.0%}", len=f"{m['completion_len']:.0f}tok",
+                            flagged=int(m["rewards_flagged"]), step=f"{m['step_s']:.1f}s",
+                            **({"DEGENERATE": "+".join(self.health.active())} if self.health.active() else {}))
 
     def close(self):
+        """Ends the log with the run's summary (Health.summary): its last lines say how it ended."""
         if self.main:
+            for line in self.health.summary():
+                print(line, flush=True)
             self.file.close()
             if self.wandb:
                 self.wandb.finish()
@@ -310,6 +395,7 @@ LIMITS = {
     "prompts_per_step": (1, None, True, ""),
     "group_size": (2, None, True, "GRPO compares completions within a group: one has no baseline (its std is NaN)"),
     "max_new_tokens": (1, None, True, ""),
+    "overlong_buffer": (0, None, True, "0 turns the penalty off"),
     "temperature": (0.0, None, False, "sampling and its log-probs divide the logits by it; for near-greedy use 0.1"),
     "top_p": (0.0, 1.0, False, ""),
     "clip_eps_low": (0.0, 1.0, True, ""),
@@ -353,6 +439,9 @@ def check_config(cfg) -> None:
         if (v < lo if lo_ok else v <= lo) or (hi is not None and v > hi):
             span = f"{'[' if lo_ok else '('}{lo}, {'inf)' if hi is None else f'{hi}]'}"
             raise ConfigError(f"config {key}={v!r} is outside {span}" + (f": {why}" if why else ""))
+    if cfg.overlong_buffer > cfg.max_new_tokens:
+        raise ConfigError(f"overlong_buffer={cfg.overlong_buffer} is longer than max_new_tokens={cfg.max_new_tokens}: "
+                          f"the penalty ramps over the last overlong_buffer tokens before the cap")
     if not 0 <= cfg.format_weight < 1:
         raise ConfigError(f"format_weight={cfg.format_weight} must be in [0, 1): a right answer (1) must be worth more "
                           f"than perfect form")
@@ -450,7 +539,7 @@ def validate(acc, engine, tok, rows, cfg, step: int, log: RunLog):
         log.write({"step": step} | {f"val/{k}": v for k, v in ev.items() if isinstance(v, (int, float))}
                   | {"eval_s": time.perf_counter() - t})
         acc.print(f"step {step}: validation pass@1 {ev['pass@1_strict']:.1%} strict, {ev['pass@1_lenient']:.1%} "
-                  f"lenient, format {ev['format']:.1%} (n={ev['n']})")
+                  f"lenient, format {ev['format']:.1%}, cut at the cap {ev['cut']:.1%} (n={ev['n']})")
 
 
 def step_metrics(acc, scores, completions, stats, flagged) -> dict:

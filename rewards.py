@@ -1,13 +1,18 @@
 """
 Rule-based GSM8K rewards for R1-Zero style GRPO: a format reward and an accuracy reward.
 
-    r = format_weight * format_reward(c) + accuracy_reward(c, gold)      (train.Config.format_weight)
+    r = format_weight * format + accuracy [+ overlong]       (reward_components; train.Config.format_weight)
 
-Pure functions of the completion text (and the gold answer); they import nothing
+A completion earns either only if it ended itself (finish_reason "stop": an end-of-sequence token, not the
+max_new_tokens cap) and ends with its answer block (nothing but whitespace after its one </answer>). Without that
+rule a policy is paid for running on past its answer to the cap: the answer is graded, the junk after it is free.
+overlong (off by default): DAPO's soft penalty, 0 until `overlong_buffer` tokens before the cap, then down to -1 at it.
+
+Pure functions of the engine's completion (text and finish reason) and the gold answer; they import nothing
 heavier than math-verify (no torch), so the trainer, the evaluator and the tests share them.
 
 How an answer is graded (accuracy_reward):
-1. Take the content of the LAST <answer>...</answer> block. Longer than MAX_ANSWER_CHARS -> 0.
+1. Take the content of the answer block that ends the completion (final_answer). Longer than MAX_ANSWER_CHARS -> 0.
    Text before a final "=" is dropped ("3 * 6 = 18" is graded as "18").
 2. Plain text (no operators, no LaTeX commands besides \\boxed, \\text, $, \\( \\)): grade its
    LAST number. "18 or 19" is graded as 19, so hedging earns nothing over committing to the last
@@ -120,16 +125,19 @@ def _close(a, b):
     return abs(a - b) <= Fraction(REL_TOL) * max(abs(a), abs(b))
 
 
-def extract_answer(completion: str) -> str | None:
-    """Content of the last <answer>...</answer> block (stripped), or None.
+def final_answer(completion: str) -> str | None:
+    """Content (stripped) of the answer block that ends the completion, or None: the completion's one </answer>
+    must be followed by nothing but whitespace.
 
-    "<answer><answer>1</answer>" -> "1": the innermost opening tag before the last closing one wins.
+    "<think>..</think><answer> 18 </answer>\n" -> "18";  "<answer>18</answer> junk" -> None (text after it);
+    "<answer>17</answer><answer>18</answer>" -> None (a second block is text after the first: no hedging);
+    "<answer><answer>1</answer>" -> "1": the innermost opening tag before the closing one wins.
     """
     _check_str(completion)
     text = completion[-MAX_COMPLETION_CHARS:]
-    end = text.rfind("</answer>")
+    end = text.find("</answer>")
     start = text.rfind("<answer>", 0, max(end, 0))
-    if end < 0 or start < 0:
+    if end < 0 or start < 0 or text[end + len("</answer>"):].strip():
         return None
     return text[start + len("<answer>"):end].strip()
 
@@ -137,27 +145,25 @@ def extract_answer(completion: str) -> str | None:
 def format_reward(completion: str) -> float:
     """1.0 for exactly [<think>] ... </think> <answer> X </answer> (whitespace around and between,
     one of each tag, X holding a number). The opening <think> may be missing because the trainer may put
-    it in the prompt; then the completion starts inside the think block. 0.5 when there is a gradable
-    answer block (a number inside the last <answer>...</answer>) but anything else is off: a broken think
-    part, text before <think> or after </answer>, two answer blocks. 0.0 otherwise.
+    it in the prompt; then the completion starts inside the think block. 0.5 when the completion ends with a
+    gradable answer block (final_answer holds a number) but the rest is off: a broken think part, text before
+    <think> or between the blocks. 0.0 otherwise, text after </answer> included. Of the text alone: a completion
+    cut at the length cap earns nothing whatever its text (reward_components).
 
     Why the number: GSM8K answers are numbers, and the system prompt shows the tags with placeholder text.
     SmolLM2-135M, paid for the bare layout, learned within 50 steps to answer every question with the
     prompt's own example "<think> reasoning process here </think><answer> answer here </answer>"
     (README, Results); such an answer now earns no format credit.
     """
-    _check_str(completion)
-    answer = extract_answer(completion)
+    answer = final_answer(completion)
     if not answer or _last_number(answer[-MAX_ANSWER_CHARS:]) is None:
         return 0.0
     s = completion.strip()
     if s.count("<think>") > 1 or (s.count("<think>") == 1 and not s.startswith("<think>")):
         return 0.5
-    if s.count("</think>") != 1 or s.count("<answer>") != 1 or s.count("</answer>") != 1:
+    if s.count("</think>") != 1 or s.count("<answer>") != 1:
         return 0.5
-    after_think = s.split("</think>", 1)[1].strip()
-    ok = after_think.startswith("<answer>") and after_think.endswith("</answer>")
-    return 1.0 if ok else 0.5
+    return 1.0 if s.split("</think>", 1)[1].strip().startswith("<answer>") else 0.5
 
 
 def parse_gold(gold: str) -> str:
@@ -212,9 +218,11 @@ def _mathverify_equal(text, gold):
 
 
 def accuracy_reward(completion: str, gold: str) -> float:
-    """1.0 if the last <answer> block equals the gold number (rules in the module docstring), else 0.0."""
+    """1.0 if the answer block that ends the completion equals the gold number (rules in the module docstring),
+    else 0.0. Of the text alone: a completion cut at the length cap earns nothing whatever its text
+    (reward_components)."""
     _check_str(completion, gold)
-    answer = extract_answer(completion)
+    answer = final_answer(completion)
     if not answer:
         return 0.0
     if len(answer) > MAX_ANSWER_CHARS:
@@ -234,10 +242,31 @@ def accuracy_reward(completion: str, gold: str) -> float:
     return float(x is not None and _close(x, gold_x))
 
 
-def reward_components(completion: str, gold: str, format_weight: float = FORMAT_WEIGHT) -> dict[str, float]:
-    """{"format", "accuracy", "reward"}: the trainer optimises "reward" and logs all three.
+def overlong_penalty(num_tokens: int, max_new_tokens: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment: 0 up to max_new_tokens - buffer tokens, then linearly down to -1 at the cap.
+    overlong_penalty(290, 300, 20) -> -0.5; buffer 0 -> always 0 (off)."""
+    if buffer <= 0:
+        return 0.0
+    return max(-1.0, min(0.0, (max_new_tokens - buffer - num_tokens) / buffer))
+
+
+def reward_components(completion, gold: str, format_weight: float = FORMAT_WEIGHT, max_new_tokens: int = 0,
+                      overlong_buffer: int = 0) -> dict[str, float]:
+    """The engine's completion (a dict with "text" and "finish_reason", plus "token_ids" for overlong_buffer) ->
+    {"format", "accuracy", "reward"} (and "overlong" when overlong_buffer > 0); the trainer optimises "reward" and
+    logs every component. A completion cut at the cap (finish_reason "length") earns no format and no accuracy.
     format_weight must stay below 1, so that a right answer is always worth more than perfect form."""
+    if isinstance(completion, str):
+        raise TypeError("reward_components takes the engine's completion (a dict with text and finish_reason), not its "
+                        "text: whether it stopped or was cut at the cap decides its reward")
     if not 0 <= format_weight < 1:
         raise ValueError(f"format_weight={format_weight} must be in [0, 1): a right answer (1) must beat perfect form")
-    fmt, acc = format_reward(completion), accuracy_reward(completion, gold)
-    return {"format": fmt, "accuracy": acc, "reward": format_weight * fmt + acc}
+    text, stopped = completion["text"], completion["finish_reason"] == "stop"
+    fmt = format_reward(text) if stopped else 0.0
+    acc = accuracy_reward(text, gold) if stopped else 0.0
+    out = {"format": fmt, "accuracy": acc, "reward": format_weight * fmt + acc}
+    if overlong_buffer > 0:
+        out["overlong"] = overlong_penalty(len(completion["token_ids"]), max_new_tokens, overlong_buffer)
+        out["reward"] += out["overlong"]
+    return out
+

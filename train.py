@@ -53,6 +53,8 @@ class Config:
     # version behind) while this step trains (inference serve); 0: on-policy, sample then train
     # --- reward and loss
     format_weight: float = rewards.FORMAT_WEIGHT  # reward = format_weight * format + accuracy; 0.1, in [0, 1)
+    overlong_buffer: int = 0  # DAPO's soft overlong penalty: the reward falls from 0 to -1 over the last this many
+    # tokens before max_new_tokens; 0 = off (a completion cut at the cap earns no format or accuracy either way)
     loss_type: str = "grpo"  # grpo: mean per sequence | dr_grpo: sum / (B * max_new_tokens) | dapo: mean per token
     scale_rewards: bool = True  # divide advantages by the group std (Dr. GRPO turns this off)
     clip_eps_low: float = 0.2  # ratio clipped to [1 - low, 1 + high]
@@ -79,6 +81,8 @@ class Config:
     compile: bool = False  # torch.compile the decoder layers and the log-softmax chunks: fused elementwise work
     compile_engine: bool = False  # torch.compile TorchEngine's decode step and sampler (the in-process engine; the
     # Serve replicas of exps/r1zero.sh too, by INFER_COMPILE)
+    fuse_engine: bool = True  # the in-process TorchEngine runs q/k/v and gate/up as one GEMM each (the same math;
+    # false: separate GEMMs, the reference path exps/check_recipe.sh compares against)
     engine_rows: int = 0  # TorchEngine's cache rows, sequences decoded at once (its KV cache's memory); 0 = 256 on GPUs,
     # 64 on the CPU (engine.default_max_batch); the Serve replicas of exps/r1zero.sh too, by INFER_MAX_BATCH
     # --- inference
@@ -360,8 +364,10 @@ def sample_batch(engine, sampler, prompts, cfg: Config, rank, world, step):
 
 
 def main(cfg: Config, reward_fn=None):
-    """reward_fn(completion_text, gsm8k_answer) -> {"reward": float, ...components}; default: rewards.py's, weighted."""
-    reward_fn = reward_fn or functools.partial(rewards.reward_components, format_weight=cfg.format_weight)
+    """reward_fn(completion, gsm8k_answer) -> {"reward": float, ...components}, where completion is the engine's
+    (engine.Completion: text, token_ids, finish_reason, ...); default: rewards.reward_components, weighted."""
+    reward_fn = reward_fn or functools.partial(rewards.reward_components, format_weight=cfg.format_weight,
+                                               max_new_tokens=cfg.max_new_tokens, overlong_buffer=cfg.overlong_buffer)
     gpu = torch.cuda.is_available()
     acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no", fsdp_plugin=plumbing.fsdp_plugin())
     dev, rank, world = acc.device, acc.process_index, acc.num_processes  # cpu=True above: gloo DDP on CPU
@@ -404,7 +410,7 @@ def main(cfg: Config, reward_fn=None):
 
         # --- reward (rewards.STATS counts what the graders could not grade the normal way)
         before = rewards.STATS.copy()
-        scores = [reward_fn(c["text"], train_rows[i]["answer"]) for i, g in zip(idx, groups) for c in g]
+        scores = [reward_fn(c, train_rows[i]["answer"]) for i, g in zip(idx, groups) for c in g]
         reward = torch.tensor([s["reward"] for s in scores], device=dev)  # [P*G]
         t_reward = time.perf_counter()
 

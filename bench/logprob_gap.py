@@ -1,7 +1,16 @@
-"""Sampler vs trainer log-probs on a real model, one JSON line per engine.
+"""Sampler vs trainer log-probs on a real model, one JSON line per engine; and the trainer's speed paths against its
+reference path on the same sampled batch, one more line.
 
     python bench/logprob_gap.py                              # SmolLM2-135M, the torch engine and vLLM (if installed)
     python bench/logprob_gap.py --engines torch --prompts 256 # GPU: bf16 engine vs fp32 trainer under bf16 autocast
+    python bench/logprob_gap.py --model qwen-coder --engines torch_compiled torch_unfused --prompts 64 --group 8 \
+        --max-new-tokens 300 --trainer-paths                  # the recipe's engine and trainer paths (GPU)
+
+Engines: torch (TorchEngine: fused q/k/v and gate/up, CUDA graphs on GPUs), torch_compiled (+ the compiled decode
+step: the recipe's compile_engine), torch_unfused (separate GEMMs, eager step: the reference path), vllm.
+--trainer-paths: the first engine's batch, its log-probs by train.py's paths: padded (eager, one row per sequence:
+the reference), packed, packed + shared prompts, packed + shared prompts + torch.compile (the recipe's), each
+against padded: mean and max |delta| per completion token ("trainer_paths" line).
 
 GRPO's importance ratio divides the trainer's probability of each sampled token by the sampler's. Both should be
 the same distribution, softmax(logits / T), but the engine computes it in its own dtype and kernels. For the first
@@ -27,13 +36,15 @@ from infer_workers import make_engine  # noqa: E402
 from models import load_model, load_tokenizer  # noqa: E402
 
 
-def trainer_logprobs(lm, prompts, comps, temperature, mb=16):
-    """train.py's log-probs of each completion's tokens: [per completion: list of floats]."""
+def trainer_logprobs(lm, prompts, comps, temperature, mb=16, packed=False, share=False, compiled=False):
+    """train.py's log-probs of each completion's tokens: [per completion: list of floats]. packed / share: collate's
+    packed rows / shared prompts (lm must use packed attention); compiled: the log-softmax chunks compiled too (the
+    layers are compiled by models.compile_model beforehand)."""
     dev, out = lm.device, []
     for i in range(0, len(comps), mb):
-        inputs, mask, _ = train.collate(prompts[i:i + mb], comps[i:i + mb], 0, dev)
+        inputs, mask, _ = train.collate(prompts[i:i + mb], comps[i:i + mb], 0, dev, packed, share)
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
-            lp, _ = train.token_logprobs(lm, inputs, temperature)
+            lp, _ = train.token_logprobs(lm, inputs, temperature, compiled=compiled)
         for row, m in zip(lp.float().cpu(), mask.cpu().bool()):
             out.append(row[m].tolist())
     return out
@@ -51,6 +62,34 @@ def stats(sampler, trainer) -> dict:
             "outside_clip": round(((ratio < 0.8) | (ratio > 1.28)).double().mean().item(), 6)}
 
 
+def make(kind, model, dev, max_batch):
+    """An engine by name (module docstring)."""
+    if kind == "vllm":
+        return make_engine(model, "vllm")
+    from engine import TorchEngine, default_max_batch
+    from models import default_dtype
+    return TorchEngine(load_model(model, default_dtype(dev), dev), load_tokenizer(model),
+                       max_batch=max_batch or default_max_batch(dev), compile=kind == "torch_compiled",
+                       fuse=kind != "torch_unfused")
+
+
+def trainer_paths(a, dev, prompts, comps) -> dict:
+    """The trainer's log-probs of one batch by each of its paths, against the padded eager one."""
+    from models import compile_model, use_packed_attention
+    padded = load_model(a.model, torch.float32, dev).eval()
+    ref = trainer_logprobs(padded, prompts, comps, a.temperature, a.trainer_mb)
+    out = {"padded_vs_itself_gap_max": stats(trainer_logprobs(padded, prompts, comps, a.temperature, a.trainer_mb),
+                                             ref)["gap_max"]}
+    del padded
+    packed = use_packed_attention(load_model(a.model, torch.float32, dev).eval())
+    for name, share in (("packed", False), ("packed+share", True)):
+        out[name] = stats(trainer_logprobs(packed, prompts, comps, a.temperature, a.trainer_mb, True, share), ref)
+    compile_model(packed)
+    out["packed+share+compile"] = stats(trainer_logprobs(packed, prompts, comps, a.temperature, a.trainer_mb, True,
+                                                         True, compiled=True), ref)
+    return out
+
+
 def main():
     import importlib.util
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +100,9 @@ def main():
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-batch", type=int, default=0, help="TorchEngine rows (0: engine.default_max_batch)")
+    ap.add_argument("--trainer-paths", action="store_true", help="also the trainer's paths against padded eager")
+    ap.add_argument("--trainer-mb", type=int, default=16, help="sequences per trainer forward")
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(a.model)
@@ -68,18 +110,26 @@ def main():
     prompts = gsm8k.build_prompts(tok, questions)
     lm = load_model(a.model, torch.float32, dev).eval()
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    seq_prompts, first = [p for p in prompts for _ in range(a.group)], None
     for kind in a.engines:
-        engine = make_engine(a.model, kind)
+        engine = make(kind, a.model, dev, a.max_batch)
         groups = engine.generate(prompts, n=a.group, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=0)
         comps = [c for g in groups for c in g]
-        seq_prompts = [p for p in prompts for _ in range(a.group)]
-        trainer = trainer_logprobs(lm, seq_prompts, comps, a.temperature)
+        first = first or comps
+        trainer = trainer_logprobs(lm, seq_prompts, comps, a.temperature, a.trainer_mb)
         out = {"bench": "logprob_gap", "device": name, "model": a.model, "engine": kind, "engine_dtype": engine.dtype,
-               "temperature": a.temperature, "completions": len(comps)} | stats([c["logprobs"] for c in comps], trainer)
-        again = trainer_logprobs(lm, seq_prompts, comps, a.temperature)  # the baseline: trainer vs trainer
+               "temperature": a.temperature, "completions": len(comps),
+               "cut": sum(c["finish_reason"] == "length" for c in comps) / len(comps)} | \
+            stats([c["logprobs"] for c in comps], trainer)
+        again = trainer_logprobs(lm, seq_prompts, comps, a.temperature, a.trainer_mb)  # baseline: trainer vs trainer
         out["trainer_vs_itself_gap_max"] = stats(again, trainer)["gap_max"]
         print(json.dumps(out), flush=True)
         del engine
+    if a.trainer_paths:
+        del lm
+        out = {"bench": "logprob_gap", "mode": "trainer_paths", "device": name, "model": a.model,
+               "batch_from": a.engines[0], "completions": len(first)} | trainer_paths(a, dev, seq_prompts, first)
+        print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

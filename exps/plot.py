@@ -22,13 +22,14 @@ PANELS = [  # (title, [(metrics key, label)])
     ("format rate", [("format_rate", "train samples"), ("val/format", "validation, greedy")]),
     ("accuracy", [("accuracy", "train samples"), ("val/pass@1_strict", "validation strict"),
                   ("val/pass@1_lenient", "validation lenient")]),
-    ("completion length (tokens)", [("completion_len", "mean"), ("truncated", "share cut at max_new_tokens x 100")]),
+    ("completion length (tokens)", [("completion_len", "mean"), ("truncated", "share cut at max_new_tokens x 100"),
+                                    ("val/cut", "validation: share cut x 100")]),
     ("KL to the initial model (k3, per token)", [("kl", "train")]),
     ("entropy (nats / token)", [("entropy", "train")]),
     ("clip fraction", [("clip_frac", "train")]),
     ("step time (s)", [("gen_s", "generate"), ("train_s", "train"), ("sync_s", "sync"), ("reward_s", "reward")]),
 ]
-SCALE = {"truncated": 100}  # drawn on the same axis as the length
+SCALE = {"truncated": 100, "val/cut": 100}  # drawn on the same axis as the length
 
 
 def smooth(ys, k):

@@ -9,7 +9,8 @@
 # 3. the final checkpoint on the whole test set, then res/: metrics, curves, before/after evaluation
 # Run it again to go on after a stop (a time limit, --stop_after_min, a crash): finished parts are skipped and
 # training resumes from the last checkpoint. STOP_AT=<unix time>: a job's end; training stops (with a checkpoint)
-# a minute before it. INFERENCE=serve|local overrides the choice by GPU count; EVAL_LIMIT=N evaluates N problems.
+# a minute before it. INFERENCE=serve|local overrides the choice by GPU count; EVAL_LIMIT=N evaluates N problems;
+# MAJ_K=k: samples per problem for maj@k in the before/after evals (default 8; 0 = greedy only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=$1 && shift
@@ -33,7 +34,7 @@ mark start
 python -c "import models; models.resolve_model('$MODEL')"   # convert the GGUF once, before processes race
 evaluate() {  # evaluate MODEL_PATH KEY [PROMPT MAJ_K]: the whole test set -> $RUN/eval_KEY.json, metrics into res/
     CUDA_VISIBLE_DEVICES=${EVAL_GPU:-0} python gsm8k.py --model "$1" --data "$DATA" --max-new-tokens "$MNT" \
-        --temperature "$TEMP" --prompt "${3:-$PROMPT}" --maj-k "${4:-8}" --limit "${EVAL_LIMIT:-0}" \
+        --temperature "$TEMP" --prompt "${3:-$PROMPT}" --maj-k "${4:-${MAJ_K:-8}}" --limit "${EVAL_LIMIT:-0}" \
         --out "$RUN/eval_$2.json" --record "$RES/${TAG}_eval.json" --as "$2"
 }
 
@@ -72,3 +73,18 @@ FINAL=$RUN/ckpt/step_$(printf %06d "$MAX")
 [ -e "$FINAL" ] || { echo "stopped before step $MAX: run this again to go on"; exit 0; }
 [ -e "$RUN/eval_after.json" ] || evaluate "$FINAL/model" after
 mark evaluated_after
+python - "$RES/${TAG}_eval.json" <<'PY'   # the run's last lines: the test set before and after, side by side
+import json, sys
+from plumbing import Health  # its thresholds: what counts as degenerate
+r = json.load(open(sys.argv[1]))
+for key in ("before", "reference_cot", "after"):
+    if key in r:
+        m = r[key]
+        show = lambda k: f"{m[k]:.1%} [{m[k + '_ci95'][0]:.1%}, {m[k + '_ci95'][1]:.1%}]" if k in m else "-"
+        print(f"test {key:13} (n={m['n']}, prompt {m['prompt']}): strict {show('pass@1_strict')}, lenient "
+              f"{show('pass@1_lenient')}, format {m['format']:.1%}, cut {m.get('cut', float('nan')):.1%}")
+after = r.get("after", {})
+if after and (after["format"] < Health.FORMAT or after.get("cut", 0) >= Health.CUT):
+    print(f"DEGENERATE: the trained model's test format is {after['format']:.1%} and {after.get('cut', 0):.1%} of its "
+          f"completions run to the cap")
+PY

@@ -89,6 +89,39 @@ def tiny_model(tmp_path_factory):
 
 
 PROMPTS = [[5, 6, 7, 8, 9], [30, 31, 32], [100, 101, 102, 103], [7, 7, 7]]
+STOP_TOKENS = 8  # greedy tokens of PROMPTS in which the stop model's second eos comes up for some rows, not all
+
+
+def make_stop_model(src, path):
+    """The tiny model of src with a second eos: a token its greedy completions of PROMPTS emit within STOP_TOKENS in
+    some rows and not in others (generation_config.json, which every engine reads), so that both finish reasons come
+    up. Returns (path, the greedy rows: new tokens up to and with the first eos, and each row's finish reason)."""
+    import shutil
+    from transformers import AutoModelForCausalLM
+    from engine import hf_greedy
+    shutil.copytree(src, path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    free = hf_greedy(model, PROMPTS, STOP_TOKENS)
+    stop = next(t for row in free for t in row[1:] if sum(t in r for r in free) < len(free))
+    model.generation_config.eos_token_id = [model.config.eos_token_id, stop]
+    model.generation_config.save_pretrained(path)
+    rows = hf_greedy(model, PROMPTS, STOP_TOKENS)
+    return str(path), rows, ["stop" if r[-1] in (1, stop) else "length" for r in rows]
+
+
+@pytest.fixture(scope="session")
+def tiny_stop_model(tmp_path_factory, tiny_model):
+    """(model folder, its greedy rows of PROMPTS, their finish reasons): make_stop_model's."""
+    return make_stop_model(tiny_model, tmp_path_factory.mktemp("tiny_stop") / "model")
+
+
+def check_finish_reasons(engine, rows, reasons):
+    """Greedy completions of PROMPTS (STOP_TOKENS new tokens) are the rows HF generate gives, with their reasons: a
+    row that emits an eos ends with it, "stop"; the others run to the cap, "length". The same for every engine."""
+    got = [g[0] for g in engine.generate(PROMPTS, max_new_tokens=STOP_TOKENS, temperature=0)]
+    assert [c["token_ids"] for c in got] == rows
+    assert [c["finish_reason"] for c in got] == reasons
+    assert set(reasons) == {"stop", "length"}
 
 
 def check_engine_contract(engine, model_dir):
@@ -104,7 +137,9 @@ def check_engine_contract(engine, model_dir):
     for c in (c for g in out for c in g):
         assert set(c) >= {"token_ids", "logprobs", "text", "finish_reason", "version"}, c.keys()
         assert 0 < len(c["token_ids"]) == len(c["logprobs"]) <= 6 and all(lp <= 0 for lp in c["logprobs"])
-        assert c["finish_reason"] in ("stop", "length") and isinstance(c["text"], str)
+        assert isinstance(c["text"], str)
+        # the tiny model's one eos (id 1) is almost never sampled: a completion short of the cap ended with it
+        assert c["finish_reason"] == ("stop" if len(c["token_ids"]) < 6 or c["token_ids"][-1] == 1 else "length"), c
     assert engine.generate(PROMPTS, n=2, max_new_tokens=6, temperature=1.0, seed=1) == out, "same seed, same samples"
 
     def greedy():
@@ -145,10 +180,16 @@ def check_no_stale_prefix_cache(engine, model_dir):
     assert after == greedy() != stale, "a request after the update reused KV cached under the old weights"
 
 
-if __name__ == "__main__":  # python tests/conftest.py vllm MODEL_DIR: the contract on an in-process VLLMEngine
+if __name__ == "__main__":  # python tests/conftest.py vllm MODEL_DIR [STOP_MODEL_DIR '[ROWS, REASONS]']: the contract
+    # on an in-process VLLMEngine, and the stop model's greedy rows and finish reasons (HF generate's, as JSON)
     sys.argv[1] == "vllm" or sys.exit(f"unknown engine {sys.argv[1]!r}")
+    import json
     from infer_workers import make_engine
     e = make_engine(sys.argv[2], "vllm", dtype="float32", max_model_len=1024)
     check_engine_contract(e, sys.argv[2])
     check_no_stale_prefix_cache(e, sys.argv[2])
+    if len(sys.argv) > 3:
+        del e
+        check_finish_reasons(make_engine(sys.argv[3], "vllm", dtype="float32", max_model_len=1024),
+                             *json.loads(sys.argv[4]))
     print("contract ok")

@@ -100,24 +100,34 @@ class ScriptedEngine:
         src = self.greedy if temperature == 0 else self.sampled
         first = self.seen.setdefault(temperature, 0)
         self.seen[temperature] += len(prompts)
-        return [[{"text": t, "finish_reason": "stop"} for t in src[first + i]][:n] for i in range(len(prompts))]
+        return [[{"text": t, "finish_reason": "stop"} if isinstance(t, str) else {"text": t[0], "finish_reason": t[1]}
+                 for t in src[first + i]][:n] for i in range(len(prompts))]
 
 
 @pytest.mark.parametrize("batch", [1, 64])
-def test_evaluate_strict_lenient_format_and_majority(tiny_model, batch):
-    """strict needs the tags, lenient takes the last number, format needs the exact form, maj@k votes over
-    <answer> values; each with its 95% interval; the batch size only changes how prompts are sent."""
+def test_evaluate_strict_lenient_format_cut_and_majority(tiny_model, batch):
+    """strict needs a completion that stopped in the exact form with the right number, lenient takes the last number
+    anywhere, format needs the exact form of a completion that stopped, cut counts those cut at the cap; maj@k votes
+    over the answers of samples that stopped with one; each with its 95% interval; the batch size only changes how
+    prompts are sent. A (text, reason) pair is a completion that ended so; a bare text stopped."""
     from models import load_tokenizer
-    rows = [{"question": "a", "answer": "x\n#### 18"}, {"question": "b", "answer": "#### 1,080"},
-            {"question": "c", "answer": "#### 5"}]
-    greedy = [["so <answer>18</answer>"], ["the total is 1080"], ["</think><answer>4</answer>"]]
+    rows = [{"question": q, "answer": a} for q, a in
+            [("a", "x\n#### 18"), ("b", "#### 1,080"), ("c", "#### 5"), ("d", "#### 18"), ("e", "#### 18")]]
+    greedy = [["6*3=18</think><answer>18</answer>"],  # strict, format, lenient
+              ["the total is 1080"],  # lenient only
+              ["</think><answer>4</answer>"],  # format only
+              [("x</think><answer>18</answer>}}</td></html>", "length")],  # cut: lenient only
+              ["so <answer>18</answer>"]]  # right, half the form: lenient only
     sampled = [["<answer>17</answer>", "<answer>17</answer>", "<answer>18</answer>"],
                ["<answer>1,080</answer>", "<answer>$1080</answer>", "<answer>7</answer>"],  # 1,080 = $1080 in the vote
-               ["<answer>5</answer>", "no answer", "no answer"]]
+               ["<answer>5</answer>", "no answer", "no answer"],
+               [("<answer>9</answer>", "length"), ("<answer>9</answer>", "length"), "<answer>18</answer>"],  # cut: no vote
+               ["<answer>18</answer> junk", "<answer>18</answer> junk", "<answer>3</answer>"]]  # no answer ends them
     res = gsm8k.evaluate(ScriptedEngine(greedy, sampled), load_tokenizer(tiny_model), rows, maj_k=3, batch=batch)
-    assert (res["pass@1_strict"], res["pass@1_lenient"], res["format"], res["maj@3"]) == (1 / 3, 2 / 3, 1 / 3, 2 / 3)
-    assert res["maj@3_ci95"] == list(gsm8k.wilson(2, 3)) and res["n"] == 3 and res["prompt"] == gsm8k.DEFAULT_PROMPT
-    assert [s["majority"] for s in res["samples"]] == ["17", "1080", "5"]
+    assert [res[k] for k in ("pass@1_strict", "pass@1_lenient", "format", "cut", "maj@3")] == [0.2, 0.8, 0.4, 0.2, 0.6]
+    assert res["maj@3_ci95"] == list(gsm8k.wilson(3, 5)) and res["n"] == 5 and res["prompt"] == gsm8k.DEFAULT_PROMPT
+    assert res["cut_ci95"] == list(gsm8k.wilson(1, 5))
+    assert [s["majority"] for s in res["samples"]] == ["17", "1080", "5", "18", "3"]
 
 
 def test_evaluate_cot_votes_over_last_numbers(tiny_model):

@@ -278,17 +278,22 @@ def test_cuda_graphs_equal_eager_and_hf_generate_and_follow_weight_updates(tok):
 
 @pytest.mark.parametrize("kind", ["torch", pytest.param("vllm", marks=[pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None, reason="needs vLLM")])])
-def test_engine_protocol(kind, tiny_model):
+def test_engine_protocol(kind, tiny_model, tiny_stop_model):
     """TorchEngine and VLLMEngine (in its own process: vLLM pins the process's threads) satisfy engine.Engine
-    (conftest.check_engine_contract; ServeClient takes the same check in test_serve.py)."""
+    (conftest.check_engine_contract; ServeClient takes the same check in test_serve.py), and report the finish
+    reason as HF generate's greedy rows have it (conftest.check_finish_reasons: "stop" at an eos, "length" at the cap)."""
+    import json
     import os
     import subprocess
     import sys
-    from conftest import ROOT, check_engine_contract
+    from conftest import ROOT, check_engine_contract, check_finish_reasons
     if kind == "torch":
         from models import load_model
         check_engine_contract(TorchEngine(load_model(tiny_model), load_tokenizer(tiny_model)), tiny_model)
+        stop_dir, rows, reasons = tiny_stop_model
+        check_finish_reasons(TorchEngine(load_model(stop_dir), load_tokenizer(stop_dir)), rows, reasons)
         return
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "conftest.py"), "vllm", tiny_model], cwd=ROOT,
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "conftest.py"), "vllm", tiny_model,
+                        tiny_stop_model[0], json.dumps(tiny_stop_model[1:])], cwd=ROOT,
                        capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
     assert p.returncode == 0 and "contract ok" in p.stdout, (p.stdout + p.stderr)[-3000:]

@@ -77,14 +77,14 @@ def test_grpo_through_the_cluster_survives_losing_a_replica_node(cluster, tiny_m
     monkeypatch.setattr(weight_sync.WeightSync, "connect",  # the real one, watched: which groups the trainer formed
                         lambda self, states: (connect(self, states), groups.append(sorted(s["replica"] for s in states))))
 
-    def reward_then_remove_a_node(text, answer):
+    def reward_then_remove_a_node(completion, answer):
         calls.append(1)
         if len(calls) == cfg.prompts_per_step * cfg.group_size + 1:  # the first completion of step 2
             # a lost machine takes its raylet and the replica with it, at once. Here they are processes of one host:
             # the replica would outlive its raylet until it next talks to it (seen on CI: it took two more pushes)
             c.remove_node(victim_node, allow_graceful=False)
             os.kill(pids[victim], signal.SIGKILL)
-        return digit_reward(text, answer)
+        return digit_reward(completion, answer)
 
     cfg = dataclasses.replace(cfg_for(tiny_model, tmp_path / "run", max_steps=3), inference="serve", serve_app=name,
                               ray_address=c.address, sync_host="127.0.0.1", sync_timeout_s=180.0)

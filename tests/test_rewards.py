@@ -77,7 +77,8 @@ def in_thread(fn, *args):
     ("", "18", 0.0),
 ])
 def test_accuracy_reward(answer, gold, expected):
-    """The last <answer> block is graded by value against the gold number (last-number rule for text)."""
+    """The answer block that ends the completion is graded by value against the gold number (last-number rule for
+    text)."""
     assert rewards.accuracy_reward(wrap(answer), gold) == expected
 
 
@@ -88,12 +89,21 @@ def test_answer_outside_tags_only_counts_leniently():
     assert rewards.lenient_answer(completion) == "18"
 
 
-def test_last_answer_block_wins():
-    """With several answer blocks, only the last one is graded."""
-    completion = "<think>x</think><answer>17</answer> wait <answer>18</answer>"
-    assert rewards.extract_answer(completion) == "18"
-    assert rewards.accuracy_reward(completion, "18") == 1.0
-    assert rewards.accuracy_reward(completion, "17") == 0.0
+@pytest.mark.parametrize("completion, expected", [
+    ("<think>x</think><answer> 18 </answer>", "18"),
+    ("<think>x</think><answer>18</answer>\n  ", "18"),  # whitespace after the block is fine
+    ("<think>x</think><answer>18</answer> hope that helps", None),  # text after it
+    ("<think>x</think><answer>18</answer>}}</td></html></html>", None),  # the junk a policy learned to append
+    ("<think>x</think><answer>17</answer> wait <answer>18</answer>", None),  # two blocks: no hedging
+    ("<think>x</think><answer>17</answer><answer>18</answer>", None),
+    ("<answer><answer>1</answer>", "1"),  # the innermost opening tag before the closing one
+    ("<think>x</think><answer>18", None),  # unclosed
+    ("18", None),
+])
+def test_final_answer_is_the_block_that_ends_the_completion(completion, expected):
+    """Only an answer block that ends the completion is read; text after it, a second block included, voids it."""
+    assert rewards.final_answer(completion) == expected
+    assert rewards.accuracy_reward(completion, "18") == float(expected == "18")
 
 
 @pytest.mark.parametrize("gold, canon", [
@@ -145,8 +155,11 @@ def test_answers_equal(a, b, expected):
     ("6*3=18</think><answer>18</answer>", 1.0),  # trainer put <think> in the prompt
     ("<think>6*3=18<answer>18</answer>", 0.5),  # missing </think>
     ("<answer>18</answer>", 0.5),  # no think part at all
-    ("<think>a</think><answer>17</answer><answer>18</answer>", 0.5),  # two answer blocks
-    ("<think>a</think><answer>18</answer> hope that helps", 0.5),  # trailing text
+    ("<think>a</think><answer>17</answer><answer>18</answer>", 0.0),  # two answer blocks: text after the first
+    ("<think>a</think><answer>18</answer> hope that helps", 0.0),  # trailing text
+    ("<think>a</think><answer>18</answer>}}</body></html>", 0.0),  # trailing junk
+    ("<think>a</think><answer>18</answer>\n\n", 1.0),  # trailing whitespace
+    ("<think>a<answer>17</answer></think><answer>18</answer>", 0.0),  # an answer inside the think part
     ("hi <think>a</think><answer>18</answer>", 0.5),  # text before <think>
     ("<think>a</think><think>b</think><answer>18</answer>", 0.5),  # two think blocks
     ("<think>a</think> so <answer>18</answer>", 0.5),  # text between the blocks
@@ -160,22 +173,55 @@ def test_answers_equal(a, b, expected):
     ("", 0.0),
 ])
 def test_format_reward(completion, expected):
-    """1.0 for the exact think/answer layout around a number, 0.5 for a gradable answer in a broken layout, else 0."""
+    """1.0 for the exact think/answer layout around a number, 0.5 for a gradable answer that ends the completion in a
+    broken layout, else 0."""
     assert rewards.format_reward(completion) == expected
+
+
+def done(text, finish_reason="stop", n_tokens=10):
+    """A completion as an engine returns it."""
+    return {"text": text, "finish_reason": finish_reason, "token_ids": [7] * n_tokens, "logprobs": [-1.0] * n_tokens}
+
+
+@pytest.mark.parametrize("completion, fmt, acc", [
+    (done("<think>6*3=18</think><answer>18</answer>"), 1.0, 1.0),  # a clean answer
+    (done("<think>6*3=18</think><answer>18</answer>", "length"), 0.0, 0.0),  # cut at the cap: nothing
+    (done("<think>6*3=18</think><answer>18</answer> 18}}</td></html></html></html>", "length"), 0.0, 0.0),
+    (done("<think>6*3=18</think><answer>18</answer>}}</td></html>"), 0.0, 0.0),  # junk after the answer
+    (done("<think>a</think><answer>17</answer><answer>18</answer>"), 0.0, 0.0),  # two answer blocks
+    (done("<answer>18</answer>"), 0.5, 1.0),  # right, ends with its answer, no think part: half the form
+    (done("<think>a</think><answer>17</answer>"), 1.0, 0.0),
+])
+def test_reward_components_read_the_whole_completion(completion, fmt, acc):
+    """A completion earns format and accuracy only if it stopped by itself and ends with its answer block."""
+    c = rewards.reward_components(completion, "#### 18")
+    assert c == {"format": fmt, "accuracy": acc, "reward": rewards.FORMAT_WEIGHT * fmt + acc}
 
 
 def test_reward_components():
     """reward = format_weight * format + accuracy (default rewards.FORMAT_WEIGHT), and accuracy dominates format;
-    a weight of 1 or more, which would pay perfect form as much as a right answer, is refused."""
-    c = rewards.reward_components("<think>a</think><answer>18</answer>", "#### 18")
-    assert c == {"format": 1.0, "accuracy": 1.0, "reward": rewards.FORMAT_WEIGHT + 1.0}
-    assert rewards.reward_components("<think>a</think><answer>17</answer>", "18", format_weight=0.5)["reward"] == 0.5
-    wrong = rewards.reward_components("<think>a</think><answer>17</answer>", "18", 0.99)["reward"]
-    right_messy = rewards.reward_components("<answer>18</answer> junk", "18", 0.99)["reward"]
+    a weight of 1 or more, which would pay perfect form as much as a right answer, is refused; the completion's text
+    alone is refused too (whether it stopped decides its reward)."""
+    assert rewards.reward_components(done("<think>a</think><answer>17</answer>"), "18", format_weight=0.5)["reward"] == 0.5
+    wrong = rewards.reward_components(done("<think>a</think><answer>17</answer>"), "18", 0.99)["reward"]
+    right_messy = rewards.reward_components(done("<answer>18</answer>"), "18", 0.99)["reward"]
     assert right_messy > wrong, (right_messy, wrong)
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match="format_weight"):
-            rewards.reward_components("<answer>18</answer>", "18", bad)
+            rewards.reward_components(done("<answer>18</answer>"), "18", bad)
+    with pytest.raises(TypeError, match="finish_reason"):
+        rewards.reward_components("<think>a</think><answer>18</answer>", "18")
+
+
+@pytest.mark.parametrize("n_tokens, penalty", [(0, 0.0), (280, 0.0), (290, -0.5), (299, -0.95), (300, -1.0)])
+def test_overlong_penalty(n_tokens, penalty):
+    """DAPO's soft overlong penalty: 0 until the last overlong_buffer tokens before the cap, then linear down to -1;
+    it adds to the reward and is logged as its own component. Buffer 0: off, no component."""
+    assert rewards.overlong_penalty(n_tokens, 300, 20) == pytest.approx(penalty)
+    c = rewards.reward_components(done("<think>a</think><answer>18</answer>", n_tokens=n_tokens), "18",
+                                  max_new_tokens=300, overlong_buffer=20)
+    assert c["overlong"] == pytest.approx(penalty) and c["reward"] == pytest.approx(1.1 + penalty)
+    assert "overlong" not in rewards.reward_components(done("<answer>18</answer>", n_tokens=n_tokens), "18")
 
 
 def test_every_counted_reason_is_logged():
@@ -310,10 +356,10 @@ def check_all(text):
     assert rewards.accuracy_reward(text, "18") in (0.0, 1.0)
     assert rewards.accuracy_reward("<answer>18</answer>", text) in (0.0, 1.0)
     assert isinstance(rewards.parse_gold(text), str)
-    assert rewards.extract_answer(text) is None or isinstance(rewards.extract_answer(text), str)
+    assert rewards.final_answer(text) is None or isinstance(rewards.final_answer(text), str)
     assert rewards.lenient_answer(text) is None or isinstance(rewards.lenient_answer(text), str)
     assert isinstance(rewards.answers_equal(text, "18"), bool)
-    c = rewards.reward_components(text, "#### 18")
+    c = rewards.reward_components(done(text), "#### 18")
     assert 0.0 <= c["reward"] <= 1.0 + rewards.FORMAT_WEIGHT, c
     return time.perf_counter() - t0
 

@@ -17,7 +17,7 @@ import gsm8k
 import train
 from test_train import cfg_for, digit_reward
 
-from conftest import PROMPTS, check_engine_contract
+from conftest import PROMPTS, check_engine_contract, check_finish_reasons
 
 pytestmark = pytest.mark.slow  # a Ray cluster and its replicas
 
@@ -34,7 +34,8 @@ def cluster():
     import ray
     from ray import serve
     import infer_workers
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    # 3 CPU slots: the module's app (2 replicas, a CPU each) and a one-replica app beside it
+    ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": infer_workers.ray_env()})  # this repo + any wheels on PYTHONPATH
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -112,6 +113,22 @@ def test_serve_client_satisfies_the_engine_contract(app, tiny_model):
     check_engine_contract(client(name), tiny_model)
 
 
+def test_replicas_pass_the_finish_reason_through(app, tiny_stop_model):
+    """Through the app, a completion that ended at an eos is "stop" and one cut at the cap "length", as in the engines
+    (test_engine.py::test_engine_protocol checks both engines in process; a replica returns what its engine gives, so
+    one torch replica of the stop model, beside the module's app, shows the path)."""
+    torch_only(app)
+    from ray import serve
+    import infer_workers
+    stop_dir, rows, reasons = tiny_stop_model
+    serve.run(infer_workers.build_app({"model": stop_dir, "engine": "torch", "num_workers": 1, "dtype": "float32"}),
+              name="tiny_stop", route_prefix="/tiny_stop")
+    try:
+        check_finish_reasons(client("tiny_stop"), rows, reasons)
+    finally:
+        serve.delete("tiny_stop")
+
+
 @pytest.mark.parametrize("transport", ["broadcast", "shared", "mixed"])
 def test_push_perturbed_then_original(app, tiny_model, transport, monkeypatch):
     """Pushed weights are what the replicas compute with (logprobs equal HF's on them, tied lm_head
@@ -178,9 +195,9 @@ def test_one_step_off_samples_ahead_and_trains_every_batch_once_across_a_resume(
                               inference="serve", serve_app=name, sync_timeout_s=120.0, max_staleness=1)
     answers = []
 
-    def recording_reward(text, answer):
+    def recording_reward(completion, answer):
         answers.append(answer)
-        return digit_reward(text, answer)
+        return digit_reward(completion, answer)
 
     train.main(cfg, reward_fn=recording_reward)
     train.main(dataclasses.replace(cfg, resume=True, stop_after_min=0.0), reward_fn=recording_reward)

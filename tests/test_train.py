@@ -21,8 +21,9 @@ import rewards
 import train
 
 
-def digit_reward(text, answer):
-    """Toy reward with signal even for a random model: the fraction of characters that are digits."""
+def digit_reward(completion, answer):
+    """Toy reward with signal even for a random model: the fraction of the completion's characters that are digits."""
+    text = completion["text"]
     return {"reward": sum(ch.isdigit() for ch in text) / max(len(text), 1)}
 
 
@@ -119,11 +120,11 @@ def test_resume_continues_exactly(tiny_model, tmp_path):
 
     calls = {"n": 0}
 
-    def crashing_reward(text, answer):
+    def crashing_reward(completion, answer):
         calls["n"] += 1
         if calls["n"] > 2 * 8:  # 8 completions per step: crash inside step 3
             raise Crash
-        return digit_reward(text, answer)
+        return digit_reward(completion, answer)
 
     cfg_b = cfg_for(tiny_model, tmp_path / "b", max_steps=4, ckpt_every=2)
     with pytest.raises(Crash):
@@ -186,20 +187,25 @@ def test_log_kl_every_measures_the_kl_on_those_steps_only(tiny_model, tmp_path):
     assert rows[0]["trained_frac"] == rows[2]["trained_frac"] == 1.0  # with the reference: every sequence
 
 
-def test_prompt_and_format_weight_come_from_the_config(tiny_model, tmp_path, monkeypatch):
+def test_prompt_and_format_weight_come_from_the_config(tiny_stop_model, tmp_path, monkeypatch):
     """cfg.prompt is the prompt of every question the run sends (training and in-loop validation), and the default
-    reward is cfg.format_weight * format + accuracy. format_reward is made to pay 1 here, so the weight is visible
-    on a random model."""
+    reward is cfg.format_weight * format + accuracy [+ overlong], format and accuracy paid only to completions that
+    stopped. format_reward is made to pay 1 here, so the weight is visible on a random model; the stop model (a second
+    eos it emits often) makes some completions stop, the cap cuts the others."""
     import gsm8k
     used, build = set(), gsm8k.build_prompts
     monkeypatch.setattr(gsm8k, "build_prompts", lambda tok, qs, prompt=gsm8k.DEFAULT_PROMPT:
                         used.add(prompt) or build(tok, qs, prompt))
     monkeypatch.setattr(rewards, "format_reward", lambda text: 1.0)
-    cfg = cfg_for(tiny_model, tmp_path / "run", max_steps=1, prompt="cot", format_weight=0.3, eval_every=1, eval_size=2)
+    cfg = cfg_for(tiny_stop_model[0], tmp_path / "run", max_steps=2, prompt="cot", format_weight=0.3, eval_every=1,
+                  eval_size=2, overlong_buffer=4)
     train.main(cfg)
     assert used == {"cot"}
-    step = next(json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"reward"' in line)
-    assert step["reward"] == pytest.approx(0.3 + step["accuracy"]) and step["format"] == 1.0, step
+    steps = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"reward"' in line]
+    for step in steps:
+        assert step["format"] == 1 - step["truncated"], step  # every completion that stopped, none that was cut
+        assert step["reward"] == pytest.approx(0.3 * step["format"] + step["accuracy"] + step["overlong"]), step
+    assert 0 < sum(s["truncated"] for s in steps) < len(steps) and min(s["overlong"] for s in steps) < 0, steps
     assert train.load_config([str(tmp_path / "run" / "config.yaml")]).prompt == "cot"
 
 
@@ -347,3 +353,41 @@ if __name__ == "__main__":  # fsdp2_launch's script: `train --key=value ...` (di
     else:
         sys.argv = sys.argv[1:]
         runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def health_rows(cut, fmt, start=1):
+    return [{"step": start + i, "reward": f, "format": f, "format_rate": f, "truncated": c, "completion_len": 100 + 200 * c,
+             "loss": 0.1, "grad_norm": 1.0} for i, (c, f) in enumerate(zip(cut, fmt))]
+
+
+def test_health_names_degeneration_once_and_in_the_summary():
+    """Health fires each rule once, after PATIENCE steps on the wrong side (cut share at or above CUT; format below
+    FORMAT after it was above; a loss that is not finite at once), and its summary says whether the run ended so."""
+    h, P = plumbing.Health(max_new_tokens=300), plumbing.Health.PATIENCE
+    fired = [h.see(r) for r in health_rows([0.0] * 3 + [0.5] * (P - 1) + [0.0] + [0.5] * (P + 3), [0.9] * (2 * P + 6))]
+    assert [i for i, f in enumerate(fired) if f] == [3 + P + P - 1], fired  # the run of P-1 bad steps fired nothing
+    assert "50% of completions cut at max_new_tokens=300" in fired[3 + 2 * P - 1][0]
+    h.see({"step": 20, "val/n": 500, "val/pass@1_strict": 0.4, "val/pass@1_lenient": 0.4, "val/format": 0.9,
+           "val/cut": 0.0})
+    last = h.summary()
+    assert last[0].startswith("final validation (step 20, n=500): strict 40.0%") and "DEGENERATE" in last[-1], last
+    assert h.see(health_rows([0.0], [0.9], start=30)[0]) == [] and "gone by its end" in h.summary()[-1]
+
+    never = plumbing.Health(300)  # a format that was never there does not collapse
+    assert not any(never.see(r) for r in health_rows([0.0] * 10, [0.1] * 10)) and "DEGENERATE" not in never.summary()[-1]
+    lost = plumbing.Health(300)
+    fired = [lost.see(r) for r in health_rows([0.0] * 12, [0.9] * 2 + [0.3] * 10)]
+    assert "format 30%" in fired[1 + P][0] and sum(map(bool, fired)) == 1
+    nan = plumbing.Health(300)
+    assert "not finite" in nan.see(health_rows([0.0], [0.9])[0] | {"loss": float("nan")})[0]
+
+
+def test_a_run_that_runs_to_the_cap_says_so_plainly(tiny_model, tmp_path, capsys):
+    """The tiny random model never emits its eos: every completion is cut at max_new_tokens. The run warns once while
+    it happens (stderr, beside the bar, and in metrics.jsonl) and its last lines name the degeneration."""
+    train.main(cfg_for(tiny_model, tmp_path / "run", max_steps=plumbing.Health.PATIENCE + 1), reward_fn=digit_reward)
+    out = capsys.readouterr()
+    assert out.err.count("WARNING: 100% of completions cut at max_new_tokens=12") == 1, out.err[-2000:]
+    assert out.out.strip().splitlines()[-1].startswith("DEGENERATE at the end: 100% of completions cut"), out.out
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [bool(r.get("warnings")) for r in rows] == [False] * (plumbing.Health.PATIENCE - 1) + [True, False]
