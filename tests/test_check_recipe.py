@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.join(ROOT, "exps"))
 import check_recipe  # noqa: E402
 import train  # noqa: E402
 
-REF = os.path.join(ROOT, "res", "qwen_coder_r1zero.jsonl")
+REF = os.path.join(ROOT, "res", "qwen_coder_r1zero_e214b04.jsonl")  # a fixed run: 150 steps, evals every 25
 
 
 def degenerate(rows, from_step):
