@@ -40,9 +40,9 @@ def make_tiny_model(path, vocab=512, hidden=64, layers=2, heads=2, kv_heads=1, s
 
 
 def kill_tree(pid):
-    """SIGKILL pid and every process under it, in any session. Each process is stopped before its children are read:
-    a stopped process starts no more, so none is missed (listing first raced a parent starting a child just then, and
-    that child, in a session of its own, lived on holding the output pipes)."""
+    """SIGKILL pid and every process under it, in any session, and return once each is a zombie or gone. Each process
+    is stopped before its children are read: a stopped process starts no more, so none is missed (listing first raced
+    a parent starting a child just then, and that child, in a session of its own, lived on holding the output pipes)."""
     import time
     import psutil
     seen, todo = {}, [pid]
@@ -66,6 +66,17 @@ def kill_tree(pid):
         os.killpg(pid, signal.SIGKILL)  # and any of its process group no longer under it
     except ProcessLookupError:
         pass
+    # SIGKILL lands asynchronously: a killed process runs on through its exit, its pipes already closed, before it is
+    # a zombie or gone (a check right after run_group returned saw one "running")
+    deadline = time.monotonic() + 30
+    for q in seen.values():
+        while time.monotonic() < deadline:
+            try:
+                if q.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.01)
 
 
 def run_group(cmd, timeout, **kw) -> subprocess.CompletedProcess:
