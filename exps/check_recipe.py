@@ -21,8 +21,8 @@ import sys
 
 VAL = [("val/pass@1_strict", "validation strict"), ("val/format", "validation format"), ("val/cut", "validation cut")]
 # (key, name, the narrowest band: a difference this small is never a failure)
-TRAIN = [("completion_len", "completion length", 5.0), ("truncated", "cut share", 0.02), ("format_rate", "format", 0.02),
-         ("kl", "KL to the initial model", 0.01)]
+TRAIN = [("completion_len", "completion length", 5.0), ("truncated", "cut share", 0.02),
+         ("format_rate", "format", 0.02), ("kl", "KL to the initial model", 0.01)]
 
 
 def load(path: str, steps: int) -> tuple[dict, list]:

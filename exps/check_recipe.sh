@@ -16,10 +16,11 @@ NAME=${NAME:-qwen_coder_r1zero}
 STEPS=${STEPS:-100}
 RUN=${RUN_DIR:-runs/check_$NAME}
 REF=${REF:-res/$NAME.jsonl}
-[ -e "$REF" ] || { echo "no reference run at $REF: run the recipe (exps/$NAME/run_train.sh) and commit its res/ first"; exit 2; }
+[ -e "$REF" ] || { echo "no reference run at $REF: run the recipe (exps/$NAME/run_train.sh), commit its res/"; exit 2; }
 EXTRA=()
 [ "${REFERENCE_PATH:-0}" = 1 ] && EXTRA=(--share_prompts=false --compile=false --compile_engine=false \
     --fuse_engine=false --log_kl_every=1)
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$RUN/compile_cache}
-python train.py "exps/$NAME/config.yaml" --run_dir="$RUN" --max_steps="$STEPS" --inference=local ${EXTRA[@]+"${EXTRA[@]}"} "$@"
+python train.py "exps/$NAME/config.yaml" --run_dir="$RUN" --max_steps="$STEPS" --inference=local \
+    ${EXTRA[@]+"${EXTRA[@]}"} "$@"
 python exps/check_recipe.py "$RUN/metrics.jsonl" "$REF" --steps "$STEPS"

@@ -121,7 +121,7 @@ def test_evaluate_strict_lenient_format_cut_and_majority(tiny_model, batch):
     sampled = [["<answer>17</answer>", "<answer>17</answer>", "<answer>18</answer>"],
                ["<answer>1,080</answer>", "<answer>$1080</answer>", "<answer>7</answer>"],  # 1,080 = $1080 in the vote
                ["<answer>5</answer>", "no answer", "no answer"],
-               [("<answer>9</answer>", "length"), ("<answer>9</answer>", "length"), "<answer>18</answer>"],  # cut: no vote
+               [("<answer>9</answer>", "length")] * 2 + ["<answer>18</answer>"],  # the cut ones do not vote
                ["<answer>18</answer> junk", "<answer>18</answer> junk", "<answer>3</answer>"]]  # no answer ends them
     res = gsm8k.evaluate(ScriptedEngine(greedy, sampled), load_tokenizer(tiny_model), rows, maj_k=3, batch=batch)
     assert [res[k] for k in ("pass@1_strict", "pass@1_lenient", "format", "cut", "maj@3")] == [0.2, 0.8, 0.4, 0.2, 0.6]

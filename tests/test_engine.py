@@ -281,7 +281,8 @@ def test_cuda_graphs_equal_eager_and_hf_generate_and_follow_weight_updates(tok):
 def test_engine_protocol(kind, tiny_model, tiny_stop_model):
     """TorchEngine and VLLMEngine (in its own process: vLLM pins the process's threads) satisfy engine.Engine
     (conftest.check_engine_contract; ServeClient takes the same check in test_serve.py), and report the finish
-    reason as HF generate's greedy rows have it (conftest.check_finish_reasons: "stop" at an eos, "length" at the cap)."""
+    reason as HF generate's greedy rows have it (conftest.check_finish_reasons: "stop" at an eos, "length" at the
+    cap)."""
     import json
     import os
     import subprocess

@@ -202,7 +202,8 @@ def test_reward_components():
     """reward = format_weight * format + accuracy (default rewards.FORMAT_WEIGHT), and accuracy dominates format;
     a weight of 1 or more, which would pay perfect form as much as a right answer, is refused; the completion's text
     alone is refused too (whether it stopped decides its reward)."""
-    assert rewards.reward_components(done("<think>a</think><answer>17</answer>"), "18", format_weight=0.5)["reward"] == 0.5
+    half = rewards.reward_components(done("<think>a</think><answer>17</answer>"), "18", format_weight=0.5)
+    assert half["reward"] == 0.5
     wrong = rewards.reward_components(done("<think>a</think><answer>17</answer>"), "18", 0.99)["reward"]
     right_messy = rewards.reward_components(done("<answer>18</answer>"), "18", 0.99)["reward"]
     assert right_messy > wrong, (right_messy, wrong)

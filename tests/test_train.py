@@ -356,8 +356,8 @@ if __name__ == "__main__":  # fsdp2_launch's script: `train --key=value ...` (di
 
 
 def health_rows(cut, fmt, start=1):
-    return [{"step": start + i, "reward": f, "format": f, "format_rate": f, "truncated": c, "completion_len": 100 + 200 * c,
-             "loss": 0.1, "grad_norm": 1.0} for i, (c, f) in enumerate(zip(cut, fmt))]
+    return [{"step": start + i, "reward": f, "format": f, "format_rate": f, "truncated": c,
+             "completion_len": 100 + 200 * c, "loss": 0.1, "grad_norm": 1.0} for i, (c, f) in enumerate(zip(cut, fmt))]
 
 
 def test_health_names_degeneration_once_and_in_the_summary():
@@ -374,7 +374,8 @@ def test_health_names_degeneration_once_and_in_the_summary():
     assert h.see(health_rows([0.0], [0.9], start=30)[0]) == [] and "gone by its end" in h.summary()[-1]
 
     never = plumbing.Health(300)  # a format that was never there does not collapse
-    assert not any(never.see(r) for r in health_rows([0.0] * 10, [0.1] * 10)) and "DEGENERATE" not in never.summary()[-1]
+    assert not any(never.see(r) for r in health_rows([0.0] * 10, [0.1] * 10))
+    assert "DEGENERATE" not in never.summary()[-1]
     lost = plumbing.Health(300)
     fired = [lost.see(r) for r in health_rows([0.0] * 12, [0.9] * 2 + [0.3] * 10)]
     assert "format 30%" in fired[1 + P][0] and sum(map(bool, fired)) == 1
