@@ -14,7 +14,7 @@ Receiving weights from another process (a Serve replica) is not part of it: see 
 TorchEngine is the single-machine default (`--inference local`) and the replica engine where vLLM is absent.
 Over ~500 lines because the fast path lives here: for Llama/Qwen2-shaped models our own forward over a static KV
 cache with continuous batching (a finished row's cache slot takes the next waiting sequence), each decode step one
-CUDA graph on GPUs (12x stock `generate` at bs 256, docs/perf.md).
+CUDA graph on GPUs (docs/perf.md times it against stock `generate`).
 Left out: paged memory (each cache row holds one sequence's whole context; the G completions of a prompt share its
 prefill, not its cache slots).
 """
@@ -48,7 +48,7 @@ class Engine(Protocol):
 
 
 def default_max_batch(device) -> int:
-    """TorchEngine rows per decode step: bounds its KV cache (256 x 2048 slots of a 0.5B model: ~6 GB)."""
+    """TorchEngine rows per decode step: bounds its KV cache (rows x context slots of every layer's keys and values)."""
     return 256 if torch.device(device).type == "cuda" else 64
 
 
@@ -79,7 +79,7 @@ def _attend(q, k, v, bias, scale):
 
 
 @torch.compiler.disable  # eager inside a compiled decode step: compiled, the in-place write into the KV cache (a graph
-# input) became a copy of the whole cache at every step (on the CPU: 3.6 s a step for SmolLM2)
+# input) becomes a copy of the whole cache at every step
 def _store_and_attend(store, i, q, k, v, bias, scale):
     """store(i, k, v) puts layer i's new keys/values into the cache and returns those to attend; then _attend."""
     k, v = store(i, k, v)
@@ -187,8 +187,8 @@ class TorchEngine:
     row views of (_fuse; fuse=False: separate GEMMs). Other architectures take HF's forward + DynamicCache, in
     batches of max_batch. compile=True: the decode step's forward is torch.compiled (its norms, RoPE, SiLU and
     residual adds fused; graphs are captured of the compiled step) and sampling at top_p 1 is _sample_race,
-    compiled: on an H200 1.6x the eager step's speed on the real workload (docs/perf.md); Config.compile_engine
-    turns it on (the reproduction recipe does), off by default since on a CPU it gains nothing and costs a warm-up.
+    compiled (docs/perf.md has its speed); Config.compile_engine turns it on (the reproduction recipe does), off by
+    default since on a CPU it gains nothing and costs a warm-up.
     """
     BLOCK = 128  # cache slots come in multiples of this: the cache's length and each graph's attended length
 

@@ -47,8 +47,8 @@ EXAMPLE = f' For example, if the user asks "{EXAMPLE_QUESTION}", the assistant r
 # earlier exchange or None). Config.prompt and gsm8k.py --prompt pick one. "cot" is the model's own chain of thought:
 # its chat template's default system message, no tags (score it lenient): the reference an R1-Zero run has to beat
 # without any training. "r1_turn" gives the same example as a previous user/assistant exchange instead of inside the
-# system message: SmolLM2-135M ignores a system message's example (0 of 64 samples in the format at T = 0.7, train
-# problems) but copies an earlier turn's form (7 of 64), so the CPU demo uses it.
+# system message: SmolLM2-135M ignores a system message's example but copies an earlier turn's form (docs/results.md),
+# so the CPU demo uses it.
 PROMPTS = {
     "r1": (R1_SYSTEM, "", "<think>", None),
     "r1_example": (R1_SYSTEM + EXAMPLE, "", "<think>", None),

@@ -106,7 +106,7 @@ class VLLMEngine:
             if importlib.util.find_spec("flashinfer") is None:  # else its top-k/top-p sampler fails to import
                 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
             # the engine in this process (a Serve replica is its own process already): collective_rpc is a call, not
-            # a message, and no fork after torch work (one such start hung on an H200)
+            # a message, and no fork after torch work (forking a process that has started CUDA can hang the child)
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             from vllm.config import WeightTransferConfig  # vLLM's own transfer (NCCL, or "ipc" for a replica on the
             # trainer's GPU), timed against ours by bench/weight_sync.py, which sets VLLM_WEIGHT_TRANSFER
@@ -134,8 +134,8 @@ class VLLMEngine:
         sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
                             logprobs=0)
         # salted with the weights' load count, so no request reuses KV that vLLM's prefix cache holds from older
-        # weights: no reset_prefix_cache after a push (a Python loop over every KV block: ~12 of a 17 ms replica-side
-        # push on an H200, docs/perf.md); the stale blocks are evicted as any unused ones
+        # weights: no reset_prefix_cache after a push (a Python loop over every KV block, most of a replica-side push;
+        # docs/perf.md); the stale blocks are evicted as any unused ones
         outs = self.llm.generate([{"prompt_token_ids": p, "cache_salt": str(self.loads)} for p in prompts], sp,
                                  use_tqdm=False)
         return [[{"token_ids": list(o.token_ids), "logprobs": [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)],
@@ -301,8 +301,8 @@ class InferenceWorker:
     async def _locked(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) on a thread, holding the lock until it returns. A caller cancelled meanwhile (an HTTP
         client that hangs up, a handle request cancelled) gets CancelledError at once, but the lock stays held until
-        fn is done: a thread still in the engine must not overlap the next request or a weight load (regression: two
-        vLLM generate calls at once broke the engine, and every later request of that replica failed with a 500)."""
+        fn is done: a thread still in the engine must not overlap the next request or a weight load (two vLLM
+        generate calls at once break the engine, and every later request of that replica fails with a 500)."""
         await self.lock.acquire()
         job = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
         # the lock goes when fn is done; its error is read, so one that no cancelled caller awaits is not logged as lost

@@ -192,7 +192,7 @@ def plan_shapes(plan) -> tuple[dict, frozenset]:
 
 class ParamCopy:
     """Checkpoint-named tensors copied straight into a model's live parameters by one torch._foreach_copy_, in place of
-    the model's own loader (vLLM's load_weights runs Python for every tensor: ~0.1 ms each, docs/perf.md).
+    the model's own loader (vLLM's load_weights runs Python for every tensor; docs/perf.md times the two).
 
     params: the model's named parameters (a tied one may be there under both names). packed: fused parameters and the
     parts stacked in them along dim 0, in order

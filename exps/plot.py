@@ -59,7 +59,7 @@ def plot(run_dir: str, res: str = "", k: int = 10) -> str:
             else:
                 ax.plot(xs, ys, ".-", color=color, label=label)
         if title.startswith("step time"):
-            ax.set_yscale("log")  # a compiled run's first step is ~15x the others
+            ax.set_yscale("log")  # a compiled run's first step is many times the others
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

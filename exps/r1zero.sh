@@ -27,7 +27,7 @@ RES=${RES:-res}                                  # where the tracked results go,
 TAG=$(basename "$RUN")                           # --run_dir=runs/x --prompt=r1 ... gives res/x.png, res/x_eval.json
 mkdir -p "$RUN" "$RES"
 # torch.compile's kernels cached with the run (the default cache is this machine's /tmp): a resumed piece in another
-# job or on another machine of the same kind reuses them instead of compiling again (~70 s on an H200; docs/perf.md)
+# job or on another machine of the same kind reuses them instead of compiling again (docs/perf.md: its cost)
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$RUN/compile_cache}
 mark() { echo "$(date +%s) $1" >> "$RUN/phases.log"; }   # the run's wall time, part by part (unix seconds)
 mark start

@@ -165,7 +165,7 @@ def test_answers_equal(a, b, expected):
     ("<think>a</think> so <answer>18</answer>", 0.5),  # text between the blocks
     ("<think>a</think><answer> </answer>", 0.0),  # empty answer
     ("<think>a</think><answer>eighteen</answer>", 0.0),  # no number: not gradable
-    # regression (SmolLM2 run, 2026-11-30): the policy copied the system prompt's example for full format credit
+    # regression (a SmolLM2 run): the policy copied the system prompt's example for full format credit
     (" reasoning process here </think><answer> answer here </answer>", 0.0),
     ("<think>a</think><answer>\\frac{36}{2}</answer>", 1.0),  # any number-bearing answer counts
     ("<think>a</think>", 0.0),  # no answer
