@@ -230,15 +230,26 @@ def evaluate(engine, tok, rows, max_new_tokens=512, maj_k=0, temperature=1.0, se
     return out | {"samples": samples}
 
 
+TRAINED_WITH = "simple_r1.json"  # in a checkpoint's model folder (plumbing.save_checkpoint): what it was trained with
+
+
+def trained_prompt(model: str) -> str:
+    """The prompt a checkpoint's model folder was trained with (TRAINED_WITH), else the default: a checkpoint is
+    evaluated as it was trained unless --prompt says otherwise."""
+    path = os.path.join(model, TRAINED_WITH)
+    return json.load(open(path))["prompt"] if os.path.isfile(path) else DEFAULT_PROMPT
+
+
 if __name__ == "__main__":
+    import sys
     import time
     from infer_workers import make_engine
     from models import load_tokenizer
     ap = argparse.ArgumentParser(description="Evaluate a model on the GSM8K test set.")
     ap.add_argument("--model", required=True, help="hub name, local HF folder, smollm2 or qwen-coder")
-    ap.add_argument("--prompt", default=DEFAULT_PROMPT, choices=list(PROMPTS),
-                    help="the run's Config.prompt (r1zero.sh passes it); cot: the model's own chain of thought, no "
-                         "tags (read its lenient score)")
+    ap.add_argument("--prompt", default=None, choices=list(PROMPTS),
+                    help="default: the prompt a checkpoint was trained with (its simple_r1.json), else "
+                         f"{DEFAULT_PROMPT}; cot: the model's own chain of thought, no tags (read its lenient score)")
     ap.add_argument("--data", default="openai/gsm8k", help="hub dataset or local folder with test.jsonl")
     ap.add_argument("--limit", type=int, default=0, help="first N test problems only (0 = all 1319)")
     ap.add_argument("--maj-k", type=int, default=8, help="samples per problem for maj@k (0 = greedy only)")
@@ -250,13 +261,19 @@ if __name__ == "__main__":
     ap.add_argument("--out", default="", help="JSON path (default: eval_gsm8k.json beside the model)")
     ap.add_argument("--record", default="", help="also put the metrics (no samples) into this JSON file ...")
     ap.add_argument("--as", dest="tag", default="", help="... under this key (e.g. before / after)")
+    ap.add_argument("--verbose", action="store_true", help="show the engine's start-up logs (vLLM's config dump and "
+                                                           "INFO lines), kept out of the progress bar otherwise")
     a = ap.parse_args()
+    if not a.verbose:  # read by vLLM when it is imported, below
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from models import check_source
     try:
         check_source(a.model)
         check_source(a.data, "dataset")
     except ValueError as e:  # a name or path the user gave: argparse's one-line error, exit status 2
         ap.error(str(e))
+    a.prompt = a.prompt or trained_prompt(a.model)
+    print(f"prompt {a.prompt}", file=sys.stderr)
     rows = load_split(a.data, "test")[:a.limit or None]
     engine = make_engine(a.model, a.engine)
     t0 = time.perf_counter()

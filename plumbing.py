@@ -77,6 +77,9 @@ def save_checkpoint(acc, policy, tok, opt, sched, sampler_state, cfg, step, vers
         shutil.rmtree(tmp, ignore_errors=True)
         lm.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd)  # HF folder: gsm8k.py, engines load it
         tok.save_pretrained(os.path.join(tmp, "model"))
+        from gsm8k import TRAINED_WITH
+        with open(os.path.join(tmp, "model", TRAINED_WITH), "w") as f:  # gsm8k.py evaluates it with the same prompt
+            json.dump({"prompt": cfg.prompt, "max_new_tokens": cfg.max_new_tokens}, f)
         torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(), "version": version,
                     "schedule_steps": getattr(sched, "horizon", cfg.max_steps),
                     "sampler": sampler_state, "config": dataclasses.asdict(cfg),

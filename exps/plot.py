@@ -30,6 +30,8 @@ PANELS = [  # (title, [(metrics key, label)])
     ("step time (s)", [("gen_s", "generate"), ("train_s", "train"), ("sync_s", "sync"), ("reward_s", "reward")]),
 ]
 SCALE = {"truncated": 100, "val/cut": 100}  # drawn on the same axis as the length
+# why a panel can be empty, said in it (a blank panel reads as a bug)
+EMPTY = {"kl": "not logged: this run has no reference model\n(kl_coef 0 and log_kl off)"}
 
 
 def smooth(ys, k):
@@ -40,12 +42,13 @@ def smooth(ys, k):
     return out
 
 
-def plot(run_dir: str, res: str = "", k: int = 10) -> str:
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    if not rows:
-        raise SystemExit(f"{run_dir}/metrics.jsonl is empty: nothing to plot")
+def figure(rows: list[dict], k: int = 10):
+    """metrics.jsonl rows -> the figure of PANELS (a panel with nothing to draw says why)."""
     fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
     for ax, (title, series) in zip(axes.flat, PANELS):
+        if not any(r.get(key) is not None for key, _ in series for r in rows):
+            reason = next((EMPTY[key] for key, _ in series if key in EMPTY), "not in this run's metrics")
+            ax.text(0.5, 0.5, reason, ha="center", va="center", transform=ax.transAxes, color="gray")
         for (key, label), color in zip(series, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
             pts = [(r["step"], r[key] * SCALE.get(key, 1)) for r in rows if r.get(key) is not None]
             if not pts:
@@ -65,6 +68,14 @@ def plot(run_dir: str, res: str = "", k: int = 10) -> str:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    return fig
+
+
+def plot(run_dir: str, res: str = "", k: int = 10) -> str:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    if not rows:
+        raise SystemExit(f"{run_dir}/metrics.jsonl is empty: nothing to plot")
+    fig = figure(rows, k)
     fig.suptitle(os.path.basename(os.path.normpath(run_dir)))
     fig.tight_layout()
     out = os.path.join(run_dir, "curves.png")

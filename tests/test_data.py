@@ -241,3 +241,21 @@ def test_qwen_coder_from_the_wheels_loads_and_reasons():
     ids = gsm8k.build_prompt(tok, "Tom has 3 apples and buys 4 more. How many apples does he have?", "cot")
     out = TorchEngine(model, tok).generate([ids], max_new_tokens=160, temperature=0)[0][0]
     assert out["finish_reason"] == "stop" and __import__("rewards").lenient_answer(out["text"]) == "7", out["text"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None, reason="needs vLLM")
+def test_eval_keeps_the_engine_logs_out_of_its_bar(tiny_model, tmp_path):
+    """gsm8k.py with vLLM prints no INFO lines from the engine (its start-up config dump, on stdout, buried the
+    progress bar); --verbose brings them back."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    cmd = [sys.executable, os.path.join(ROOT, "gsm8k.py"), "--model", tiny_model, "--data", GSM8K, "--limit", "1",
+           "--maj-k", "0", "--max-new-tokens", "2", "--engine", "vllm", "--out", str(tmp_path / "e.json")]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_LEVEL"}
+    run = lambda extra: subprocess.run(cmd + extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,  # noqa
+                                       timeout=600, cwd=ROOT, env=env)
+    quiet, verbose = run([]), run(["--verbose"])
+    assert quiet.returncode == 0 and " INFO " not in quiet.stdout and "strict=" in quiet.stdout, quiet.stdout[-3000:]
+    assert verbose.returncode == 0 and " INFO " in verbose.stdout, verbose.stdout[-3000:]

@@ -207,6 +207,12 @@ def test_prompt_and_format_weight_come_from_the_config(tiny_stop_model, tmp_path
         assert step["reward"] == pytest.approx(0.3 * step["format"] + step["accuracy"] + step["overlong"]), step
     assert 0 < sum(s["truncated"] for s in steps) < len(steps) and min(s["overlong"] for s in steps) < 0, steps
     assert train.load_config([str(tmp_path / "run" / "config.yaml")]).prompt == "cot"
+    # the checkpoint says what it was trained with, and gsm8k.py evaluates it with that prompt unless told otherwise
+    model = tmp_path / "run" / "ckpt" / "latest" / "model"
+    p = run_group([sys.executable, os.path.join(ROOT, "gsm8k.py"), "--model", str(model), "--data", GSM8K, "--limit",
+                   "1", "--maj-k", "0", "--max-new-tokens", "2", "--engine", "torch", "--out", str(tmp_path / "e.json")],
+                  300, cwd=ROOT)
+    assert p.returncode == 0 and json.load(open(tmp_path / "e.json"))["prompt"] == "cot", p.stderr[-2000:]
 
 
 @pytest.mark.slow
