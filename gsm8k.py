@@ -23,39 +23,50 @@ import collections
 import json
 import os
 import random
+from typing import NamedTuple
 
 import rewards
 
+(THINK, THINK_END), (ANSWER, ANSWER_END) = rewards.THINK, rewards.ANSWER  # the graders' tags, one home
 # R1-Zero's instruction, with one line added for GSM8K's numeric answers; rewards.format_reward checks its tags
 R1_SYSTEM = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
     "The assistant first thinks about the reasoning process in the mind and then provides the user with "
-    "the answer. The reasoning process and answer are enclosed within <think> </think> and "
-    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think>"
-    "<answer> answer here </answer>. The answer is just the final number, with no units or words."
+    f"the answer. The reasoning process and answer are enclosed within {THINK} {THINK_END} and "
+    f"{ANSWER} {ANSWER_END} tags, respectively, i.e., {THINK} reasoning process here {THINK_END}"
+    f"{ANSWER} answer here {ANSWER_END}. The answer is just the final number, with no units or words."
 )
-# One worked example, made up here (no GSM8K problem): the reasoning inside <think>, the bare number in <answer>.
-# Without it a 0.5B instruct model follows the tags only half the time and, paid for the form, drops the reasoning
-# for its first ~20 steps (README, Results: the ablation rows).
+# One worked example, made up here (no GSM8K problem): the reasoning inside the think tags, the bare number in the
+# answer tags. Without it a 0.5B instruct model follows the tags only half the time and, paid for the form, drops
+# the reasoning for its first steps (docs/results.md: the ablation rows).
 EXAMPLE_QUESTION = ("A shelf holds 3 rows of 14 books. A librarian adds 9 books and lends out 11. "
                     "How many books are on the shelf now?")
-EXAMPLE_REPLY = ("<think> 3 rows of 14 books is 3 * 14 = 42 books. Adding 9 gives 42 + 9 = 51, and lending out 11 leaves "
-                 "51 - 11 = 40. </think><answer> 40 </answer>")
+EXAMPLE_REPLY = (f"{THINK} 3 rows of 14 books is 3 * 14 = 42 books. Adding 9 gives 42 + 9 = 51, and lending out 11 "
+                 f"leaves 51 - 11 = 40. {THINK_END}{ANSWER} 40 {ANSWER_END}")
 EXAMPLE = f' For example, if the user asks "{EXAMPLE_QUESTION}", the assistant replies: {EXAMPLE_REPLY}'
 
-# name -> (system message or None, text after the question, start of the assistant's reply, worked example as an
-# earlier exchange or None). Config.prompt and gsm8k.py --prompt pick one. "cot" is the model's own chain of thought:
-# its chat template's default system message, no tags (score it lenient): the reference an R1-Zero run has to beat
-# without any training. "r1_turn" gives the same example as a previous user/assistant exchange instead of inside the
-# system message: SmolLM2-135M ignores a system message's example but copies an earlier turn's form (docs/results.md),
-# so the CPU demo uses it.
+
+class Prompt(NamedTuple):
+    """How a question is asked (build_prompts renders it, through the model's chat template when it has one)."""
+    system: str | None  # the system message; None: the chat template's default
+    suffix: str  # text after the question
+    start: str  # the start of the assistant's reply, prefilled (R1-Zero opens the think block)
+    example: tuple[str, str] | None  # a worked example as an earlier (user, assistant) exchange
+    tagged: bool  # the answer comes in the answer tags (graded strictly); else its last number (lenient)
+
+
+# Config.prompt and gsm8k.py --prompt pick one. "cot" is the model's own chain of thought: its chat template's default
+# system message, no tags (score it lenient): the reference an R1-Zero run has to beat without any training.
+# "r1_turn" gives the example as a previous exchange instead of inside the system message: SmolLM2-135M ignores a
+# system message's example but copies an earlier turn's form (docs/results.md), so the CPU demo uses it.
 PROMPTS = {
-    "r1": (R1_SYSTEM, "", "<think>", None),
-    "r1_example": (R1_SYSTEM + EXAMPLE, "", "<think>", None),
-    "r1_turn": (R1_SYSTEM, "", "<think>", (EXAMPLE_QUESTION, EXAMPLE_REPLY)),
-    "cot": (None, "\nSolve it step by step, then give the final number on the last line.", "", None),
+    "r1": Prompt(R1_SYSTEM, "", THINK, None, True),
+    "r1_example": Prompt(R1_SYSTEM + EXAMPLE, "", THINK, None, True),
+    "r1_turn": Prompt(R1_SYSTEM, "", THINK, (EXAMPLE_QUESTION, EXAMPLE_REPLY), True),
+    "cot": Prompt(None, "\nSolve it step by step, then give the final number on the last line.", "", None, False),
 }
 DEFAULT_PROMPT = "r1_example"  # train.Config.prompt's default, and gsm8k.py's
+
 
 def load_split(data: str, split: str) -> list[dict]:
     """[{"question": str, "answer": str}] from a local folder of jsonl or the hub (openai/gsm8k, main).
@@ -110,7 +121,7 @@ def build_prompts(tok, questions: list[str], prompt: str = DEFAULT_PROMPT) -> li
     """
     if prompt not in PROMPTS:
         raise ValueError(f"prompt {prompt!r}: use one of {', '.join(PROMPTS)}")
-    system, suffix, start, shot = PROMPTS[prompt]
+    system, suffix, start, shot, _ = PROMPTS[prompt]
     if tok.chat_template:
         head = [{"role": "system", "content": system}] * bool(system) + (
             [{"role": "user", "content": shot[0]}, {"role": "assistant", "content": shot[1]}] if shot else [])
@@ -124,6 +135,15 @@ def build_prompts(tok, questions: list[str], prompt: str = DEFAULT_PROMPT) -> li
 
 def build_prompt(tok, question: str, prompt: str = DEFAULT_PROMPT) -> list[int]:
     return build_prompts(tok, [question], prompt)[0]
+
+
+def reward(completion, answer: str, cfg) -> dict[str, float]:
+    """The reward the trainer optimises for one completion (the engine's: text, token ids, finish reason) of a question
+    whose GSM8K answer field is `answer`, and its components, each logged per step:
+        format_weight * format + accuracy [+ overlong]            (cfg: train.Config)
+    rewards.py grades: a completion cut at max_new_tokens, or going on after its answer block, earns no format or
+    accuracy; overlong is DAPO's soft length penalty (cfg.overlong_buffer > 0). A new reward term goes here."""
+    return rewards.reward_components(completion, answer, cfg.format_weight, cfg.max_new_tokens, cfg.overlong_buffer)
 
 class Sampler:
     """Endless seeded shuffle over n items, resumable from (epoch, pos).
@@ -196,7 +216,7 @@ def evaluate(engine, tok, rows, max_new_tokens=512, maj_k=0, temperature=1.0, se
     """
     from tqdm import tqdm
     golds = [rewards.parse_gold(r["answer"]) for r in rows]
-    prompts, tagged = build_prompts(tok, [r["question"] for r in rows], prompt), PROMPTS[prompt][2] == "<think>"
+    prompts, tagged = build_prompts(tok, [r["question"] for r in rows], prompt), PROMPTS[prompt].tagged
     hits = {"pass@1_strict": 0, "pass@1_lenient": 0, "format": 0, "cut": 0} | ({f"maj@{maj_k}": 0} if maj_k else {})
     samples = []
     bar = tqdm(total=len(rows) * (1 + maj_k), unit="completion", disable=not progress, dynamic_ncols=True)
@@ -217,7 +237,7 @@ def evaluate(engine, tok, rows, max_new_tokens=512, maj_k=0, temperature=1.0, se
                                  seed=seed + 1 + i)
         for j, (gold, group) in enumerate(zip(golds[i:i + batch], groups)):
             top = majority(group, tagged)
-            hits[f"maj@{maj_k}"] += rewards.accuracy_reward(f"<answer>{top}</answer>", gold)
+            hits[f"maj@{maj_k}"] += rewards.accuracy_reward(f"{ANSWER}{top}{ANSWER_END}", gold)
             samples[i + j]["majority"] = top
         bar.update(len(groups) * maj_k)
         bar.set_postfix(strict=f"{hits['pass@1_strict'] / len(rows):.1%}",
@@ -230,7 +250,7 @@ def evaluate(engine, tok, rows, max_new_tokens=512, maj_k=0, temperature=1.0, se
     return out | {"samples": samples}
 
 
-TRAINED_WITH = "simple_r1.json"  # in a checkpoint's model folder (plumbing.save_checkpoint): what it was trained with
+TRAINED_WITH = "simple_r1.json"  # in a checkpoint's model folder (run.save_checkpoint): what it was trained with
 
 
 def trained_prompt(model: str) -> str:
@@ -244,7 +264,7 @@ if __name__ == "__main__":
     import sys
     import time
     from infer_workers import make_engine
-    from models import load_tokenizer
+    from system.models import load_tokenizer
     ap = argparse.ArgumentParser(description="Evaluate a model on the GSM8K test set.")
     ap.add_argument("--model", required=True, help="hub name, local HF folder, smollm2 or qwen-coder")
     ap.add_argument("--prompt", default=None, choices=list(PROMPTS),
@@ -266,7 +286,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if not a.verbose:  # read by vLLM when it is imported, below
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from models import check_source
+    from system.models import check_source
     try:
         check_source(a.model)
         check_source(a.data, "dataset")

@@ -1,4 +1,4 @@
-"""The Ray Serve app of inference replicas, and vLLM behind the engine interface (engine.Engine).
+"""The Ray Serve app of inference replicas, and vLLM behind the engine interface (system.engine.Engine).
 
 The app (`serve run infer_workers:inference_app`) runs NUM_INFER_WORKERS replicas of InferenceWorker, each
 holding one engine (VLLMEngine, or engine.TorchEngine where vLLM is absent); requests come through a
@@ -8,7 +8,7 @@ Configured by environment variables:
     INFER_DTYPE (auto: bfloat16 on GPU, float32 on CPU)  MAX_MODEL_LEN (2048)
     GPU_MEMORY_UTILIZATION (0.85)  TENSOR_PARALLEL_SIZE (1)  ENFORCE_EAGER (0: vLLM with CUDA graphs)
     GPUS_PER_REPLICA (TENSOR_PARALLEL_SIZE; below 1: a share of a GPU, e.g. 0.5 beside the trainer on its GPU)
-    INFER_MAX_BATCH (torch engine's cache rows, its memory: 0 = engine.default_max_batch)
+    INFER_MAX_BATCH (torch engine's cache rows, its memory: 0 = system.engine.default_max_batch)
     INFER_COMPILE (0: 1 = the torch engine's decode step and sampler torch.compiled, TorchEngine(compile=True))
     VLLM_CPU_KVCACHE_SPACE (GiB, 1 here)
     HTTP_MAX_N (64)  HTTP_MAX_NEW_TOKENS (4096)  HTTP_MAX_BODY_BYTES (1000000): caps on one HTTP request
@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from engine import TorchEngine, default_max_batch
-from models import DTYPES, default_dtype, load_model, load_tokenizer, resolve_model
+from system.engine import TorchEngine, default_max_batch
+from system.models import DTYPES, default_dtype, load_model, load_tokenizer, resolve_model
 from weight_sync import ParamCopy, Receiver, device_id, make_plan, plan_shapes, read_shared
 
 
@@ -158,7 +158,7 @@ def make_engine(model: str, engine: str = "auto", dtype: str = "auto", max_model
     dtype: auto (models.default_dtype) or a name in models.DTYPES. On the CPU, vLLM binds its threads to
     cpu_core (one per engine, so that replicas do not share cores) or to every core of this process. enforce_eager:
     vLLM without CUDA graphs or torch.compile (starts in seconds; generates slower). max_batch: the torch engine's
-    cache rows (0: engine.default_max_batch); with vLLM, gpu_memory_utilization caps the memory instead. compile: the
+    cache rows (0: system.engine.default_max_batch); with vLLM, gpu_memory_utilization caps the memory instead. compile: the
     torch engine's decode step compiled (vLLM compiles by itself unless enforce_eager)."""
     if engine == "auto":
         engine = "vllm" if importlib.util.find_spec("vllm") else "torch"

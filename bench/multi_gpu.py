@@ -24,10 +24,10 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import models  # noqa: E402
-import plumbing  # noqa: E402
+from system import batches, models, run  # noqa: E402
 import train  # noqa: E402
-from models import SHAPES, load_model  # noqa: E402
+from system.config import make  # noqa: E402
+from system.models import SHAPES, load_model  # noqa: E402
 
 
 def main():
@@ -41,7 +41,7 @@ def main():
     from accelerate import Accelerator
 
     gpu = torch.cuda.is_available()
-    acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no", fsdp_plugin=plumbing.fsdp_plugin())
+    acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no", fsdp_plugin=run.fsdp_plugin())
     rank, world = acc.process_index, acc.num_processes
     torch.manual_seed(0)
     lm = models.use_packed_attention(load_model(f"random:{a.shape}", torch.float32, acc.device))
@@ -55,11 +55,11 @@ def main():
     mine = list(range(a.prompts))[rank::world]  # this rank's prompts, as train.py splits them
     seq_prompts = [prompts[i] for i in mine for _ in range(a.group)]
     completions = [c for i in mine for c in comps[i]]
-    cfg = train.Config(prompts_per_step=a.prompts, group_size=a.group, micro_batch_size=8, grad_clip=1e9)
+    cfg = make(train.Config, dict(prompts_per_step=a.prompts, group_size=a.group, micro_batch_size=8, grad_clip=1e9))
 
     opt = torch.optim.SGD(lm.parameters(), lr=a.lr)
-    policy, opt = acc.prepare(train.Policy(lm), opt)
-    plumbing.check_prepared(acc, policy, opt)  # lm_head still tied, every parameter in opt
+    policy, opt = acc.prepare(batches.Policy(lm), opt)
+    run.check_prepared(acc, policy, opt)  # lm_head still tied, every parameter in opt
     stats, _ = train.policy_step(acc, policy, None, opt, seq_prompts, completions,
                                  adv[mine].flatten().to(acc.device), cfg, pad_id=0)
     loss, grad_norm = acc.reduce(stats["loss"], "mean").item(), float(stats["grad_norm"])

@@ -53,9 +53,9 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from engine import TorchEngine, hf_greedy  # noqa: E402
-from models import SHAPES, load_model, load_tokenizer  # noqa: E402
-from models import DTYPES  # noqa: E402
+from system.engine import TorchEngine, hf_greedy  # noqa: E402
+from system.models import SHAPES, load_model, load_tokenizer  # noqa: E402
+from system.models import DTYPES  # noqa: E402
 
 
 def sync(dev):
@@ -82,7 +82,7 @@ def ours_generate(engine, prompts, new_tokens):
 def vllm_engine(name, dtype, max_seqs, max_len, memory):
     """vLLM as it runs by default (CUDA graphs, async scheduling), room for every row in one batch."""
     from vllm import LLM
-    from models import resolve_model
+    from system.models import resolve_model
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # FlashInfer is not installed on our GPU machines
     return LLM(model=resolve_model(name), dtype=str(dtype).removeprefix("torch."), max_model_len=max_len, seed=0,
                gpu_memory_utilization=memory, max_num_seqs=max_seqs, logprobs_mode="processed_logprobs")

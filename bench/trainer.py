@@ -40,19 +40,20 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
-import models  # noqa: E402
+from system import batches, models  # noqa: E402
 import train  # noqa: E402
-from models import SHAPES, load_model  # noqa: E402
+from system.config import make  # noqa: E402
+from system.models import SHAPES, load_model  # noqa: E402
 
 
 def liger_token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=False):
-    """train.token_logprobs with the lm_head + log-softmax + gather done by liger-kernel's fused linear cross-entropy
+    """batches.token_logprobs with the lm_head + log-softmax + gather done by liger-kernel's fused linear cross-entropy
     (reduction "none": -log p of each target; the head's weight cast once per micro-batch, its gradient accumulated in
     fp32, the logits recomputed in backward, never all at once). It does not give the entropy (zeros here), which
     ours computes in the same fused kernel: the variant is timed, not trained with."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     inputs = dict(inputs)
-    at, targets, grid = inputs.pop("predict")  # train.collate's: only the positions that predict completion tokens
+    at, targets, grid = inputs.pop("predict")  # batches.collate's: only the positions that predict completion tokens
     hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
     kind = hidden.device.type
     dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
@@ -142,34 +143,33 @@ def main():
               for i, p in enumerate(prompts)]
     flops = model_flops(lm, groups, head_on_all=True)  # the work before collate's "predict" and prompt sharing
     init = {k: v.detach().clone() for k, v in lm.state_dict().items()}
-    token_logprobs = train.token_logprobs  # ours; the liger variant swaps in its own
+    token_logprobs = batches.token_logprobs  # ours; the liger variant swaps in its own
 
     out = {"bench": "trainer", "device": torch.cuda.get_device_name() if gpu else "cpu", "shape": a.shape,
            "sequences": len(completions), "tokens": sum(lengths), "model_tflop_per_step": round(flops / 1e12, 1)}
     losses = {}
     for variant in a.variants:
-        cfg = train.Config(prompts_per_step=a.prompts, group_size=a.group, max_new_tokens=a.completion_len[1],
-                           packing=variant.startswith("packed"), grad_checkpointing=variant.endswith("ckpt"),
-                           share_prompts="share" in variant,
-                           compile="compile" in variant,
-                           micro_batch_size=a.packed_mb if variant.startswith("packed") else a.padded_mb)
+        cfg = make(train.Config, dict(prompts_per_step=a.prompts, group_size=a.group, max_new_tokens=a.completion_len[1],
+                                      packing=variant.startswith("packed"), grad_checkpointing=variant.endswith("ckpt"),
+                                      share_prompts="share" in variant, compile="compile" in variant,
+                                      micro_batch_size=a.packed_mb if variant.startswith("packed") else a.padded_mb))
         lm.load_state_dict(init)
         lm.set_attn_implementation("sdpa")
-        if cfg.packing:
+        if cfg.system.packing:
             models.use_packed_attention(lm)
-        lm.gradient_checkpointing_enable() if cfg.grad_checkpointing else lm.gradient_checkpointing_disable()
-        if cfg.compile:
+        lm.gradient_checkpointing_enable() if cfg.system.grad_checkpointing else lm.gradient_checkpointing_disable()
+        if cfg.system.compile:
             models.compile_model(lm)
         opt = torch.optim.AdamW(lm.parameters(), lr=1e-6, fused=gpu)
-        train.token_logprobs = liger_token_logprobs if variant.endswith("liger") else token_logprobs
+        batches.token_logprobs = liger_token_logprobs if variant.endswith("liger") else token_logprobs
         models.TRACE_ATTENTION = variant.endswith("attn")
-        policy, opt = acc.prepare(train.Policy(lm, cfg.compile), opt)
+        policy, opt = acc.prepare(batches.Policy(lm, cfg.system.compile), opt)
         ref = None
-        if "+kl" in variant:  # as plumbing.load_models makes it
+        if "+kl" in variant:  # as run.load_models makes it
             ref = load_model(f"random:{a.shape}", models.default_dtype(acc.device), acc.device).requires_grad_(False)
-            if cfg.packing:
+            if cfg.system.packing:
                 models.use_packed_attention(ref)
-            if cfg.compile and not variant.endswith("kl-eager"):
+            if cfg.system.compile and not variant.endswith("kl-eager"):
                 models.compile_model(ref)
 
         def step():
@@ -191,12 +191,12 @@ def main():
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         with_ref = 4 / 3 if ref is not None else 1  # + the reference's forward: a third of a forward + backward
-        s, done = min(times), model_flops(lm, groups, share=cfg.share_prompts and cfg.packing) * with_ref
+        s, done = min(times), model_flops(lm, groups, share=cfg.system.share_prompts and cfg.system.packing) * with_ref
         out[variant] = {"step_s": round(s, 3), "tok_s": round(sum(lengths) / s), "model_tflop": round(done / 1e12, 1),
                         "mfu": round(done / s / (a.peak_tflops * 1e12), 3),  # on the work this variant does
                         "mfu_of_unshared_work": round(flops * with_ref / s / (a.peak_tflops * 1e12), 3),  # as before
                         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
-                        "micro_batch": cfg.micro_batch_size, "warmup_step_s": round(warmup_s, 1),
+                        "micro_batch": cfg.system.micro_batch_size, "warmup_step_s": round(warmup_s, 1),
                         "compiled_graphs": graphs} | ({"first_step_kl": first["kl"].item()} if ref is not None else {})
         if a.profile and gpu and variant.startswith("packed") and not variant.endswith("ckpt"):
             out[variant]["kernel_time_share"] = kernel_shares(step)

@@ -42,7 +42,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import torch  # noqa: E402
 
-from models import SHAPES, load_model, resolve_model  # noqa: E402
+from system.models import SHAPES, load_model, resolve_model  # noqa: E402
 from weight_sync import broadcast, make_plan  # noqa: E402
 import infer_workers  # noqa: E402
 

@@ -19,8 +19,8 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 NCCL_NVLS_ENABLE=0   # Ray on 127.0.0
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}               # Ray workers import infer_workers from here
 # the resolved config (yaml + overrides) is the one source of every value below
 read -r RUN MODEL DATA MNT TEMP MAX PROMPT COMPILE_ENGINE ENGINE_ROWS < <(python -c "import sys, train; c = train.load_config(sys.argv[1:]); \
-print(c.run_dir, c.model, c.data, c.max_new_tokens, c.temperature, c.max_steps, c.prompt, int(c.compile_engine), \
-c.engine_rows)" "$CFG" "$@")
+print(c.run_dir, c.model, c.data, c.max_new_tokens, c.temperature, c.max_steps, c.prompt, int(c.system.compile_engine), \
+c.system.engine_rows)" "$CFG" "$@")
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
 INFERENCE=${INFERENCE:-$([ "$NGPU" -ge 2 ] && echo serve || echo local)}
 RES=${RES:-res}                                  # where the tracked results go, named after the run folder:
@@ -31,7 +31,7 @@ mkdir -p "$RUN" "$RES"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$RUN/compile_cache}
 mark() { echo "$(date +%s) $1" >> "$RUN/phases.log"; }   # the run's wall time, part by part (unix seconds)
 mark start
-python -c "import models; models.resolve_model('$MODEL')"   # convert the GGUF once, before processes race
+python -c "from system import models; models.resolve_model('$MODEL')"   # convert the GGUF once, before processes race
 evaluate() {  # evaluate MODEL_PATH KEY [PROMPT MAJ_K]: the whole test set -> $RUN/eval_KEY.json, metrics into res/
     CUDA_VISIBLE_DEVICES=${EVAL_GPU:-0} python gsm8k.py --model "$1" --data "$DATA" --max-new-tokens "$MNT" \
         --temperature "$TEMP" --prompt "${3:-$PROMPT}" --maj-k "${4:-${MAJ_K:-8}}" --limit "${EVAL_LIMIT:-0}" \
@@ -75,7 +75,7 @@ FINAL=$RUN/ckpt/step_$(printf %06d "$MAX")
 mark evaluated_after
 python - "$RES/${TAG}_eval.json" <<'PY'   # the run's last lines: the test set before and after, side by side
 import json, sys
-from plumbing import Health  # its thresholds: what counts as degenerate
+from system.run import Health  # its thresholds: what counts as degenerate
 r = json.load(open(sys.argv[1]))
 for key in ("before", "reference_cot", "after"):
     if key in r:

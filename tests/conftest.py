@@ -109,7 +109,7 @@ def make_stop_model(src, path):
     up. Returns (path, the greedy rows: new tokens up to and with the first eos, and each row's finish reason)."""
     import shutil
     from transformers import AutoModelForCausalLM
-    from engine import hf_greedy
+    from system.engine import hf_greedy
     shutil.copytree(src, path)
     model = AutoModelForCausalLM.from_pretrained(path)
     free = hf_greedy(model, PROMPTS, STOP_TOKENS)
@@ -136,12 +136,12 @@ def check_finish_reasons(engine, rows, reasons):
 
 
 def check_engine_contract(engine, model_dir):
-    """engine.Engine, as the trainer and the evaluation use it, for any engine holding the model in model_dir (fp32):
+    """system.engine.Engine, as the trainer and the evaluation use it, for any engine holding the model in model_dir (fp32):
     completions well formed, seeded sampling repeatable, update_weights -> the new int version, carried by the
     completions, and what the engine computes with: perturbed weights change greedy output, the originals restore it."""
     import torch
     from safetensors.torch import load_file
-    from engine import Engine
+    from system.engine import Engine
     assert isinstance(engine, Engine), type(engine)
     out = engine.generate(PROMPTS, n=2, max_new_tokens=6, temperature=1.0, seed=1)
     assert [len(g) for g in out] == [2] * len(PROMPTS)

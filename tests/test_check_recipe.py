@@ -56,4 +56,4 @@ def test_reference_path_overrides_are_config_keys():
     flags = re.findall(r"--(\w+)=(false|true|\d+)", script)
     cfg = train.load_config([f"--{k}={v}" for k, v in flags])
     assert {k for k, _ in flags} >= {"share_prompts", "compile", "compile_engine", "fuse_engine", "log_kl_every"}
-    assert not cfg.share_prompts and not cfg.fuse_engine and cfg.log_kl_every == 1
+    assert not cfg.system.share_prompts and not cfg.system.fuse_engine and cfg.log_kl_every == 1

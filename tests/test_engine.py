@@ -7,8 +7,8 @@ import importlib.util
 import pytest
 import torch
 
-from engine import TorchEngine, hf_greedy
-from models import load_tokenizer
+from system.engine import TorchEngine, hf_greedy
+from system.models import load_tokenizer
 
 VOCAB = 512  # the tiny_model tokenizer's: pad 0, eos 1
 
@@ -42,14 +42,19 @@ def tok(tiny_model):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_greedy_equals_hf_generate_with_left_padding_and_eos(arch, tok):
     """Greedy tokens equal HF generate's token for token on prompts of mixed lengths; a row that emits an
-    eos stops there ("stop"), the others run to max_new_tokens ("length"). GPT-2 takes the HF fallback."""
+    eos stops there ("stop"), the others run to max_new_tokens ("length"). GPT-2 takes the HF fallback, and says so
+    (it used to fall back silently)."""
+    import warnings
     model = build(arch)
     prompts = random_prompts((3, 9, 1, 17, 6))
     free = hf_greedy(model, prompts, 20)
     stop = next(t for row in free for t in row if any(t not in other for other in free))  # some rows emit it, not all
     model.generation_config.eos_token_id = [1, stop]
-    engine = TorchEngine(model, tok)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        engine = TorchEngine(model, tok)
     assert engine.static == (arch != "gpt2")
+    assert any("samples through HF generate" in str(w.message) for w in said) == (arch == "gpt2")
     want = hf_greedy(model, prompts, 20)
     got = [g[0] for g in engine.generate(prompts, max_new_tokens=20, temperature=0)]
     assert [c["token_ids"] for c in got] == want
@@ -145,7 +150,7 @@ def test_sampler_draws_softmax_and_respects_top_p(sampler):
     """Both samplers (the inverse CDF, and the exponential race of compile=True) draw each token with probability
     softmax(logits / T)[token] (40,000 draws, one per key; then one key over 40,000 steps), logprobs are of the full
     softmax; top_p (inverse CDF only) keeps only the nucleus."""
-    from engine import _sample, _sample_race, sequence_keys
+    from system.engine import _sample, _sample_race, sequence_keys
     draw = _sample if sampler == "inverse_cdf" else lambda lg, t, _top_p, k, st: _sample_race(lg, t, k, st)
     probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
     n = 40_000
@@ -279,7 +284,7 @@ def test_cuda_graphs_equal_eager_and_hf_generate_and_follow_weight_updates(tok):
 @pytest.mark.parametrize("kind", ["torch", pytest.param("vllm", marks=[pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None, reason="needs vLLM")])])
 def test_engine_protocol(kind, tiny_model, tiny_stop_model):
-    """TorchEngine and VLLMEngine (in its own process: vLLM pins the process's threads) satisfy engine.Engine
+    """TorchEngine and VLLMEngine (in its own process: vLLM pins the process's threads) satisfy system.engine.Engine
     (conftest.check_engine_contract; ServeClient takes the same check in test_serve.py), and report the finish
     reason as HF generate's greedy rows have it (conftest.check_finish_reasons: "stop" at an eos, "length" at the
     cap)."""
@@ -289,7 +294,7 @@ def test_engine_protocol(kind, tiny_model, tiny_stop_model):
     import sys
     from conftest import ROOT, check_engine_contract, check_finish_reasons
     if kind == "torch":
-        from models import load_model
+        from system.models import load_model
         check_engine_contract(TorchEngine(load_model(tiny_model), load_tokenizer(tiny_model)), tiny_model)
         stop_dir, rows, reasons = tiny_stop_model
         check_finish_reasons(TorchEngine(load_model(stop_dir), load_tokenizer(stop_dir)), rows, reasons)

@@ -1,6 +1,5 @@
 """CUDA only (skipped without a GPU): the bf16 training path, the engine on the GPU, a Serve replica beside the
 trainer on its GPU."""
-import dataclasses
 import importlib.util
 import json
 import os
@@ -9,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
+from system import batches, config, models
 import train
 from test_train import cfg_for, digit_reward
 
@@ -18,16 +17,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 def test_bf16_engine_logprobs_track_fp32_trainer(tiny_model):
     """The bf16 GPU engine's sampled-token logprobs agree with the fp32 trainer's within bf16 noise."""
-    from engine import TorchEngine
-    from models import load_model, load_tokenizer
+    from system.engine import TorchEngine
+    from system.models import load_model, load_tokenizer
     tok = load_tokenizer(tiny_model)
     engine = TorchEngine(load_model(tiny_model, torch.bfloat16, "cuda"), tok)
     lm = load_model(tiny_model, torch.float32, "cuda")
     prompts = [list(range(5, 40)), list(range(50, 60))]
     comps = [c for g in engine.generate(prompts, n=4, max_new_tokens=16, seed=0) for c in g]
-    inputs, mask, old = train.collate([p for p in prompts for _ in range(4)], comps, tok.pad_token_id, "cuda")
+    inputs, mask, old = batches.collate([p for p in prompts for _ in range(4)], comps, tok.pad_token_id, "cuda")
     with torch.no_grad():
-        lp, _ = train.token_logprobs(lm, inputs)
+        lp, _ = batches.token_logprobs(lm, inputs)
     err = ((lp - old).abs() * mask).sum() / mask.sum()
     assert err < 0.05, f"mean |logp_engine - logp_trainer| = {err:.4f} nats"
 
@@ -35,8 +34,8 @@ def test_bf16_engine_logprobs_track_fp32_trainer(tiny_model):
 def test_compiled_engine_matches_eager_on_cuda(tiny_model):
     """TorchEngine(compile=True), CUDA graphs captured of the compiled decode step: the eager-step engine's greedy
     tokens (fp32), and sampled tokens the same for a sequence however it is batched."""
-    from engine import TorchEngine
-    from models import load_model, load_tokenizer
+    from system.engine import TorchEngine
+    from system.models import load_model, load_tokenizer
     tok, model = load_tokenizer(tiny_model), load_model(tiny_model, torch.float32, "cuda")
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 500, (n,), generator=g).tolist() for n in (5, 30, 2, 17)]
@@ -64,7 +63,7 @@ def test_packed_and_shared_attention_match_padded_on_cuda(tiny_model):
     """The flash varlen path (packing) and the shared-prompt path (varlen blocks: each completion over its prompt's
     keys and its own, causal from the bottom right) give the padded sdpa path's log-probs and gradients (bf16)."""
     import copy
-    from models import load_model
+    from system.models import load_model
     lm = load_model(tiny_model, torch.float32, "cuda")
     packed_lm = models.use_packed_attention(copy.deepcopy(lm))
     g = torch.Generator().manual_seed(0)
@@ -75,9 +74,9 @@ def test_packed_and_shared_attention_match_padded_on_cuda(tiny_model):
     out = []
     for model, packed, share in ((lm, False, False), (packed_lm, True, False), (packed_lm, True, True)):
         model.zero_grad()
-        inputs, mask, _ = train.collate(prompts, comps, 0, "cuda", packed=packed, share_prompts=share)
+        inputs, mask, _ = batches.collate(prompts, comps, 0, "cuda", packed=packed, share_prompts=share)
         with torch.autocast("cuda", torch.bfloat16):
-            lp, _ = train.token_logprobs(model, inputs)
+            lp, _ = batches.token_logprobs(model, inputs)
         (lp * mask).sum().backward()
         out.append((lp.detach() * mask, model.model.layers[0].self_attn.k_proj.weight.grad.clone()))
     for lp, grad in out[1:]:
@@ -103,9 +102,9 @@ def test_shared_prompts_match_unshared_on_qwen_coder():
     out = []
     for share in (False, True):
         lm.zero_grad()
-        inputs, mask, _ = train.collate(prompts, comps, 0, "cuda", packed=True, share_prompts=share)
+        inputs, mask, _ = batches.collate(prompts, comps, 0, "cuda", packed=True, share_prompts=share)
         with torch.autocast("cuda", torch.bfloat16):
-            lp, _ = train.token_logprobs(lm, inputs)
+            lp, _ = batches.token_logprobs(lm, inputs)
             (lp * mask).sum().backward()
         out.append(((lp * mask).detach(), torch.cat([p.grad.flatten() for p in lm.parameters()])))
     assert all(torch.isfinite(x).all() for pair in out for x in pair)
@@ -181,11 +180,11 @@ def test_replica_on_the_trainers_gpu_gets_its_weights_by_cuda_ipc(tiny_model, tm
         assert c.update_weights(original.items()) == v + 2 and len(c.sync.ipc_members) == 1
         assert greedy() == before
         assert not c.sync.close() and c.sync.shared is None
-        cfg = dataclasses.replace(cfg_for(tiny_model, tmp_path / "run", max_steps=2), inference="serve",
+        cfg = config.replace(cfg_for(tiny_model, tmp_path / "run", max_steps=2), inference="serve",
                                   serve_app="colocated", sync_timeout_s=120.0)
         train.main(cfg, reward_fn=digit_reward)
         assert [json.loads(line)["version"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [2, 3]
-        train.main(dataclasses.replace(cfg, run_dir=str(tmp_path / "async"), max_steps=3, max_staleness=1),
+        train.main(config.replace(cfg, run_dir=str(tmp_path / "async"), max_steps=3, max_staleness=1),
                    reward_fn=digit_reward)  # one step off: the replica samples the next batch while the trainer trains
         rows = [json.loads(line) for line in open(tmp_path / "async" / "metrics.jsonl")]
         assert [r["version"] - r["sample_version"] for r in rows] == [1, 2, 2], rows

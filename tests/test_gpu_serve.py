@@ -1,6 +1,5 @@
 """2+ GPUs, vLLM and Ray only (skipped otherwise): the Serve app with a vLLM replica on GPU 1, the trainer on GPU 0,
 weights over NCCL into vLLM's model (its CUDA graphs on), as the mission runs it."""
-import dataclasses
 import importlib.util
 import json
 import os
@@ -9,6 +8,7 @@ import pytest
 import torch
 
 import train
+from system import batches, config
 from conftest import PROMPTS
 from test_train import cfg_for, digit_reward
 
@@ -62,7 +62,7 @@ def perturbed(model, seed=0, scale=0.05):
 def test_vllm_replica_takes_pushes_exactly(app, tiny_model):
     """A push of perturbed weights changes vLLM's greedy output and its log-probs are the trainer's (fp32 weights,
     bf16 autocast, as train.py) within bf16 noise; pushing the originals back restores the greedy output exactly."""
-    from models import load_model
+    from system.models import load_model
     c = client(app)
     hf = load_model(tiny_model, torch.float32, "cuda:0")
     c.update_weights(hf.state_dict().items())  # the checkpoint's weights, through our path (tied lm_head included)
@@ -72,9 +72,9 @@ def test_vllm_replica_takes_pushes_exactly(app, tiny_model):
     groups = c.generate(PROMPTS, n=4, max_new_tokens=16, temperature=1.0, seed=3)
     comps = [x for g in groups for x in g]
     assert {x["version"] for x in comps} == {v}
-    inputs, mask, sampler = train.collate([p for p in PROMPTS for _ in range(4)], comps, 0, "cuda:0")
+    inputs, mask, sampler = batches.collate([p for p in PROMPTS for _ in range(4)], comps, 0, "cuda:0")
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-        lp, _ = train.token_logprobs(hf, inputs)
+        lp, _ = batches.token_logprobs(hf, inputs)
     gap = (lp.float() - sampler).abs()[mask.bool()]
     assert gap.mean() < 0.05 and gap.max() < 1.0, f"|vLLM - trainer| mean {gap.mean():.4f}, max {gap.max():.4f} nats"
     hf = load_model(tiny_model, torch.float32, "cuda:0")
@@ -85,7 +85,7 @@ def test_vllm_replica_takes_pushes_exactly(app, tiny_model):
 
 def test_two_grpo_steps_through_vllm_on_gpu(app, tiny_model, tmp_path):
     """train.py --inference serve on cuda:0 against the vLLM replica: the initial push, then one per step."""
-    cfg = dataclasses.replace(cfg_for(tiny_model, tmp_path / "run", max_steps=2), inference="serve", serve_app=app,
+    cfg = config.replace(cfg_for(tiny_model, tmp_path / "run", max_steps=2), inference="serve", serve_app=app,
                               sync_timeout_s=120.0)
     train.main(cfg, reward_fn=digit_reward)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -96,7 +96,7 @@ def test_killed_vllm_replica_rejoins_with_the_current_weights(app, tiny_model):
     """The replica is killed; Serve restarts it (a fresh vLLM, the checkpoint's weights) and it refuses to sample
     until the trainer's re-push (resync) gives it the current ones: the greedy output is the pushed weights'."""
     import ray
-    from models import load_model
+    from system.models import load_model
     c = client(app)
     state = list(perturbed(load_model(tiny_model, torch.float32, "cuda:0"), seed=1).state_dict().items())
     v = c.update_weights(state)

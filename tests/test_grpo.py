@@ -1,17 +1,20 @@
 """The GRPO math in train.py, checked against naive and hand-computed values on CPU."""
+import dataclasses
 import math
 
 import pytest
 import torch
+import yaml
 
-import models
 import train
-from train import Config, collate, group_advantages, grpo_loss, load_config, loss_norm, token_logprobs
+from system import models
+from system.batches import collate, token_logprobs
+from train import Config, group_advantages, grpo_loss, load_config, loss_norm
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_model):
-    from models import load_model
+    from system.models import load_model
     return load_model(tiny_model)
 
 
@@ -55,8 +58,8 @@ def test_logprob_chunks_do_not_change_values_or_grads(lm):
 def test_engine_logprobs_equal_trainer_logprobs(lm, tiny_model, top_p):
     """The engine's sampled-token logprobs line up with the trainer's (same weights, fp32): ratio == 1; with top_p < 1
     too: they are of the full softmax(logits / T), not renormalised over the nucleus (that would bias the ratio)."""
-    from engine import TorchEngine
-    from models import load_model, load_tokenizer
+    from system.engine import TorchEngine
+    from system.models import load_model, load_tokenizer
     tok = load_tokenizer(tiny_model)
     engine = TorchEngine(load_model(tiny_model), tok)
     prompts = [[5, 6, 7, 8, 9], [10, 11]]  # different lengths: exercises left padding in the engine
@@ -70,8 +73,8 @@ def test_engine_logprobs_equal_trainer_logprobs(lm, tiny_model, top_p):
 
 def test_engine_batching_and_padding_do_not_change_greedy_output(tiny_model):
     """A prompt's greedy completion is the same alone or left-padded in a batch with a longer one."""
-    from engine import TorchEngine
-    from models import load_model, load_tokenizer
+    from system.engine import TorchEngine
+    from system.models import load_model, load_tokenizer
     engine = TorchEngine(load_model(tiny_model), load_tokenizer(tiny_model))
     short, long = [5, 6, 7], list(range(20, 40))
     alone = engine.generate([short], max_new_tokens=8, temperature=0)[0][0]["token_ids"]
@@ -288,11 +291,17 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_config_yaml_then_cli(tmp_path):
-    """YAML overrides defaults, --key=value overrides YAML; unknown keys and wrong types are errors."""
+    """YAML overrides defaults, --key=value overrides YAML; a systems field goes to cfg.system whether named flat or
+    under `system:` (YAML) / `--system.` (CLI), and the nested config a run saves reads back the same; unknown keys and
+    wrong types are errors."""
     p = tmp_path / "c.yaml"
-    p.write_text("lr: 1e-5\ngroup_size: 4\nloss_type: dapo\n")
-    c = load_config([str(p), "--group_size=2", "--resume", "--model=123"])
+    p.write_text("lr: 1e-5\ngroup_size: 4\nloss_type: dapo\ncompile: true\nsystem:\n  micro_batch_size: 3\n")
+    c = load_config([str(p), "--group_size=2", "--resume", "--model=123", "--system.packing=false"])
     assert (c.lr, c.group_size, c.loss_type, c.resume, c.model) == (1e-5, 2, "dapo", True, "123")
+    assert (c.system.compile, c.system.micro_batch_size, c.system.packing) == (True, 3, False)
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(yaml.safe_dump(dataclasses.asdict(c)))
+    assert load_config([str(saved)]) == c
     with pytest.raises(ValueError, match="unknown config key 'lrr'"):
         load_config(["--lrr=1"])
     with pytest.raises(ValueError, match="group_size"):
@@ -308,7 +317,7 @@ def test_empty_cli_value_is_an_empty_string(tmp_path):
     an empty value for a number is a type error, not a silent default."""
     p = tmp_path / "c.yaml"
     p.write_text("wandb_project: simple-r1\n")
-    assert load_config([str(p), "--wandb_project="]).wandb_project == ""
-    assert load_config(["--compile"]).compile is True
+    assert load_config([str(p), "--wandb_project="]).system.wandb_project == ""
+    assert load_config(["--compile"]).system.compile is True
     with pytest.raises(ValueError, match="lr"):
         load_config(["--lr="])

@@ -8,7 +8,6 @@ reaches it through Ray and serves the weight-sync store on its own address (`--s
 that this does not: separate machines and IPs (here every node is 127.0.0.1, so a wrong --sync_host or a closed
 port cannot show), firewalls, and NCCL over a network (here gloo, CPU tensors).
 """
-import dataclasses
 import json
 import os
 import signal
@@ -18,6 +17,7 @@ import pytest
 
 from conftest import ROOT  # before train: it puts the repo root on sys.path (also when launched as a script)
 import train
+from system import config
 from test_serve import free_port, replica_processes
 from test_train import LAUNCH, cfg_for, digit_reward, launch
 
@@ -86,7 +86,7 @@ def test_grpo_through_the_cluster_survives_losing_a_replica_node(cluster, tiny_m
             os.kill(pids[victim], signal.SIGKILL)
         return digit_reward(completion, answer)
 
-    cfg = dataclasses.replace(cfg_for(tiny_model, tmp_path / "run", max_steps=3), inference="serve", serve_app=name,
+    cfg = config.replace(cfg_for(tiny_model, tmp_path / "run", max_steps=3), inference="serve", serve_app=name,
                               ray_address=c.address, sync_host="127.0.0.1", sync_timeout_s=180.0)
     train.main(cfg, reward_fn=reward_then_remove_a_node)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

@@ -16,12 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from system import config
 from conftest import GSM8K, ROOT
 from test_train import cfg_for, digit_reward
 
 
 @pytest.mark.parametrize("arg, says", [
-    ("--temperature=0", "temperature=0.0 is outside (0.0, inf): sampling and its log-probs divide"),
+    ("--temperature=0", "temperature=0.0 is outside (0.0, inf): sampling divides the logits by it"),
     ("--group_size=1", "group_size=1 is outside [2, inf): GRPO compares completions within a group"),
     ("--max_new_tokens=0", "max_new_tokens=0 is outside [1, inf)"),
     ("--keep_ckpts=0", "keep_ckpts=0 is outside [1, inf)"),
@@ -34,8 +35,8 @@ from test_train import cfg_for, digit_reward
     ("--inference=remote", "inference='remote': use one of local, serve"),
     ("--prompt=r2", "prompt='r2': use one of r1, r1_example, r1_turn, cot"),
     ("--sync_ipc=nccl", "sync_ipc='nccl': use one of auto, always, never"),
-    ("--format_weight=1", "format_weight=1.0 must be in [0, 1): a right answer (1) must be worth more than perfect"),
-    ("--format_weight=-0.1", "format_weight=-0.1 must be in [0, 1)"),
+    ("--format_weight=1", "format_weight=1.0 is outside [0.0, 1.0): a right answer must beat perfect form"),
+    ("--format_weight=-0.1", "format_weight=-0.1 is outside [0.0, 1.0)"),
 ])
 def test_bad_setting_is_one_clear_error(arg, says):
     """Each bad value found by trying the CLI (NaN training, kept checkpoints, IndexErrors after a step) is now a
@@ -52,7 +53,7 @@ def test_bad_setting_is_one_clear_error(arg, says):
 def test_wrong_model_or_data_fails_before_anything_loads(tiny_model, tmp_path, field, value, says):
     """A missing local path or a typo in a name is an error that says so, before the run folder or a model exists
     (regression: it was tried as a hub name, with a misleading error or a minute of retries)."""
-    cfg = dataclasses.replace(cfg_for(tiny_model, tmp_path / "run"), **{field: value})
+    cfg = config.replace(cfg_for(tiny_model, tmp_path / "run"), **{field: value})
     with pytest.raises(ValueError, match=says):
         train.main(cfg, reward_fn=digit_reward)
     assert not (tmp_path / "run").exists()
@@ -186,7 +187,7 @@ def test_resume_with_more_steps_keeps_the_schedule(tiny_model, tmp_path):
     step 8 the new one's)."""
     cfg = cfg_for(tiny_model, tmp_path / "run", max_steps=4, lr=1e-3, min_lr_ratio=0.1, warmup_steps=1)
     train.main(cfg, reward_fn=digit_reward)
-    train.main(dataclasses.replace(cfg, max_steps=6, resume=True), reward_fn=digit_reward)
+    train.main(config.replace(cfg, max_steps=6, resume=True), reward_fn=digit_reward)
     lrs = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "metrics.jsonl")]
     want = [1e-3 * train.lr_at(s, cfg) for s in range(4)] + [1e-3 * 0.1] * 2
     assert lrs == pytest.approx(want), (lrs, want)
@@ -204,32 +205,35 @@ def test_batch_not_divisible_by_ranks_is_one_clear_error(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--group_size=1"], r"config group_size=1 is outside \[2, inf\): GRPO compares"),
+    (["--group_size=1"], r"config group_size=1 is outside \[2, inf\): GRPO compares completions within a group"),
     (["exps/cpu_smollm2/config.yaml", "--lr=abc"], r"config lr='abc' is str, expected float"),
     (["--max_steps=-5"], r"config max_steps=-5 is outside \[1, inf\)"),
-    (["--lrr=1"], r"unknown config key 'lrr'; known: run_dir, .* \(--help explains each\)"),
+    (["--lrr=1"], r"unknown config key 'lrr': did you mean 'lr'\? \(--help lists every key\)"),
+    (["--modle=x"], r"unknown config key 'modle': did you mean 'model'\?"),
     (["nope.yaml"], r"config file 'nope.yaml': \[Errno 2\]"),
     (["--model=/no/such/model"], r"model '/no/such/model': no such folder here"),
 ])
 def test_bad_setting_on_the_command_line_is_one_line_and_exit_2(argv, says, capsys, monkeypatch, tmp_path):
-    """train.py's command line (plumbing.cli): a bad value, key, config file or model name is one line on stderr that
-    names it, and exit status 2, before anything loads (regression: a 10-16 line traceback)."""
-    import plumbing
+    """train.py's command line (config.cli, then run.main_cli): a bad value, key, config file or model name is one
+    line on stderr that names it, and exit status 2, before anything loads (regression: a 10-16 line traceback)."""
+    from system import run
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit:
-        plumbing.cli(train.main, train.Config, argv + [f"--run_dir={tmp_path}/run"], "usage")
+        run.main_cli(train.main, config.cli(train.Config, argv + [f"--run_dir={tmp_path}/run"], "usage"))
     err = capsys.readouterr().err
     assert exit.value.code == 2 and len(err.strip().splitlines()) == 1 and re.match(f"error: {says}", err), err
     assert not (tmp_path / "run").exists()
 
 
 def test_help_lists_every_setting_and_scripts_answer_help(capsys, monkeypatch):
-    """python train.py --help (and -h after a config file) lists every Config field with its type, default and the
-    comment that explains it, exit 0 (regression: a traceback, 'unknown config key help'); a bad value from the real
-    process exits 2; gsm8k.py and every bench answer --help (run here, as scripts: their imports are loaded already)."""
+    """python train.py --help (and -h after a config file) lists every Config field, then the systems tier's under
+    their own heading, each with its type, default and the comment that explains it, exit 0 (regression: a
+    traceback, 'unknown config key help'); a bad value from the real process exits 2 before torch is imported (it
+    took seconds); gsm8k.py and every bench answer --help (run here, as scripts: their imports are loaded already)."""
     import runpy
+    from system.config import SystemConfig
     runs = {"help": ["train.py", "--help"], "h": ["train.py", "exps/cpu_smollm2/config.yaml", "-h"],
-            "bad": ["train.py", "--group_size=1"]}
+            "bad": ["-X", "importtime", "train.py", "--group_size=1"]}
     procs = {k: subprocess.Popen([sys.executable] + v, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True) for k, v in runs.items()}
     for script in ["gsm8k.py"] + [f"bench/{b}.py" for b in ("rollout", "trainer", "weight_sync", "logprob_gap", "multi_gpu")]:
@@ -241,11 +245,16 @@ def test_help_lists_every_setting_and_scripts_answer_help(capsys, monkeypatch):
     out = {k: (p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for k, p in procs.items()}
     rc, text, _ = out["help"]
     assert rc == 0 and out["h"][:2] == out["help"][:2], out["h"]
-    for f in dataclasses.fields(train.Config):
+    fields = [f for f in dataclasses.fields(train.Config) if f.name != "system"] + list(dataclasses.fields(SystemConfig))
+    for f in fields:
         line = next((x for x in text.splitlines() if x.startswith(f"  --{f.name}=")), None)
         assert line and f" {f.type.__name__} " in line and len(line.split(f.type.__name__, 1)[1].strip()) > 10, \
             (f.name, line)
-    assert out["bad"][0] == 2 and out["bad"][2].startswith("error: config group_size=1"), out["bad"]
+    assert text.index("\n  --lr=") < text.index("=== systems") < text.index("\n  --compile="), text
+    rc, _, err = out["bad"]
+    imported = {line.split("|")[-1].strip() for line in err.splitlines() if line.startswith("import time:")}
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: config group_size=1"), err[-2000:]
+    assert "gsm8k" in imported and "torch" not in imported, sorted(imported)
 
 
 def test_a_timed_out_launch_takes_its_ranks_with_it():

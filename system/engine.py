@@ -18,13 +18,14 @@ CUDA graph on GPUs (docs/perf.md times it against stock `generate`).
 Left out: paged memory (each cache row holds one sequence's whole context; the G completions of a prompt share its
 prefill, not its cache slots).
 """
+import warnings
 from typing import Iterable, Protocol, TypedDict, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Qwen2's is the same function
 
-from models import eos_token_ids
+from system.models import eos_token_ids
 from weight_sync import ParamCopy
 
 
@@ -200,6 +201,9 @@ class TorchEngine:
         self.max_batch = max_batch  # cache rows: sequences decoded at once; bounds the KV cache's memory
         self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", 2048)  # prompt + completion
         self.static = _static_cache_ok(model)  # else the HF loop
+        if not self.static:
+            warnings.warn(f"TorchEngine: {model.config.model_type} is not Llama/Qwen2-shaped, so it samples through HF "
+                          f"generate (correct, much slower); vLLM serves it fast (--inference=serve)", stacklevel=2)
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self.continuous = continuous
         self.check_every = 16 if model.device.type == "cuda" else 1  # a look at the rows is a host sync: it stalls CUDA

@@ -1,6 +1,7 @@
-"""What train.py's loop needs that is not the algorithm: the engine each rank samples from and the weight push to
-it, multi-GPU care (FSDP2 settings, a check after prepare, full tensors from shards), full checkpoints (written
-atomically) and their resume, the clean stop of a time-limited job, and the metrics log.
+"""What train.py's loop needs that is not the algorithm: the data and models a run starts with, the engine each rank
+samples from and the weight push to it, multi-GPU care (FSDP2 settings, a check after prepare, full tensors from
+shards), full checkpoints (written atomically) and their resume, the clean stop of a time-limited job, the metrics
+log and its health checks, and the command line's last word on a bad setting.
 
 Under DDP or one process these are thin: every rank holds whole tensors. Under FSDP2 (accelerate launch
 --use_fsdp --fsdp_version 2) each rank holds DTensor shards; everything here that gathers is a collective,
@@ -11,7 +12,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import socket
 import sys
@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from rewards import STAT_KEYS
+from system.config import ConfigError
 
 
 def fsdp_plugin():
@@ -91,7 +92,7 @@ def save_checkpoint(acc, policy, tok, opt, sched, sampler_state, cfg, step, vers
         link = os.path.join(root, "latest")
         os.symlink(os.path.basename(final), link + ".tmp")
         os.replace(link + ".tmp", link)  # atomic: latest is always a complete checkpoint
-        for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-cfg.keep_ckpts]:
+        for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-cfg.system.keep_ckpts]:
             shutil.rmtree(os.path.join(root, old))
     acc.wait_for_everyone()  # no rank goes on (or resumes from latest) before the checkpoint is complete
 
@@ -146,40 +147,40 @@ def load_data(cfg, tok):
 
 def load_models(cfg, model_src: str, dev):
     """The policy (fp32 master weights; bf16 autocast on GPUs) and its frozen reference (None unless KL is used)."""
-    from models import compile_model, default_dtype, load_model, use_packed_attention
+    from system.models import compile_model, default_dtype, load_model, use_packed_attention
     lm = load_model(model_src, torch.float32, dev)
     ref = load_model(cfg.model, default_dtype(dev), dev).requires_grad_(False) if cfg.kl_coef > 0 or cfg.log_kl else None
     for m in filter(None, (lm, ref)):
-        if cfg.packing:
+        if cfg.system.packing:
             use_packed_attention(m)
-        if cfg.compile:
+        if cfg.system.compile:
             compile_model(m)
-    if cfg.grad_checkpointing:
+    if cfg.system.grad_checkpointing:
         lm.gradient_checkpointing_enable()
     return lm, ref
 
 
-def make_engine(cfg, acc, tok, model_src: str, min_model_len: int):
+def rank_engine(cfg, acc, tok, model_src: str, min_model_len: int):
     """The engine this rank samples from: its own TorchEngine (inference local) or the Serve app (serve)."""
-    from engine import TorchEngine, default_max_batch
-    from models import default_dtype, load_model
-    if cfg.inference == "local":
+    from system.engine import TorchEngine, default_max_batch
+    from system.models import default_dtype, load_model
+    sc = cfg.system
+    if sc.inference == "local":
         return TorchEngine(load_model(model_src, default_dtype(acc.device), acc.device), tok,
-                           max_batch=cfg.engine_rows or default_max_batch(acc.device), max_model_len=max(2048, min_model_len),
-                           compile=cfg.compile_engine, fuse=cfg.fuse_engine)
+                           max_batch=sc.engine_rows or default_max_batch(acc.device), max_model_len=max(2048, min_model_len),
+                           compile=sc.compile_engine, fuse=sc.fuse_engine)
     import ray
     from infer_workers import ServeClient
-    ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=False)
-    sync = dict(host=cfg.sync_host, port=cfg.sync_port, bucket_mb=cfg.sync_bucket_mb, timeout_s=cfg.sync_timeout_s,
-                device=acc.device, ipc=cfg.sync_ipc) if acc.is_main_process else None  # rank 0 pushes; every rank samples
-    return ServeClient(cfg.serve_app, cfg.sync_timeout_s, sync, model=cfg.model, min_model_len=min_model_len,
-                       top_p=cfg.top_p)
+    ray.init(address=sc.ray_address, ignore_reinit_error=True, log_to_driver=False)
+    sync = dict(host=sc.sync_host, port=sc.sync_port, bucket_mb=sc.sync_bucket_mb, timeout_s=sc.sync_timeout_s,
+                device=acc.device, ipc=sc.sync_ipc) if acc.is_main_process else None  # rank 0 pushes; every rank samples
+    return ServeClient(sc.serve_app, sc.sync_timeout_s, sync, model=cfg.model, min_model_len=min_model_len, top_p=cfg.top_p)
 
 
 def push_weights(acc, policy, engine, cfg, version=None):
     """Policy weights -> the engine (as `version`, else the next one). Returns the engine's new weight version (None
     on ranks that don't push)."""
-    if cfg.inference == "local":  # each rank has its own engine, which needs the full weights
+    if cfg.system.inference == "local":  # each rank has its own engine, which needs the full weights
         return engine.update_weights(policy_weights(acc, policy, full_on_every_rank=True), version)
     named = policy_weights(acc, policy, full_on_every_rank=False)
     version = engine.update_weights(named, version) if acc.is_main_process else None
@@ -193,7 +194,7 @@ def start_engine(acc, policy, engine, cfg, state) -> None:
     weights (an earlier run): they get the policy's, as the checkpoint's version, so versions run on across resumes.
     The pushing rank also gives the app a way to re-push them, for a replica that restarts between pushes."""
     version = state.get("version") if state else None
-    if cfg.inference == "local":
+    if cfg.system.inference == "local":
         engine.version = version or 0
         return
     push_weights(acc, policy, engine, cfg, version)
@@ -296,9 +297,10 @@ class RunLog:
                 self.health.see(r)
         self.file = open(path, "a") if self.main else None
         self.wandb = None
-        if cfg.wandb_project and self.main:
+        if cfg.system.wandb_project and self.main:
             import wandb
-            wandb.init(project=cfg.wandb_project, name=os.path.basename(cfg.run_dir), config=dataclasses.asdict(cfg),
+            wandb.init(project=cfg.system.wandb_project, name=os.path.basename(cfg.run_dir),
+                       config=dataclasses.asdict(cfg),
                        dir=cfg.run_dir)
             self.wandb = wandb
 
@@ -338,18 +340,19 @@ def start_run(cfg, acc) -> None:
     if cfg.prompts_per_step % acc.num_processes:
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the {acc.num_processes} ranks: "
                          f"make it a multiple of {acc.num_processes}, or launch a divisor of it as --num_processes")
-    from models import check_source
+    from system.models import check_source
     try:
         check_source(cfg.model)
         check_source(cfg.data, "dataset")
     except ValueError as e:  # a name or path the user gave
         raise ConfigError(str(e)) from None
-    if cfg.inference == "serve" and cfg.sync_port and acc.is_main_process:  # rank 0 will listen there
+    if cfg.system.inference == "serve" and cfg.system.sync_port and acc.is_main_process:  # rank 0 will listen there
         with socket.socket() as s:
             try:
-                s.bind((cfg.sync_host, cfg.sync_port))
+                s.bind((cfg.system.sync_host, cfg.system.sync_port))
             except OSError as e:
-                raise ConfigError(f"sync_port={cfg.sync_port} is in use on {cfg.sync_host} ({e.strerror}): pick another, "
+                raise ConfigError(f"sync_port={cfg.system.sync_port} is in use on {cfg.system.sync_host} ({e.strerror}): "
+                                  f"pick another, "
                                  f"or 0 for any free port") from None
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -392,146 +395,6 @@ class Deadline:
         return acc.reduce(torch.tensor([float(late)], device=acc.device), "max").item() > 0
 
 
-# (low, high, low inclusive, why / how to fix) for every numeric Config field; None = unbounded
-LIMITS = {
-    "seed": (0, None, True, ""),
-    "prompts_per_step": (1, None, True, ""),
-    "group_size": (2, None, True, "GRPO compares completions within a group: one has no baseline (its std is NaN)"),
-    "max_new_tokens": (1, None, True, ""),
-    "overlong_buffer": (0, None, True, "0 turns the penalty off"),
-    "temperature": (0.0, None, False, "sampling and its log-probs divide the logits by it; for near-greedy use 0.1"),
-    "top_p": (0.0, 1.0, False, ""),
-    "clip_eps_low": (0.0, 1.0, True, ""),
-    "clip_eps_high": (0.0, None, True, ""),
-    "tis_cap": (0.0, None, True, "0 turns the correction off"),
-    "max_staleness": (0, 1, True, "0 = on-policy; 1 = the next batch is sampled while this one trains"),
-    "kl_coef": (0.0, None, True, ""),
-    "log_kl_every": (1, None, True, ""),
-    "lr": (0.0, None, False, ""),
-    "min_lr_ratio": (0.0, 1.0, True, ""),
-    "warmup_steps": (0, None, True, ""),
-    "max_steps": (1, None, True, ""),
-    "weight_decay": (0.0, None, True, ""),
-    "adam_beta2": (0.0, 0.9999, False, ""),
-    "grad_clip": (0.0, None, False, ""),
-    "micro_batch_size": (1, None, True, ""),
-    "engine_rows": (0, None, True, ""),
-    "logprob_chunk": (1, None, True, ""),
-    "sync_port": (0, 65535, True, "0 picks a free port"),
-    "sync_bucket_mb": (0.0, None, False, ""),
-    "sync_timeout_s": (0.0, None, False, ""),
-    "val_size": (0, None, True, ""),
-    "eval_every": (0, None, True, "0 = never"),
-    "eval_size": (0, None, True, "0 = the whole validation set"),
-    "ckpt_every": (0, None, True, "0 = only at the end"),
-    "keep_ckpts": (1, None, True, "the newest checkpoint is what --resume needs"),
-    "stop_after_min": (0.0, None, True, "0 = never"),
-}
-
-
-CHOICES = {"loss_type": ("grpo", "dr_grpo", "dapo"), "inference": ("local", "serve"),
-           "sync_ipc": ("auto", "always", "never")}  # and prompt: a name in gsm8k.PROMPTS
-
-
-def check_config(cfg) -> None:
-    """Every numeric field within LIMITS and every choice among CHOICES, else a ConfigError that names the fix (not
-    assert: python -O keeps it)."""
-    import gsm8k
-    for key, (lo, hi, lo_ok, why) in LIMITS.items():
-        v = getattr(cfg, key)
-        if (v < lo if lo_ok else v <= lo) or (hi is not None and v > hi):
-            span = f"{'[' if lo_ok else '('}{lo}, {'inf)' if hi is None else f'{hi}]'}"
-            raise ConfigError(f"config {key}={v!r} is outside {span}" + (f": {why}" if why else ""))
-    if cfg.overlong_buffer > cfg.max_new_tokens:
-        raise ConfigError(f"overlong_buffer={cfg.overlong_buffer} is longer than max_new_tokens={cfg.max_new_tokens}: "
-                          f"the penalty ramps over the last overlong_buffer tokens before the cap")
-    if not 0 <= cfg.format_weight < 1:
-        raise ConfigError(f"format_weight={cfg.format_weight} must be in [0, 1): a right answer (1) must be worth more "
-                          f"than perfect form")
-    for key, allowed in [*CHOICES.items(), ("prompt", tuple(gsm8k.PROMPTS))]:
-        if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"{key}={getattr(cfg, key)!r}: use one of {', '.join(allowed)}")
-    if cfg.max_staleness and cfg.inference != "serve":
-        raise ConfigError("max_staleness=1 needs inference=serve: the in-process engine shares this process and its "
-                          "GPU with training, so nothing would overlap")
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work, refused before anything loads; its message names the fix. On the command line
-    (cli) it is one line and exit status 2, not a traceback: the user's mistake, not a crash."""
-
-
-def parse_config(cls, argv: list[str]):
-    """[config.yaml] [--key=value ...] -> cls (a dataclass). Unknown keys and wrong types are errors (ConfigError)."""
-    cfg, fields = {}, {f.name: f for f in dataclasses.fields(cls)}
-    if argv and not argv[0].startswith("-"):
-        try:
-            with open(argv[0]) as f:
-                cfg = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"config file {argv[0]!r}: {e}") from None
-        if not isinstance(cfg, dict):
-            raise ConfigError(f"config file {argv[0]!r} must hold key: value lines, got {type(cfg).__name__}")
-        argv = argv[1:]
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise ConfigError(f"expected --key=value, got {arg!r} (a config file comes first, then overrides)")
-        key, eq, val = arg[2:].partition("=")
-        try:
-            cfg[key] = (yaml.safe_load(val) if val else "") if eq else True  # a bare --flag means True; --key= is ""
-        except yaml.YAMLError:
-            cfg[key] = val  # not YAML (e.g. "a: b"): the text itself, checked against the field's type below
-    for key, val in cfg.items():
-        if key not in fields:
-            raise ConfigError(f"unknown config key {key!r}; known: {', '.join(fields)} (--help explains each)")
-        want = fields[key].type
-        if want is float and not isinstance(val, bool) and isinstance(val, (int, str)):
-            try:  # YAML reads 1e-6 (no dot) as a string, and 2 as an int
-                val = cfg[key] = float(val)
-            except ValueError:
-                pass  # reported below
-        if want is str and not isinstance(val, str) and val is not None and not isinstance(val, bool):
-            val = cfg[key] = str(val)  # --model=123 is still a name
-        if type(val) is not want:
-            raise ConfigError(f"config {key}={val!r} is {type(val).__name__}, expected {want.__name__}")
-    return cls(**cfg)
-
-
-def config_help(cls, usage: str) -> str:
-    """--help: every field of the dataclass cls, under its section, with its type, default and the comment beside it
-    in the source (the dataclass is the one source of all three)."""
-    import inspect
-    out, fields = [usage], {f.name: f for f in dataclasses.fields(cls)}
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        s = line.strip()
-        if s.startswith("def "):
-            break
-        field = re.match(r"(\w+): [\w |]+ = .*?(?:  # (.*))?$", s)
-        if s.startswith("# ---"):
-            out += ["", s[5:].strip()]
-        elif field and field.group(1) in fields:
-            f = fields[field.group(1)]
-            default = f'"{f.default}"' if isinstance(f.default, str) and not f.default else f.default
-            out.append(f"  --{f.name}={default}".ljust(30) + f" {f.type.__name__:5}  {field.group(2) or ''}")
-        elif s.startswith("# ") and out[-1].startswith("  --"):  # a comment's continuation line
-            out[-1] += " " + s[2:]
-    return "\n".join(out)
-
-
-def cli(main, cls, argv: list[str], usage: str):
-    """The command line of a script whose main takes a cls config: -h / --help prints config_help and exits 0; a
-    ConfigError (a bad value, key, file, model or data name, found before anything heavy loads) prints its one line
-    and exits 2."""
-    if {"-h", "--help"} & set(argv):
-        print(config_help(cls, usage))
-        sys.exit(0)
-    try:
-        return main(parse_config(cls, argv))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 def validate(acc, engine, tok, rows, cfg, step: int, log: RunLog):
     """Greedy eval of the current weights (after `step` updates) on the held-out validation problems, as its own
     metrics row. Main process only: the other ranks' engines hold the same weights."""
@@ -545,15 +408,51 @@ def validate(acc, engine, tok, rows, cfg, step: int, log: RunLog):
                   f"lenient, format {ev['format']:.1%}, cut at the cap {ev['cut']:.1%} (n={ev['n']})")
 
 
-def step_metrics(acc, scores, completions, stats, flagged) -> dict:
-    """One step's numbers, averaged over ranks: reward and its components, format rate, length, truncation and
-    the loss's stats; summed over ranks: this step's completions the graders flagged (rewards.STATS keys)."""
+def step_metrics(acc, step, lr, scores, completions, seq_prompts, stats, n_tok, version, gen_s, t, flagged) -> dict:
+    """One step's metrics row, averaged over ranks: reward and its components, format rate, length, the share cut at
+    max_new_tokens and the loss's stats; summed over ranks: this step's completions the graders flagged
+    (rewards.STAT_KEYS); then the weight versions and the step's time, part by part (t: train.main's clock readings,
+    start, gen, reward, train, wait, sync), and its throughput."""
     dev = acc.device
     local = {k: torch.tensor([s[k] for s in scores], device=dev).mean() for k in scores[0]}  # reward + components
     local |= {"format_rate": torch.tensor([s.get("format") == 1.0 for s in scores], device=dev).float().mean(),
               "completion_len": torch.tensor([len(c["token_ids"]) for c in completions], device=dev).float().mean(),
               "truncated": torch.tensor([c["finish_reason"] == "length" for c in completions], device=dev).float().mean()}
     local |= {k: v.float() for k, v in stats.items()}
-    m = {k: acc.reduce(v, "mean").item() for k, v in local.items()}
+    m = {"step": step + 1, "lr": lr} | {k: acc.reduce(v, "mean").item() for k, v in local.items()}
     counts = acc.reduce(torch.tensor([float(flagged[k]) for k in STAT_KEYS], device=dev), "sum").tolist()
-    return m | {f"rewards/{k}": v for k, v in zip(STAT_KEYS, counts)} | {"rewards_flagged": sum(counts)}
+    m |= {f"rewards/{k}": v for k, v in zip(STAT_KEYS, counts)} | {"rewards_flagged": sum(counts)}
+    return m | {
+        "version": version, "sample_version": completions[0]["version"], "step_s": t["sync"] - t["start"],
+        "gen_s": gen_s, "gen_wait_s": t["gen"] - t["start"] + t["wait"] - t["train"],  # the trainer waiting on sampling
+        "reward_s": t["reward"] - t["gen"], "train_s": t["train"] - t["reward"], "sync_s": t["sync"] - t["wait"],
+        "gen_tok_s": acc.reduce(n_tok, "sum").item() / gen_s,  # sampled tokens / s, all ranks
+        "train_tok_s": acc.reduce(n_tok + sum(map(len, seq_prompts)), "sum").item() / (t["train"] - t["reward"])}
+
+
+def synchronized_time(dev) -> float:
+    """time.perf_counter() once the device's queued kernels are done (CUDA), so they count as the part that ran them."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
+def checkpoint_or_stop(acc, policy, tok, opt, sched, sampler_state, cfg, step, version, deadline) -> bool:
+    """After step (0-based): a checkpoint every ckpt_every steps, at the last step, and when the job's time is up
+    (stop_after_min), which ends the run cleanly. Returns False when the run stops here."""
+    stop = deadline.passed(acc) and step + 1 < cfg.max_steps
+    if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == cfg.max_steps or stop:
+        save_checkpoint(acc, policy, tok, opt, sched, sampler_state, cfg, step + 1, version)
+    if stop:
+        acc.print(f"stop_after_min={cfg.system.stop_after_min}: stopped after step {step + 1}; continue with --resume")
+    return not stop
+
+
+def main_cli(main, cfg):
+    """main(cfg) from the command line: a ConfigError found once the run starts (a model or dataset that is not there,
+    a port in use, a batch that does not split over the ranks) is one line and exit status 2, like a bad value."""
+    try:
+        return main(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
