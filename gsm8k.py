@@ -145,6 +145,7 @@ def reward(completion, answer: str, cfg) -> dict[str, float]:
     accuracy; overlong is DAPO's soft length penalty (cfg.overlong_buffer > 0). A new reward term goes here."""
     return rewards.reward_components(completion, answer, cfg.format_weight, cfg.max_new_tokens, cfg.overlong_buffer)
 
+
 class Sampler:
     """Endless seeded shuffle over n items, resumable from (epoch, pos).
 
@@ -268,7 +269,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Evaluate a model on the GSM8K test set.")
     ap.add_argument("--model", required=True, help="hub name, local HF folder, smollm2 or qwen-coder")
     ap.add_argument("--prompt", default=None, choices=list(PROMPTS),
-                    help="default: the prompt a checkpoint was trained with (its simple_r1.json), else "
+                    help=f"default: the prompt a checkpoint was trained with (its {TRAINED_WITH}), else "
                          f"{DEFAULT_PROMPT}; cot: the model's own chain of thought, no tags (read its lenient score)")
     ap.add_argument("--data", default="openai/gsm8k", help="hub dataset or local folder with test.jsonl")
     ap.add_argument("--limit", type=int, default=0, help="first N test problems only (0 = all 1319)")

@@ -44,7 +44,8 @@ from sympy import Rational
 
 THINK, ANSWER = ("<think>", "</think>"), ("<answer>", "</answer>")  # the tags; the R1 prompts (gsm8k) ask for them
 # The default weight of perfect form against a right answer's 1.0 (train.Config.format_weight takes it from here).
-# Small: at 0.5 a 0.5B model, which rarely answers right at first, learns the form and drops the reasoning (README).
+# Small: at 0.5 a 0.5B model, which rarely answers right at first, learns the form and drops the reasoning
+# (docs/results.md).
 FORMAT_WEIGHT = 0.1
 MAX_COMPLETION_CHARS = 20_000  # only the tail is searched for answers; the answer comes last anyway
 MAX_ANSWER_CHARS = 512    # "just the final number" never needs more; bounds every regex and sympy
@@ -154,7 +155,7 @@ def format_reward(completion: str) -> float:
     Why the number: GSM8K answers are numbers, and the system prompt shows the tags with placeholder text.
     SmolLM2-135M, paid for the bare layout, learned within 50 steps to answer every question with the
     prompt's own example "<think> reasoning process here </think><answer> answer here </answer>"
-    (README, Results); such an answer now earns no format credit.
+    (docs/results.md); such an answer earns no format credit.
     """
     answer = final_answer(completion)
     if not answer or _last_number(answer[-MAX_ANSWER_CHARS:]) is None:

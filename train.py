@@ -166,7 +166,8 @@ def loss_norm(cfg: Config, num_seqs: int, num_tokens: int) -> float:
 def _vanishes_at_zero_advantage(cfg: Config) -> bool:
     """Whether grpo_loss, with no reference model, is exactly 0 with a zero gradient for a sequence whose advantage
     is 0, probed on random log-probs (a few CPU ops): then policy_step may skip such sequences. A term that is not a
-    multiple of the advantage (an entropy bonus) makes this False, and every sequence is trained, not silently dropped."""
+    multiple of the advantage (an entropy bonus) makes this False, and every sequence is trained, not silently
+    dropped."""
     g = torch.Generator().manual_seed(0)
     logp = (-torch.rand(2, 5, generator=g)).requires_grad_()
     loss, _ = grpo_loss(logp, -torch.rand(2, 5, generator=g), None, torch.zeros(2), torch.ones(2, 5), cfg, 1.0)
@@ -224,7 +225,7 @@ def policy_step(acc, policy, ref, opt, seq_prompts, completions, adv, cfg: Confi
 
 def lr_at(step: int, cfg: Config, horizon: int | None = None) -> float:
     """Linear warmup to lr, then cosine down to lr * min_lr_ratio at `horizon` steps (as a multiplier), then flat.
-    horizon: the max_steps the run started with (a resume with another max_steps keeps the schedule; see README)."""
+    horizon: the max_steps the run started with (a resume with another max_steps keeps the schedule; docs/usage.md)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, (horizon or cfg.max_steps) - cfg.warmup_steps)

@@ -167,14 +167,15 @@ def rank_engine(cfg, acc, tok, model_src: str, min_model_len: int):
     sc = cfg.system
     if sc.inference == "local":
         return TorchEngine(load_model(model_src, default_dtype(acc.device), acc.device), tok,
-                           max_batch=sc.engine_rows or default_max_batch(acc.device), max_model_len=max(2048, min_model_len),
-                           compile=sc.compile_engine, fuse=sc.fuse_engine)
+                           max_batch=sc.engine_rows or default_max_batch(acc.device),
+                           max_model_len=max(2048, min_model_len), compile=sc.compile_engine, fuse=sc.fuse_engine)
     import ray
     from infer_workers import ServeClient
     ray.init(address=sc.ray_address, ignore_reinit_error=True, log_to_driver=False)
     sync = dict(host=sc.sync_host, port=sc.sync_port, bucket_mb=sc.sync_bucket_mb, timeout_s=sc.sync_timeout_s,
                 device=acc.device, ipc=sc.sync_ipc) if acc.is_main_process else None  # rank 0 pushes; every rank samples
-    return ServeClient(sc.serve_app, sc.sync_timeout_s, sync, model=cfg.model, min_model_len=min_model_len, top_p=cfg.top_p)
+    return ServeClient(sc.serve_app, sc.sync_timeout_s, sync, model=cfg.model, min_model_len=min_model_len,
+                       top_p=cfg.top_p)
 
 
 def push_weights(acc, policy, engine, cfg, version=None):
@@ -321,8 +322,9 @@ class RunLog:
             tqdm.write(f"WARNING: {w}", file=sys.stderr)
         if bar is not None:
             bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m.get('accuracy', 0):.0%}",
-                            fmt=f"{m['format_rate']:.0%}", cut=f"{m['truncated']:.0%}", len=f"{m['completion_len']:.0f}tok",
-                            flagged=int(m["rewards_flagged"]), step=f"{m['step_s']:.1f}s",
+                            fmt=f"{m['format_rate']:.0%}", cut=f"{m['truncated']:.0%}",
+                            len=f"{m['completion_len']:.0f}tok", flagged=int(m["rewards_flagged"]),
+                            step=f"{m['step_s']:.1f}s",
                             **({"DEGENERATE": "+".join(self.health.active())} if self.health.active() else {}))
 
     def close(self):
@@ -339,7 +341,7 @@ def start_run(cfg, acc) -> None:
     """Seeds, the run folder, and the resolved config in it (what --resume and readers of the run rely on)."""
     if cfg.prompts_per_step % acc.num_processes:
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the {acc.num_processes} ranks: "
-                         f"make it a multiple of {acc.num_processes}, or launch a divisor of it as --num_processes")
+                          f"make it a multiple of {acc.num_processes}, or launch a divisor of it as --num_processes")
     from system.models import check_source
     try:
         check_source(cfg.model)
@@ -351,9 +353,8 @@ def start_run(cfg, acc) -> None:
             try:
                 s.bind((cfg.system.sync_host, cfg.system.sync_port))
             except OSError as e:
-                raise ConfigError(f"sync_port={cfg.system.sync_port} is in use on {cfg.system.sync_host} ({e.strerror}): "
-                                  f"pick another, "
-                                 f"or 0 for any free port") from None
+                raise ConfigError(f"sync_port={cfg.system.sync_port} is in use on {cfg.system.sync_host} "
+                                  f"({e.strerror}): pick another, or 0 for any free port") from None
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -417,7 +418,8 @@ def step_metrics(acc, step, lr, scores, completions, seq_prompts, stats, n_tok, 
     local = {k: torch.tensor([s[k] for s in scores], device=dev).mean() for k in scores[0]}  # reward + components
     local |= {"format_rate": torch.tensor([s.get("format") == 1.0 for s in scores], device=dev).float().mean(),
               "completion_len": torch.tensor([len(c["token_ids"]) for c in completions], device=dev).float().mean(),
-              "truncated": torch.tensor([c["finish_reason"] == "length" for c in completions], device=dev).float().mean()}
+              "truncated": torch.tensor([c["finish_reason"] == "length" for c in completions],
+                                        device=dev).float().mean()}
     local |= {k: v.float() for k, v in stats.items()}
     m = {"step": step + 1, "lr": lr} | {k: acc.reduce(v, "mean").item() for k, v in local.items()}
     counts = acc.reduce(torch.tensor([float(flagged[k]) for k in STAT_KEYS], device=dev), "sum").tolist()
