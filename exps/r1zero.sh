@@ -2,7 +2,8 @@
 # An R1-Zero run end to end on one machine, for exps/NAME/config.yaml (each exps/*_r1zero/run_train.sh calls this):
 #   bash exps/r1zero.sh NAME [--key=value ...]        e.g. bash exps/r1zero.sh smollm2_r1zero --data=../shared/data/gsm8k
 # 1. baseline: the initial model on the whole GSM8K test set (greedy strict + lenient, format, maj@8) with the run's
-#    prompt, and the reference it must beat: the model's own chain of thought (prompt cot, greedy, lenient), on GPU 0
+#    prompt, and the reference it must beat: the model's own chain of thought (prompt cot, greedy, lenient), on GPU 0;
+#    on one GPU without Serve, beside the training (log: RUN/baseline.log)
 # 2. training: 2+ GPUs: GPU 0 trains, GPUs 1..N-1 each hold a torch-engine replica of the Serve app, weights
 #    over NCCL after every step (the app starts while the baseline runs); 1 GPU: the in-process engine, or with
 #    INFERENCE=serve one replica beside the trainer on its GPU (GPUS_PER_REPLICA of it), weights by CUDA IPC
@@ -51,9 +52,18 @@ if [ "$INFERENCE" = serve ]; then   # the app: one torch-engine replica per GPU 
     serve run --address auto infer_workers:inference_app > "$RUN/serve.log" 2>&1 &   # HTTP on 127.0.0.1:8000
     SERVE_PID=$!
 fi
-[ -e "$RUN/eval_before.json" ] || evaluate "$MODEL" before    # meanwhile the replicas start
-[ -e "$RUN/eval_reference_cot.json" ] || evaluate "$MODEL" reference_cot cot 0
-mark evaluated_before
+baseline() {
+    [ -e "$RUN/eval_before.json" ] || evaluate "$MODEL" before
+    [ -e "$RUN/eval_reference_cot.json" ] || evaluate "$MODEL" reference_cot cot 0
+    mark evaluated_before
+}
+BASELINE_PID=
+if [ "$INFERENCE" = local ] && [ "$NGPU" -ge 1 ]; then   # the initial model's evals need nothing from training:
+    baseline > "$RUN/baseline.log" 2>&1 &                 # they share the GPU with it instead of delaying it
+    BASELINE_PID=$!
+else
+    baseline                                              # meanwhile the replicas start
+fi
 if [ "$INFERENCE" = serve ]; then
     until python -c "import json, urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:8000/',
             json.dumps({'prompts': ['hi'], 'max_new_tokens': 1}).encode(), {'Content-Type': 'application/json'}), timeout=60)" \
@@ -67,6 +77,7 @@ ARGS=(--inference="$INFERENCE")
 [ -n "${STOP_AT:-}" ] && ARGS+=(--stop_after_min="$(python -c "print(max(0.1, ($STOP_AT - $(date +%s) - 60) / 60))")")
 python train.py "$CFG" "${ARGS[@]}" "$@"        # trains on cuda:0 and sees every GPU (NCCL to the replicas)
 mark trained
+[ -z "$BASELINE_PID" ] || wait "$BASELINE_PID" || { tail -20 "$RUN/baseline.log"; echo "the baseline evals failed"; exit 1; }
 python exps/plot.py "$RUN" --res "$RES/$TAG.png"
 cp "$RUN/metrics.jsonl" "$RES/$TAG.jsonl"
 FINAL=$RUN/ckpt/step_$(printf %06d "$MAX")

@@ -48,6 +48,21 @@ def test_compiled_engine_matches_eager_on_cuda(tiny_model):
     assert runs[0] == runs[1] and len({tuple(r) for r in runs[0]}) > 10
 
 
+@pytest.mark.parametrize("variant", [dict(cuda_graphs=False), dict(), dict(compile=True), dict(compile=True, fuse=False)],
+                         ids=["eager", "graphs", "compiled", "compiled_unfused"])
+def test_finish_reasons_on_cuda(variant, tiny_stop_model):
+    """Each way the engine decodes on CUDA reports a completion's end as HF generate's greedy rows have it there:
+    "stop" at an eos (on a row checked for stops only every few tokens too), "length" at the cap. The reward reads it."""
+    from conftest import PROMPTS, STOP_TOKENS, check_finish_reasons
+    from system.engine import TorchEngine, hf_greedy
+    from system.models import load_model, load_tokenizer
+    path = tiny_stop_model[0]
+    model = load_model(path, torch.float32, "cuda")
+    rows, eos = hf_greedy(model, PROMPTS, STOP_TOKENS), set(model.generation_config.eos_token_id)
+    check_finish_reasons(TorchEngine(model, load_tokenizer(path), **variant), rows,
+                         ["stop" if r[-1] in eos else "length" for r in rows])
+
+
 def test_two_steps_bf16_on_cuda(tiny_model, tmp_path):
     """train.main on CUDA with bf16 autocast: finite loss, weights move, the engine follows (versions)."""
     cfg = cfg_for(tiny_model, tmp_path / "gpu", max_steps=3, kl_coef=0.05)
