@@ -8,15 +8,17 @@ Configured by environment variables:
     INFER_DTYPE (auto: bfloat16 on GPU, float32 on CPU)  MAX_MODEL_LEN (2048)
     GPU_MEMORY_UTILIZATION (0.85)  TENSOR_PARALLEL_SIZE (1)  ENFORCE_EAGER (0: vLLM with CUDA graphs)
     GPUS_PER_REPLICA (TENSOR_PARALLEL_SIZE; below 1: a share of a GPU, e.g. 0.5 beside the trainer on its GPU)
-    INFER_MAX_BATCH (torch engine's cache rows, its memory: 0 = system.engine.default_max_batch)
-    INFER_COMPILE (0: 1 = the torch engine's decode step and sampler torch.compiled, TorchEngine(compile=True))
+    ENGINE_ROWS, COMPILE_ENGINE, FUSE_ENGINE: the torch engine's, named and defaulted as the trainer's
+    system.config.SystemConfig fields (cache rows, 0 = system.engine.default_max_batch; a compiled decode step;
+    fused q/k/v and gate/up GEMMs)
     VLLM_CPU_KVCACHE_SPACE (GiB, 1 here)
     HTTP_MAX_N (64)  HTTP_MAX_NEW_TOKENS (4096)  HTTP_MAX_BODY_BYTES (1000000): caps on one HTTP request
 or as builder arguments: `serve run infer_workers:build_app model=smollm2 num_workers=2 engine=torch`.
 
 Weights reach a replica over weight_sync's group, through its sync endpoint (the replica hooks, apart from
 generation): LocalSync receives in the replica's process and calls the engine's update_weights; VLLMSync has
-every vLLM worker receive and load through VLLMWorkerExtension (with TP > 1 each worker is a group member).
+every vLLM worker receive and load through VLLMWorkerExtension (with TP > 1 each worker is a group member). Both
+receivers are ReceivingHooks, which joins, leaves and receives; they differ in the device and the load.
 Replicas report their model, context length, dtype and weight version (sync_state); the trainer checks them.
 Faults (docs/reliability.md): a bad HTTP request gets a 4xx saying what is wrong; a replica that restarted refuses to
 sample (StaleWeights) until it holds the trainer's weights; ServeClient retries requests a lost replica dropped.
@@ -31,12 +33,38 @@ import time
 
 import torch
 
+from system.config import SystemConfig
 from system.engine import TorchEngine, default_max_batch
 from system.models import DTYPES, default_dtype, load_model, load_tokenizer, resolve_model
 from weight_sync import ParamCopy, Receiver, device_id, make_plan, plan_shapes, read_shared
 
 
-class VLLMWorkerExtension:
+class ReceivingHooks:
+    """The replica hooks for weights that land in this process, over our sync group or by CUDA IPC: join the group,
+    leave it, receive a push. LocalSync (a torch engine in the replica's process) and VLLMWorkerExtension (each vLLM
+    worker) differ only in the device they receive on and in how they load what arrived."""
+    def sync_device(self):
+        raise NotImplementedError
+
+    def load_pushed(self, weights, plan) -> int:
+        """weights: (name, tensor) pairs of one push; plan: its plan (weight_sync.make_plan). -> the version loaded."""
+        raise NotImplementedError
+
+    def join_sync_group(self, host, port, world, key, backend, timeout_s) -> int:
+        if getattr(self, "sync_receiver", None) is None:
+            self.sync_receiver = Receiver(self.sync_device())
+        return self.sync_receiver.join(host, port, world, key, backend, timeout_s)
+
+    def leave_sync_group(self) -> None:
+        if getattr(self, "sync_receiver", None) is not None:
+            self.sync_receiver.leave()
+
+    def receive_weights(self, plan, timeout_s, ipc=False) -> int:
+        weights = read_shared(plan, self.sync_device()) if ipc else self.sync_receiver.receive(plan, timeout_s)
+        return self.load_pushed(weights, plan)
+
+
+class VLLMWorkerExtension(ReceivingHooks):
     """Mixed into every vLLM worker (worker_extension_cls): weights in, from our sync group or in-process.
 
     Our only hooks into vLLM; tests/test_serve.py fails if vLLM drops them. vLLM-CPU repacks linear
@@ -44,19 +72,11 @@ class VLLMWorkerExtension:
     path that works; on GPUs the model's own `load_weights` takes checkpoint-format names directly, and once a push
     has shown that a straight copy lands the same values, weight_sync.ParamCopy takes over (load_named_weights).
     """
-    def join_sync_group(self, host, port, world, key, backend, timeout_s) -> int:
-        if not hasattr(self, "sync_receiver"):
-            self.sync_receiver = Receiver(self.device if torch.device(self.device).type == "cuda" else "cpu")
-        return self.sync_receiver.join(host, port, world, key, backend, timeout_s)
+    def sync_device(self):
+        return self.device if torch.device(self.device).type == "cuda" else "cpu"
 
-    def leave_sync_group(self) -> None:
-        if hasattr(self, "sync_receiver"):
-            self.sync_receiver.leave()
-
-    def receive_weights(self, plan, timeout_s, ipc=False) -> int:
-        device = self.device if torch.device(self.device).type == "cuda" else "cpu"
-        self.load_named_weights(read_shared(plan, device) if ipc else self.sync_receiver.receive(plan, timeout_s),
-                                *plan_shapes(plan))
+    def load_pushed(self, weights, plan) -> int:
+        self.load_named_weights(weights, *plan_shapes(plan))
         return plan["version"]
 
     def load_named_weights(self, weights, shapes=None, aliases=frozenset()) -> None:
@@ -153,13 +173,14 @@ class VLLMEngine:
 
 def make_engine(model: str, engine: str = "auto", dtype: str = "auto", max_model_len: int = 2048,
                 gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1, seed: int = 0, cpu_core=None,
-                enforce_eager: bool = False, max_batch: int = 0, compile: bool = False):
+                enforce_eager: bool = False, max_batch: int = 0, compile: bool = False, fuse: bool = True):
     """An engine in this process. engine: vllm | torch | auto (vLLM where it is installed, else torch);
     dtype: auto (models.default_dtype) or a name in models.DTYPES. On the CPU, vLLM binds its threads to
     cpu_core (one per engine, so that replicas do not share cores) or to every core of this process. enforce_eager:
     vLLM without CUDA graphs or torch.compile (starts in seconds; generates slower). max_batch: the torch engine's
     cache rows (0: system.engine.default_max_batch); with vLLM, gpu_memory_utilization caps the memory instead. compile: the
-    torch engine's decode step compiled (vLLM compiles by itself unless enforce_eager)."""
+    torch engine's decode step compiled (vLLM compiles by itself unless enforce_eager); fuse: its q/k/v and gate/up
+    GEMMs fused."""
     if engine == "auto":
         engine = "vllm" if importlib.util.find_spec("vllm") else "torch"
     if engine not in ("vllm", "torch"):
@@ -176,26 +197,20 @@ def make_engine(model: str, engine: str = "auto", dtype: str = "auto", max_model
         return VLLMEngine(model, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed, enforce_eager)
     dt = DTYPES[dtype] if dtype != "auto" else default_dtype(dev)
     return TorchEngine(load_model(model, dt, dev), load_tokenizer(model), max_model_len=max_model_len,
-                       max_batch=max_batch or default_max_batch(dev), compile=compile)
+                       max_batch=max_batch or default_max_batch(dev), compile=compile, fuse=fuse)
 
 
-class LocalSync:
+class LocalSync(ReceivingHooks):
     """Replica hooks for an engine in the replica's own process (TorchEngine): receive here, then load."""
     num_workers = 1  # ranks this engine brings to the sync group
 
     def __init__(self, engine):
         self.engine = engine
 
-    def join_sync_group(self, host, port, world, key, backend, timeout_s) -> int:
-        self.receiver = getattr(self, "receiver", None) or Receiver(self.engine.model.device)
-        return self.receiver.join(host, port, world, key, backend, timeout_s)
+    def sync_device(self):
+        return self.engine.model.device
 
-    def leave_sync_group(self) -> None:
-        if getattr(self, "receiver", None):
-            self.receiver.leave()
-
-    def receive_weights(self, plan, timeout_s, ipc=False) -> int:
-        weights = read_shared(plan, self.engine.model.device) if ipc else self.receiver.receive(plan, timeout_s)
+    def load_pushed(self, weights, plan) -> int:
         version = self.engine.update_weights(weights, plan["version"])
         if self.engine.model.device.type == "cuda":
             torch.cuda.synchronize(self.engine.model.device)  # "loaded" means loaded, not queued
@@ -281,7 +296,7 @@ class InferenceWorker:
     asyncio lock, so a weight change waits for in-flight requests to drain and new ones wait for it: no
     completion mixes weight versions."""
     def __init__(self, model, engine, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, seed,
-                 limits=None, enforce_eager=False, max_batch=0, compile=False):
+                 limits=None, enforce_eager=False, engine_rows=0, compile_engine=False, fuse_engine=True):
         from ray import serve
         self.replica = serve.get_replica_context().replica_id.unique_id
         core = None
@@ -292,8 +307,8 @@ class InferenceWorker:
             core = cores[rank % len(cores)]
         self.model, self.limits = model, limits or {k: default for k, (_, default) in LIMITS.items()}
         self.engine = make_engine(model, engine, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size,
-                                  seed, cpu_core=core, enforce_eager=enforce_eager, max_batch=max_batch,
-                                  compile=compile)
+                                  seed, cpu_core=core, enforce_eager=enforce_eager, max_batch=engine_rows,
+                                  compile=compile_engine, fuse=fuse_engine)
         self.sync = VLLMSync(self.engine) if isinstance(self.engine, VLLMEngine) else LocalSync(self.engine)
         self.lock = asyncio.Lock()
         self.generation = None
@@ -474,6 +489,13 @@ def build_app(args: dict, worker_cls=None):
     def opt(key, env_var, default):
         return args.get(key, os.environ.get(env_var, default))
 
+    def flag(key, env_var, default):
+        return str(opt(key, env_var, default)).lower() in ("1", "true")
+
+    def engine_knob(key):  # the torch engine's knobs: the trainer's names (ENGINE_ROWS for engine_rows) and defaults
+        default = getattr(SystemConfig, key)
+        return flag(key, key.upper(), default) if isinstance(default, bool) else type(default)(opt(key, key.upper(), default))
+
     gpu = torch.cuda.is_available()
     tp = int(opt("tensor_parallel_size", "TENSOR_PARALLEL_SIZE", 1))
     engine = opt("engine", "INFER_ENGINE", "vllm" if importlib.util.find_spec("vllm") else "torch")
@@ -488,9 +510,8 @@ def build_app(args: dict, worker_cls=None):
                            int(opt("max_model_len", "MAX_MODEL_LEN", 2048)),
                            float(opt("gpu_memory_utilization", "GPU_MEMORY_UTILIZATION", 0.85)), tp,
                            int(opt("seed", "INFER_SEED", 0)), limits,
-                           str(opt("enforce_eager", "ENFORCE_EAGER", "0")).lower() in ("1", "true"),
-                           int(opt("max_batch", "INFER_MAX_BATCH", 0)),
-                           str(opt("compile", "INFER_COMPILE", "0")).lower() in ("1", "true"))
+                           flag("enforce_eager", "ENFORCE_EAGER", False),
+                           *(engine_knob(k) for k in ("engine_rows", "compile_engine", "fuse_engine")))
 
 
 inference_app = build_app({}) if importlib.util.find_spec("ray") else None  # importable without Ray (train.py)

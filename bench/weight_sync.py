@@ -66,7 +66,7 @@ class BenchWorker(infer_workers.InferenceWorker):
     """The app's replica plus what only this bench needs: the floor's receive loop, and vLLM's own transfer."""
     async def floor(self, plan, rounds, timeout_s) -> int:
         if isinstance(self.sync, infer_workers.LocalSync):
-            await self._locked(drain, self.sync.receiver, plan, rounds, timeout_s)
+            await self._locked(drain, self.sync.sync_receiver, plan, rounds, timeout_s)
         else:  # the receiver lives in the vLLM worker
             await self._locked(self.engine.llm.collective_rpc,
                                lambda worker: drain(worker.sync_receiver, plan, rounds, timeout_s))
@@ -173,7 +173,7 @@ def main():
     app = infer_workers.build_app({"model": f"random:{a.shape}", "engine": a.engine, "num_workers": a.replicas,
                                    "dtype": str(dtype).removeprefix("torch."), "enforce_eager": "1",
                                    "gpu_memory_utilization": 0.3 if a.colocate else 0.5, "max_model_len": 1024}
-                                  | ({"gpus_per_replica": 0.9 / a.replicas, "max_batch": 16} if a.colocate else {}),
+                                  | ({"gpus_per_replica": 0.9 / a.replicas, "engine_rows": 16} if a.colocate else {}),
                                   worker_cls=BenchWorker)
     deploy = threading.Thread(target=lambda: (serve.start(http_options={"host": "127.0.0.1", "port": port}),
                                               serve.run(app, name="bench", route_prefix="/bench")), daemon=True)

@@ -19,9 +19,9 @@ CFG=exps/$NAME/config.yaml
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 NCCL_NVLS_ENABLE=0   # Ray on 127.0.0.1; no NVLink multicast
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}               # Ray workers import infer_workers from here
 # the resolved config (yaml + overrides) is the one source of every value below
-read -r RUN MODEL DATA MNT TEMP MAX PROMPT COMPILE_ENGINE ENGINE_ROWS < <(python -c "import sys, train; c = train.load_config(sys.argv[1:]); \
+read -r RUN MODEL DATA MNT TEMP MAX PROMPT COMPILE_ENGINE ENGINE_ROWS FUSE_ENGINE < <(python -c "import sys, train; c = train.load_config(sys.argv[1:]); \
 print(c.run_dir, c.model, c.data, c.max_new_tokens, c.temperature, c.max_steps, c.prompt, int(c.system.compile_engine), \
-c.system.engine_rows)" "$CFG" "$@")
+c.system.engine_rows, int(c.system.fuse_engine))" "$CFG" "$@")
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
 INFERENCE=${INFERENCE:-$([ "$NGPU" -ge 2 ] && echo serve || echo local)}
 RES=${RES:-res}                                  # where the tracked results go, named after the run folder:
@@ -40,7 +40,7 @@ evaluate() {  # evaluate MODEL_PATH KEY [PROMPT MAJ_K]: the whole test set -> $R
 }
 
 if [ "$INFERENCE" = serve ]; then   # the app: one torch-engine replica per GPU after the first (CPU: one replica)
-    export MODEL_NAME_OR_PATH=$MODEL INFER_ENGINE=torch INFER_COMPILE=$COMPILE_ENGINE INFER_MAX_BATCH=$ENGINE_ROWS NUM_INFER_WORKERS=${NUM_INFER_WORKERS:-$((NGPU > 1 ? NGPU - 1 : 1))}
+    export MODEL_NAME_OR_PATH=$MODEL INFER_ENGINE=torch COMPILE_ENGINE ENGINE_ROWS FUSE_ENGINE NUM_INFER_WORKERS=${NUM_INFER_WORKERS:-$((NGPU > 1 ? NGPU - 1 : 1))}
     if [ "$NGPU" -ge 2 ]; then GPUS=$(seq -s, 1 "$NUM_INFER_WORKERS"); SLOTS="--num-gpus $NUM_INFER_WORKERS"
     elif [ "$NGPU" = 1 ]; then   # on the trainer's GPU: a share of it each; pushes by CUDA IPC (Config.sync_ipc auto)
         export GPUS_PER_REPLICA=${GPUS_PER_REPLICA:-$(python -c "print(0.9 / $NUM_INFER_WORKERS)")}

@@ -42,13 +42,13 @@ class SystemConfig:
     logprob_chunk: int = knob(1024, "[1, inf)")  # tokens per lm_head + log-softmax chunk (bounds [tokens, vocab])
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     compile: bool = False  # torch.compile the decoder layers and the log-softmax chunks: fused elementwise work
-    # --- the in-process engine (inference local)
-    compile_engine: bool = False  # torch.compile TorchEngine's decode step and sampler (the Serve replicas of
-    # exps/r1zero.sh too, by INFER_COMPILE)
+    # --- the torch engine: in process (inference local), and in the Serve app's replicas under the same names
+    # (ENGINE_ROWS, COMPILE_ENGINE, FUSE_ENGINE: infer_workers.build_app)
+    compile_engine: bool = False  # torch.compile TorchEngine's decode step and sampler
     fuse_engine: bool = True  # q/k/v and gate/up as one GEMM each (the same math; false: separate GEMMs, the
     # reference path exps/check_recipe.sh compares against)
     engine_rows: int = knob(0, "[0, inf)")  # TorchEngine's cache rows, sequences decoded at once (its KV cache's
-    # memory); 0 = system.engine.default_max_batch; the Serve replicas of exps/r1zero.sh too, by INFER_MAX_BATCH
+    # memory); 0 = system.engine.default_max_batch
     # --- the Serve app and weight sync (inference serve)
     inference: str = knob("local", ("local", "serve"))  # local: an in-process TorchEngine per rank | serve: a
     # running app of infer_workers.py

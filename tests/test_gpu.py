@@ -170,7 +170,7 @@ def test_replica_on_the_trainers_gpu_gets_its_weights_by_cuda_ipc(tiny_model, tm
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         serve.run(infer_workers.build_app({"model": tiny_model, "engine": "torch", "num_workers": 1, "dtype": "float32",
-                                           "gpus_per_replica": 0.5, "max_batch": 16}), name="colocated",
+                                           "gpus_per_replica": 0.5, "engine_rows": 16}), name="colocated",
                   route_prefix="/colocated")
         c = ServeClient("colocated", timeout_s=300, sync={"timeout_s": 120, "device": "cuda:0", "bucket_mb": 0.05})
         greedy = lambda: [g[0]["token_ids"] for g in c.generate(PROMPTS, max_new_tokens=8, temperature=0)]  # noqa: E731

@@ -28,6 +28,22 @@ def free_port():
         return s.getsockname()[1]
 
 
+def test_app_takes_the_torch_engine_knobs_by_the_trainers_names(monkeypatch):
+    """ENGINE_ROWS, COMPILE_ENGINE and FUSE_ENGINE (or builder arguments of those names) reach every replica's engine,
+    each defaulting as the system.config.SystemConfig field of its name does: one name and one default per knob."""
+    import infer_workers
+    from system.config import SystemConfig
+    def knobs(**args):  # the last three arguments each replica's InferenceWorker is built with
+        return infer_workers.build_app({"model": "m", "engine": "torch", **args})._bound_deployment.init_args[-3:]
+    for var in ("ENGINE_ROWS", "COMPILE_ENGINE", "FUSE_ENGINE"):
+        monkeypatch.delenv(var, raising=False)
+    assert knobs() == (SystemConfig.engine_rows, SystemConfig.compile_engine, SystemConfig.fuse_engine)
+    monkeypatch.setenv("ENGINE_ROWS", "32")
+    monkeypatch.setenv("COMPILE_ENGINE", "1")
+    assert knobs(fuse_engine="false") == (32, True, False)
+    assert knobs(engine_rows=8, compile_engine=False) == (8, False, True)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind 127.0.0.1 only
