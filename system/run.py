@@ -216,8 +216,12 @@ class Health:
       cut     the share of a step's completions cut at max_new_tokens is CUT or more: the policy runs to the cap
       format  the share in the exact format fell below FORMAT, having been above it: a format collapse
       nan     the loss or the gradient norm is NaN or infinite
+      drift   a warning, not degeneration: the cut share is DRIFT_CUT or more, several times a healthy run's, the
+              way a run heads for the cap (it may come back: a cut completion earns nothing)
     A run whose reward has no "format" component never fires "format"."""
     CUT, FORMAT, PATIENCE = 0.2, 0.5, 5
+    DRIFT_CUT = 0.1
+    DEGENERATE = ("cut", "format", "nan")
 
     def __init__(self, max_new_tokens: int):
         self.cap, self.streak, self.fired, self.had_format = max_new_tokens, {}, {}, False
@@ -232,12 +236,14 @@ class Health:
         fmt = m.get("format_rate", 0.0) if "format" in m else None
         self.had_format |= fmt is not None and fmt >= self.FORMAT
         bad = {"cut": m["truncated"] >= self.CUT, "format": self.had_format and fmt < self.FORMAT,
-               "nan": not all(math.isfinite(m[k]) for k in ("loss", "grad_norm") if k in m)}
+               "nan": not all(math.isfinite(m[k]) for k in ("loss", "grad_norm") if k in m),
+               "drift": m["truncated"] >= self.DRIFT_CUT}
         for rule, is_bad in bad.items():
             self.streak[rule] = self.streak.get(rule, 0) + 1 if is_bad else 0
             if rule not in self.fired and self.streak[rule] >= (1 if rule == "nan" else self.PATIENCE):
                 self.fired[rule] = self._message(rule, m)
-                new.append(self.fired[rule])
+                if not (rule == "drift" and "cut" in self.fired):  # said already, and worse
+                    new.append(self.fired[rule])
         return new
 
     def _message(self, rule, m):
@@ -246,12 +252,18 @@ class Health:
                        f"{m['completion_len']:.0f} tokens): the policy runs to the cap instead of stopping",
                 "format": f"format {m.get('format_rate', 0):.0%} {n}, after it was above {self.FORMAT:.0%}: the "
                           f"format is collapsing",
-                "nan": f"loss {m.get('loss')} / grad_norm {m.get('grad_norm')} {n}: not finite"}[rule] \
-            + f" (step {m['step']})"
+                "nan": f"loss {m.get('loss')} / grad_norm {m.get('grad_norm')} {n}: not finite",
+                "drift": f"{m['truncated']:.0%} of completions cut at max_new_tokens={self.cap} {n} (mean length "
+                         f"{m['completion_len']:.0f} tokens): the policy is drifting towards the cap (degenerate at "
+                         f"{self.CUT:.0%})"}[rule] + f" (step {m['step']})"
 
     def active(self) -> list[str]:
-        """The rules that fired and are still on the wrong side at the last step seen."""
-        return [r for r in self.fired if self.streak[r]]
+        """The degeneration rules that fired and are still on the wrong side at the last step seen."""
+        return [r for r in self.fired if self.streak[r] and r in self.DEGENERATE]
+
+    def drifting(self) -> bool:
+        """The drift warning fired and still holds, short of degeneration."""
+        return "drift" in self.fired and bool(self.streak["drift"]) and not self.active()
 
     def summary(self) -> list[str]:
         """The run's last lines: the final validation and the last training step, and any degeneration by name."""
@@ -272,8 +284,11 @@ class Health:
             bad.append(f"the final validation's format is {v['val/format']:.0%}")
         if bad:
             out.append("DEGENERATE at the end: " + " | ".join(bad))
+        elif self.drifting():
+            out.append("DRIFTING at the end: " + self.fired["drift"])
         elif self.fired:
-            out.append("degeneration seen during the run, gone by its end: " + " | ".join(self.fired.values()))
+            said = [m for r, m in self.fired.items() if not (r == "drift" and "cut" in self.fired)]
+            out.append("seen during the run, gone by its end: " + " | ".join(said))
         return out
 
 
@@ -325,7 +340,8 @@ class RunLog:
                             fmt=f"{m['format_rate']:.0%}", cut=f"{m['truncated']:.0%}",
                             len=f"{m['completion_len']:.0f}tok", flagged=int(m["rewards_flagged"]),
                             step=f"{m['step_s']:.1f}s",
-                            **({"DEGENERATE": "+".join(self.health.active())} if self.health.active() else {}))
+                            **({"DEGENERATE": "+".join(self.health.active())} if self.health.active() else
+                               {"DRIFT": "cut"} if self.health.drifting() else {}))
 
     def close(self):
         """Ends the log with the run's summary (Health.summary): its last lines say how it ended."""

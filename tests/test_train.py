@@ -419,6 +419,27 @@ def test_health_names_degeneration_once_and_in_the_summary():
     assert "not finite" in nan.see(health_rows([0.0], [0.9])[0] | {"loss": float("nan")})[0]
 
 
+def test_health_warns_of_a_drift_towards_the_cap_that_a_run_came_back_from():
+    """The recipe's committed run (res/qwen_coder_r1zero.jsonl) drifted: around step 95 its cut share rose past
+    DRIFT_CUT (17% at most), then fell back. Health warns once, at the fifth step in a row, names no degeneration,
+    and its summary says the drift came and went; held at a cut share of DRIFT_CUT, the summary says DRIFTING."""
+    import os
+    from conftest import ROOT
+    with open(os.path.join(ROOT, "res", "qwen_coder_r1zero.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    h = run.Health(max_new_tokens=300)
+    fired = {r["step"]: w for r in rows if (w := h.see(r))}
+    cut = {r["step"]: r["truncated"] for r in rows if "truncated" in r}
+    (step, said), = fired.items()
+    assert all(cut[s] >= run.Health.DRIFT_CUT for s in range(step - run.Health.PATIENCE + 1, step + 1)), cut
+    assert "drifting towards the cap" in said[0] and not h.active(), said
+    assert h.summary()[-1].startswith("seen during the run, gone by its end: ") and "drifting" in h.summary()[-1]
+    held = run.Health(300)
+    for r in health_rows([run.Health.DRIFT_CUT] * (run.Health.PATIENCE + 1), [0.9] * (run.Health.PATIENCE + 1)):
+        held.see(r)
+    assert held.drifting() and held.summary()[-1].startswith("DRIFTING at the end: 10% of completions cut")
+
+
 def test_a_run_that_runs_to_the_cap_says_so_plainly(tiny_model, tmp_path, capsys):
     """The tiny random model never emits its eos: every completion is cut at max_new_tokens. The run warns once while
     it happens (stderr, beside the bar, and in metrics.jsonl) and its last lines name the degeneration."""
