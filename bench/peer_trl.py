@@ -55,6 +55,7 @@ import torch  # noqa: E402
 import gsm8k  # noqa: E402
 import train  # noqa: E402
 from system import models  # noqa: E402
+from system.engine import finish_reason  # noqa: E402
 
 # ours only: one GPU, no eval or checkpoint inside the timed run (evaluated apart, like TRL's model), no KL measured
 OURS_ONLY = ("--inference=local", "--eval_every=0", "--ckpt_every=0", "--log_kl=false")
@@ -95,18 +96,18 @@ def trl_reward(cfg, tally):
     """gsm8k.reward as a TRL reward function. TRL calls it with the decoded texts (completions), the sampled ids
     (completion_ids: up to and with the eos that ended each, or max_completion_length of them) and each dataset
     column by name (answer, the GSM8K answer field): grpo_trainer.py, _calculate_rewards and _generate_single_turn.
-    It gives no finish reason, so it is read off the ids as our engine sets it: "length" when a completion holds
-    max_completion_length tokens and its last is no eos (TRL's generate stopped it at the cap), else "stop"; the eos
-    ids are TRL's own (GRPOTrainer.eos_token_ids, set in tally.eos once the trainer exists). Each completion's scores
-    go to tally.scores for the step's figures."""
+    It gives no finish reason, so it is read off the ids as our engine reads it (system.engine.finish_reason:
+    "length" when a completion holds max_completion_length tokens and its last is no eos); the eos ids are TRL's own
+    (GRPOTrainer.eos_token_ids, set in tally.eos once the trainer exists). Each completion's scores go to
+    tally.scores for the step's figures."""
     def gsm8k_reward(completions, completion_ids, answer, **_):
         assert tally.eos, "tally.eos (the trainer's eos ids) must be set before the first step"
         rewards = []
         for text, ids, gold in zip(completions, completion_ids, answer, strict=True):
-            cut = len(ids) >= cfg.max_new_tokens and ids[-1] not in tally.eos
-            s = gsm8k.reward({"text": text, "token_ids": list(ids), "finish_reason": "length" if cut else "stop"},
-                             gold, cfg)
-            tally.scores.append(s | {"tokens": len(ids), "cut": float(cut), "format": float(s["format"] == 1.0)})
+            reason = finish_reason(list(ids), cfg.max_new_tokens, tally.eos)
+            s = gsm8k.reward({"text": text, "token_ids": list(ids), "finish_reason": reason}, gold, cfg)
+            tally.scores.append(s | {"tokens": len(ids), "cut": float(reason == "length"),
+                                     "format": float(s["format"] == 1.0)})
             rewards.append(s["reward"])
         return rewards
     return gsm8k_reward

@@ -38,6 +38,12 @@ class Completion(TypedDict):
     version: int  # the weight version that sampled it
 
 
+def finish_reason(token_ids: list[int], max_new_tokens: int, eos: set[int]) -> str:
+    """How a completion ended, from its ids (up to and with its first eos): "stop" when it ended at an eos or short of
+    the cap, "length" when it ran to max_new_tokens without one (an eos as the cap's last token is a stop)."""
+    return "stop" if len(token_ids) < max_new_tokens or (token_ids and token_ids[-1] in eos) else "length"
+
+
 @runtime_checkable
 class Engine(Protocol):
     version: int
@@ -251,7 +257,7 @@ class TorchEngine:
                                           keys[i:i + self.max_batch])
         eos = set(self.eos.tolist())
         outs = [{"token_ids": ids, "logprobs": lps, "text": self.tok.decode(ids, skip_special_tokens=True),
-                 "finish_reason": "stop" if len(ids) < max_new_tokens or (ids and ids[-1] in eos) else "length",
+                 "finish_reason": finish_reason(ids, max_new_tokens, eos),
                  "version": self.version} for ids, lps in rows]
         return [outs[i * n:(i + 1) * n] for i in range(len(prompts))]
 

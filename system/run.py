@@ -242,9 +242,13 @@ class Health:
             self.streak[rule] = self.streak.get(rule, 0) + 1 if is_bad else 0
             if rule not in self.fired and self.streak[rule] >= (1 if rule == "nan" else self.PATIENCE):
                 self.fired[rule] = self._message(rule, m)
-                if not (rule == "drift" and "cut" in self.fired):  # said already, and worse
+                if self._said(rule):
                     new.append(self.fired[rule])
         return new
+
+    def _said(self, rule) -> bool:
+        """Whether a fired rule is said: a drift is not, once the cut share has been called degenerate (worse)."""
+        return not (rule == "drift" and "cut" in self.fired)
 
     def _message(self, rule, m):
         n = f"for {self.PATIENCE} steps in a row" if rule != "nan" else "this step"
@@ -287,8 +291,8 @@ class Health:
         elif self.drifting():
             out.append("DRIFTING at the end: " + self.fired["drift"])
         elif self.fired:
-            said = [m for r, m in self.fired.items() if not (r == "drift" and "cut" in self.fired)]
-            out.append("seen during the run, gone by its end: " + " | ".join(said))
+            out.append("seen during the run, gone by its end: " + " | ".join(m for r, m in self.fired.items()
+                                                                             if self._said(r)))
         return out
 
 
