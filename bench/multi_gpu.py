@@ -68,6 +68,7 @@ def main():
         report(a, acc, gpu, loss, grad_norm, full, init)
     acc.wait_for_everyone()  # no rank exits while rank 0 still works: an early exit (gloo) aborts, and the launcher
     acc.end_training()       # then kills rank 0 before it prints
+    run.exit_gloo_rank()
 
 
 def report(a, acc, gpu, loss, grad_norm, full, init):

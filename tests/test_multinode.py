@@ -118,3 +118,5 @@ if __name__ == "__main__":  # the accelerate launch target of the two-rank test:
                              "--max_new_tokens=12", "--micro_batch_size=3", "--lr=1e-3", "--max_steps=2",
                              "--sync_timeout_s=180"] + sys.argv[1:])
     train.main(cfg, reward_fn=digit_reward)
+    from system.run import exit_gloo_rank
+    exit_gloo_rank()  # as train.py's command line ends

@@ -386,6 +386,7 @@ if __name__ == "__main__":  # fsdp2_launch's script: `train --key=value ...` (di
     use_cpu_fsdp()
     if sys.argv[1] == "train":
         train.main(train.load_config(sys.argv[2:]), reward_fn=digit_reward)
+        run.exit_gloo_rank()  # as train.py's command line ends
     else:
         sys.argv = sys.argv[1:]
         runpy.run_path(sys.argv[0], run_name="__main__")
