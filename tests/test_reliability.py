@@ -300,7 +300,7 @@ def test_a_gloo_rank_exits_done_without_finalizing(world, out):
     """run.exit_gloo_rank ends a rank of a multi-process CPU job with status 0, its output flushed, and no
     interpreter finalization (regression, a CI flake: gloo's worker threads, late on a loaded machine, took the GIL
     as the interpreter finalized and aborted a rank whose run had succeeded); one process finalizes as ever."""
-    script = ("import atexit, sys; from system.run import exit_gloo_rank; atexit.register(print, ', finalized'); "
+    script = ("import atexit; from system.run import exit_gloo_rank; atexit.register(print, ', finalized'); "
               "print('done', end=''); exit_gloo_rank()")
     env = os.environ | {"WORLD_SIZE": world, "CUDA_VISIBLE_DEVICES": ""}
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
