@@ -218,14 +218,22 @@ class Health:
       nan     the loss or the gradient norm is NaN or infinite
       drift   a warning, not degeneration: the cut share is DRIFT_CUT or more, several times a healthy run's, the
               way a run heads for the cap (it may come back: a cut completion earns nothing)
-    A run whose reward has no "format" component never fires "format"."""
+    A run whose reward has no "format" component never fires "format". When the initial model already runs to the cap
+    (step 1's cut share, sampled before any update, is DRIFT_CUT or more: the cap is short for this model and prompt),
+    that is said at step 1, and the cut rules count from its level: start + CUT and start + DRIFT_CUT, at most MOST_CUT
+    (most completions cut is degenerate however the run began)."""
     CUT, FORMAT, PATIENCE = 0.2, 0.5, 5
-    DRIFT_CUT = 0.1
+    DRIFT_CUT, MOST_CUT = 0.1, 0.8
     DEGENERATE = ("cut", "format", "nan")
 
     def __init__(self, max_new_tokens: int):
         self.cap, self.streak, self.fired, self.had_format = max_new_tokens, {}, {}, False
+        self.start_cut = 0.0  # the cut share the initial model starts from, when it is DRIFT_CUT or more (step 1)
         self.last_step, self.last_val = None, None  # the newest rows, for summary()
+
+    def bar(self, margin: float) -> float:
+        """The cut share at which a cut rule (margin CUT or DRIFT_CUT) fires."""
+        return min(self.start_cut + margin, self.MOST_CUT) if self.start_cut else margin
 
     def see(self, m: dict) -> list[str]:
         """One metrics row -> the messages of the rules it fires (each rule fires once per run)."""
@@ -233,11 +241,17 @@ class Health:
             self.last_val = m
             return []
         self.last_step, new = m, []
+        if m["step"] == 1 and m["truncated"] >= self.DRIFT_CUT:
+            self.start_cut = m["truncated"]
+            new.append(f"{m['truncated']:.0%} of completions cut at max_new_tokens={self.cap} at step 1, sampled "
+                       f"before any update: the cap is short for this model and prompt, or the model does not stop; "
+                       f"the cut rules count from there (drift at {self.bar(self.DRIFT_CUT):.0%}, degenerate at "
+                       f"{self.bar(self.CUT):.0%})")
         fmt = m.get("format_rate", 0.0) if "format" in m else None
         self.had_format |= fmt is not None and fmt >= self.FORMAT
-        bad = {"cut": m["truncated"] >= self.CUT, "format": self.had_format and fmt < self.FORMAT,
+        bad = {"cut": m["truncated"] >= self.bar(self.CUT), "format": self.had_format and fmt < self.FORMAT,
                "nan": not all(math.isfinite(m[k]) for k in ("loss", "grad_norm") if k in m),
-               "drift": m["truncated"] >= self.DRIFT_CUT}
+               "drift": m["truncated"] >= self.bar(self.DRIFT_CUT)}
         for rule, is_bad in bad.items():
             self.streak[rule] = self.streak.get(rule, 0) + 1 if is_bad else 0
             if rule not in self.fired and self.streak[rule] >= (1 if rule == "nan" else self.PATIENCE):
@@ -259,7 +273,7 @@ class Health:
                 "nan": f"loss {m.get('loss')} / grad_norm {m.get('grad_norm')} {n}: not finite",
                 "drift": f"{m['truncated']:.0%} of completions cut at max_new_tokens={self.cap} {n} (mean length "
                          f"{m['completion_len']:.0f} tokens): the policy is drifting towards the cap (degenerate at "
-                         f"{self.CUT:.0%})"}[rule] + f" (step {m['step']})"
+                         f"{self.bar(self.CUT):.0%})"}[rule] + f" (step {m['step']})"
 
     def active(self) -> list[str]:
         """The degeneration rules that fired and are still on the wrong side at the last step seen."""
@@ -281,8 +295,10 @@ class Health:
             t = self.last_step
             out.append(f"last training step ({t['step']}): reward {t['reward']:.3f}, format {t['format_rate']:.0%}, "
                        f"cut {t['truncated']:.0%}, completion {t['completion_len']:.0f} tokens")
+        if self.start_cut:
+            out.append(f"the run started with {self.start_cut:.0%} of completions cut at max_new_tokens={self.cap}")
         v, bad = self.last_val, [self.fired[r] for r in self.active()]
-        if v and v["val/cut"] >= self.CUT:
+        if v and v["val/cut"] >= self.bar(self.CUT):
             bad.append(f"{v['val/cut']:.0%} of the final validation's greedy completions were cut at the cap")
         if v and self.had_format and v["val/format"] < self.FORMAT:
             bad.append(f"the final validation's format is {v['val/format']:.0%}")

@@ -436,17 +436,37 @@ def test_health_warns_of_a_drift_towards_the_cap_that_a_run_came_back_from():
     assert "drifting towards the cap" in said[0] and not h.active(), said
     assert h.summary()[-1].startswith("seen during the run, gone by its end: ") and "drifting" in h.summary()[-1]
     held = run.Health(300)
-    for r in health_rows([run.Health.DRIFT_CUT] * (run.Health.PATIENCE + 1), [0.9] * (run.Health.PATIENCE + 1)):
+    for r in health_rows([0.0] + [run.Health.DRIFT_CUT] * (run.Health.PATIENCE + 1), [0.9] * (run.Health.PATIENCE + 2)):
         held.see(r)
     assert held.drifting() and held.summary()[-1].startswith("DRIFTING at the end: 10% of completions cut")
 
 
 def test_a_run_that_runs_to_the_cap_says_so_plainly(tiny_model, tmp_path, capsys):
-    """The tiny random model never emits its eos: every completion is cut at max_new_tokens. The run warns once while
-    it happens (stderr, beside the bar, and in metrics.jsonl) and its last lines name the degeneration."""
+    """The tiny random model never emits its eos: every completion is cut at max_new_tokens. The run says so at step 1
+    (the initial model's level), warns once of the degeneration while it happens (stderr, beside the bar, and in
+    metrics.jsonl) and its last lines name it: most completions cut is degenerate however the run began."""
     train.main(cfg_for(tiny_model, tmp_path / "run", max_steps=run.Health.PATIENCE + 1), reward_fn=digit_reward)
     out = capsys.readouterr()
-    assert out.err.count("WARNING: 100% of completions cut at max_new_tokens=12") == 1, out.err[-2000:]
+    assert out.err.count("WARNING: 100% of completions cut at max_new_tokens=12 at step 1") == 1, out.err[-2000:]
+    assert out.err.count("WARNING: 100% of completions cut at max_new_tokens=12 for 5") == 1, out.err[-2000:]
     assert out.out.strip().splitlines()[-1].startswith("DEGENERATE at the end: 100% of completions cut"), out.out
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [bool(r.get("warnings")) for r in rows] == [False] * (run.Health.PATIENCE - 1) + [True, False]
+    assert [bool(r.get("warnings")) for r in rows] == [True] + [False] * (run.Health.PATIENCE - 2) + [True, False]
+
+
+def test_health_counts_the_cut_rules_from_an_initial_model_that_already_runs_to_the_cap():
+    """README's CPU demo: SmolLM2 at a 128-token cap is cut 25-62% from step 1 on. Health says so once at step 1 and
+    fires no drift or degeneration while the cut share stays near where it began; one that rises CUT above its start
+    for PATIENCE steps is degenerate. A healthy start keeps the absolute bars."""
+    P = run.Health.PATIENCE
+    demo = run.Health(max_new_tokens=128)
+    fired = [demo.see(r) for r in health_rows([0.38, 0.25, 0.62, 0.5, 0.38, 0.38], [0.4] * 6)]
+    assert len(fired[0]) == 1 and fired[0][0].startswith("38% of completions cut at max_new_tokens=128 at step 1")
+    assert "drift at 48%, degenerate at 58%" in fired[0][0] and not any(fired[1:]), fired
+    assert demo.summary()[-1] == "the run started with 38% of completions cut at max_new_tokens=128", demo.summary()
+    worse = run.Health(128)
+    fired = [worse.see(r) for r in health_rows([0.38] + [0.6] * P, [0.4] * (P + 1))]
+    assert [len(f) for f in fired] == [1] + [0] * (P - 1) + [1] and "for 5 steps in a row" in fired[-1][0], fired
+    assert worse.active() == ["cut"] and worse.summary()[-1].startswith("DEGENERATE at the end: 60%")
+    healthy = run.Health(128)
+    assert healthy.see(health_rows([0.05], [0.9])[0]) == [] and healthy.bar(run.Health.CUT) == run.Health.CUT
