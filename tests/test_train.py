@@ -435,8 +435,8 @@ def test_health_warns_of_a_drift_towards_the_cap_that_a_run_came_back_from():
     assert all(cut[s] >= run.Health.DRIFT_CUT for s in range(step - run.Health.PATIENCE + 1, step + 1)), cut
     assert "drifting towards the cap" in said[0] and not h.active(), said
     assert h.summary()[-1].startswith("seen during the run, gone by its end: ") and "drifting" in h.summary()[-1]
-    held = run.Health(300)
-    for r in health_rows([0.0] + [run.Health.DRIFT_CUT] * (run.Health.PATIENCE + 1), [0.9] * (run.Health.PATIENCE + 2)):
+    held, P = run.Health(300), run.Health.PATIENCE
+    for r in health_rows([0.0] + [run.Health.DRIFT_CUT] * (P + 1), [0.9] * (P + 2)):  # from a healthy step 1
         held.see(r)
     assert held.drifting() and held.summary()[-1].startswith("DRIFTING at the end: 10% of completions cut")
 
