@@ -117,7 +117,12 @@ def make_stop_model(src, path):
     model.generation_config.eos_token_id = [model.config.eos_token_id, stop]
     model.generation_config.save_pretrained(path)
     rows = hf_greedy(model, PROMPTS, STOP_TOKENS)
-    return str(path), rows, ["stop" if r[-1] in (1, stop) else "length" for r in rows]
+    return str(path), rows, row_reasons(rows, model.generation_config.eos_token_id)
+
+
+def row_reasons(rows, eos):
+    """The finish reason of each of hf_greedy's rows (cut after its first eos): "stop" if it ends with an eos."""
+    return ["stop" if r[-1] in eos else "length" for r in rows]
 
 
 @pytest.fixture(scope="session")

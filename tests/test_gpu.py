@@ -53,14 +53,14 @@ def test_compiled_engine_matches_eager_on_cuda(tiny_model):
 def test_finish_reasons_on_cuda(variant, tiny_stop_model):
     """Each way the engine decodes on CUDA reports a completion's end as HF generate's greedy rows have it there:
     "stop" at an eos (on a row checked for stops only every few tokens too), "length" at the cap. The reward reads it."""
-    from conftest import PROMPTS, STOP_TOKENS, check_finish_reasons
+    from conftest import PROMPTS, STOP_TOKENS, check_finish_reasons, row_reasons
     from system.engine import TorchEngine, hf_greedy
     from system.models import load_model, load_tokenizer
     path = tiny_stop_model[0]
     model = load_model(path, torch.float32, "cuda")
-    rows, eos = hf_greedy(model, PROMPTS, STOP_TOKENS), set(model.generation_config.eos_token_id)
+    rows = hf_greedy(model, PROMPTS, STOP_TOKENS)
     check_finish_reasons(TorchEngine(model, load_tokenizer(path), **variant), rows,
-                         ["stop" if r[-1] in eos else "length" for r in rows])
+                         row_reasons(rows, model.generation_config.eos_token_id))
 
 
 def test_two_steps_bf16_on_cuda(tiny_model, tmp_path):
