@@ -421,12 +421,12 @@ def test_health_names_degeneration_once_and_in_the_summary():
 
 
 def test_health_warns_of_a_drift_towards_the_cap_that_a_run_came_back_from():
-    """The recipe's committed run (res/qwen_coder_r1zero.jsonl) drifted: around step 95 its cut share rose past
+    """A committed run of the recipe (res/qwen_coder_r1zero_repeat1.jsonl) drifted: around step 95 its cut share rose past
     DRIFT_CUT (17% at most), then fell back. Health warns once, at the fifth step in a row, names no degeneration,
     and its summary says the drift came and went; held at a cut share of DRIFT_CUT, the summary says DRIFTING."""
     import os
     from conftest import ROOT
-    with open(os.path.join(ROOT, "res", "qwen_coder_r1zero.jsonl")) as f:
+    with open(os.path.join(ROOT, "res", "qwen_coder_r1zero_repeat1.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     h = run.Health(max_new_tokens=300)
     fired = {r["step"]: w for r in rows if (w := h.see(r))}
@@ -439,6 +439,21 @@ def test_health_warns_of_a_drift_towards_the_cap_that_a_run_came_back_from():
     for r in health_rows([0.0] + [run.Health.DRIFT_CUT] * (P + 1), [0.9] * (P + 2)):  # from a healthy step 1
         held.see(r)
     assert held.drifting() and held.summary()[-1].startswith("DRIFTING at the end: 10% of completions cut")
+
+
+def test_health_names_the_collapse_of_the_recipes_300_step_run():
+    """The recipe's committed 300-step run (res/qwen_coder_r1zero.jsonl) collapsed at its end: from step 277 on the cut
+    share rose from under 10% to 89% at step 282. Replayed, Health warns of the drift and then the degeneration once
+    each, on the steps the run itself logged, and the summary names the degeneration."""
+    import os
+    from conftest import ROOT
+    with open(os.path.join(ROOT, "res", "qwen_coder_r1zero.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    h = run.Health(max_new_tokens=300)
+    fired = {r["step"]: w for r in rows if "reward" in r and (w := h.see(r))}
+    logged = {r["step"]: r["warnings"] for r in rows if r.get("warnings")}
+    assert fired == logged and len(fired) == 2 and min(fired) > 250, fired
+    assert any("DEGENERATE" in line for line in h.summary()), h.summary()
 
 
 def test_a_run_that_runs_to_the_cap_says_so_plainly(tiny_model, tmp_path, capsys):
