@@ -1,16 +1,22 @@
-"""Does a run still follow the reference run of its recipe? Compares two metrics.jsonl files over their first steps.
+"""Does a run still follow the reference runs of its recipe? Compares metrics.jsonl files over their first steps.
 
-    python exps/check_recipe.py runs/check_recipe/metrics.jsonl res/qwen_coder_r1zero.jsonl --steps 100
+    python exps/check_recipe.py runs/check_recipe/metrics.jsonl res/qwen_coder_r1zero.jsonl \
+        res/qwen_coder_r1zero_repeat1.jsonl --steps 100
     bash exps/check_recipe.sh                      # runs the recipe for 100 steps on this GPU, then this comparison
 
-Compared, over the steps both runs have (up to --steps):
+Compared, over the steps the run and a reference have (up to --steps):
 - validation (greedy, the same held-out problems): strict, format and the share cut at the cap at every eval step.
   Within the band when the two proportions differ by less than their 95% interval (two-proportion z-test).
 - training, in windows of --window steps: completion length, the share cut at the cap, the format rate, and the KL
   to the initial model where both log it. Within the band when the window means differ by less than --z standard
   errors of that difference (each window's step-to-step spread), capped at --max-rel of the reference mean, and
   never narrower than a small floor per metric (a cut share of 0.01 against 0.002 is in noise; 1.0 against 0.02 is
-  not). One reference run gives no seed-to-seed spread: the band is a judgement, not an interval.
+  not).
+Several reference runs (repeats of the recipe on the same training code) widen the band to their spread: a comparison
+is within when the run lies inside the envelope of the references' bands, from the lowest reference minus its band to
+the highest plus its own. Repeats drift at different times (GPU kernels are not bitwise deterministic, so runs from one
+seed part after a few dozen steps), and one reference run alone gives no such spread: then the band is a judgement,
+not an interval.
 Prints one line per comparison, then a verdict; the last line is one JSON object (the verdict and the counts) for
 docs/perf.md. Exit status 0 when every comparison is within its band, 1 otherwise.
 """
@@ -45,55 +51,73 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1))
 
 
-def compare(run: str, ref: str, steps: int, window: int = 20, z: float = 3.0, max_rel: float = 0.25) -> list[dict]:
-    """Every comparison: {"what", "steps", "run", "ref", "band", "within"}."""
-    (run_val, run_train), (ref_val, ref_train) = load(run, steps), load(ref, steps)
+def envelope(what: str, steps: str, run: float, refs: list[tuple[float, float]]) -> dict:
+    """One comparison against the references' (value, band) pairs: within when lo <= run <= hi."""
+    lo, hi = min(v - b for v, b in refs), max(v + b for v, b in refs)
+    return {"what": what, "steps": steps, "run": run, "refs": [v for v, _ in refs], "lo": lo, "hi": hi,
+            "within": lo - 1e-12 <= run <= hi + 1e-12}
+
+
+def compare(run: str, refs: str | list[str], steps: int, window: int = 20, z: float = 3.0,
+            max_rel: float = 0.25) -> list[dict]:
+    """Every comparison: {"what", "steps", "run", "refs" (each reference's value), "lo", "hi", "within"}. A
+    comparison is made over the references that have its eval step or training window."""
+    refs = [refs] if isinstance(refs, str) else refs
+    run_val, run_train = load(run, steps)
+    loaded = [load(r, steps) for r in refs]
     out = []
-    for step in sorted(run_val.keys() & ref_val.keys()):
-        a, b = run_val[step], ref_val[step]
+    for step in sorted(run_val):
+        a = run_val[step]
         for key, name in VAL:
-            if key in a and key in b:
-                differ, half = proportions_differ(a[key], a["val/n"], b[key], b["val/n"])
-                out.append({"what": name, "steps": str(step), "run": a[key], "ref": b[key], "band": half,
-                            "within": not differ})
-    last = min(run_train[-1]["step"] if run_train else 0, ref_train[-1]["step"] if ref_train else 0)
+            bs = [v[step] for v, _ in loaded if key in v.get(step, {})]
+            if key in a and bs:
+                out.append(envelope(name, str(step), a[key], [
+                    (b[key], proportions_differ(a[key], a["val/n"], b[key], b["val/n"])[1]) for b in bs]))
+    last = run_train[-1]["step"] if run_train else 0
     for lo in range(1, last + 1, window):
         hi = min(lo + window - 1, last)
         for key, name, floor in TRAIN:
             xs = [r[key] for r in run_train if lo <= r["step"] <= hi and key in r]
-            ys = [r[key] for r in ref_train if lo <= r["step"] <= hi and key in r]
-            if len(xs) < 2 or len(ys) < 2:
+            if len(xs) < 2:
                 continue
-            (mx, sx), (my, sy) = mean_sd(xs), mean_sd(ys)
-            band = max(min(z * math.sqrt(sx ** 2 / len(xs) + sy ** 2 / len(ys)), max_rel * abs(my)), floor)
-            out.append({"what": name, "steps": f"{lo}-{hi}", "run": mx, "ref": my, "band": band,
-                        "within": abs(mx - my) <= band})
+            mx, sx = mean_sd(xs)
+            bands = []
+            for _, ref_train in loaded:
+                ys = [r[key] for r in ref_train if lo <= r["step"] <= hi and key in r]
+                if len(ys) >= 2 and ref_train[-1]["step"] >= hi:  # a reference's window counts only when complete
+                    my, sy = mean_sd(ys)
+                    bands.append((my, max(min(z * math.sqrt(sx ** 2 / len(xs) + sy ** 2 / len(ys)),
+                                              max_rel * abs(my)), floor)))
+            if bands:
+                out.append(envelope(name, f"{lo}-{hi}", mx, bands))
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="the run's metrics.jsonl")
-    ap.add_argument("ref", help="the reference run's metrics.jsonl (res/<recipe>.jsonl)")
+    ap.add_argument("refs", nargs="+", help="the reference runs' metrics.jsonl (res/<recipe>.jsonl, its repeats)")
     ap.add_argument("--steps", type=int, default=100, help="compare the first this many steps")
     ap.add_argument("--window", type=int, default=20, help="training steps per window")
     ap.add_argument("--z", type=float, default=3.0, help="training windows: band in standard errors of the difference")
     ap.add_argument("--max-rel", type=float, default=0.25, help="training windows: widest band, share of the reference")
     a = ap.parse_args(argv)
-    rows = compare(a.run, a.ref, a.steps, a.window, a.z, a.max_rel)
+    rows = compare(a.run, a.refs, a.steps, a.window, a.z, a.max_rel)
     if not rows:
-        print(f"nothing to compare: {a.run} and {a.ref} share no eval step or training window up to step {a.steps}")
+        print(f"nothing to compare: {a.run} and {', '.join(a.refs)} share no eval step or training window up to "
+              f"step {a.steps}")
         return 1
-    print(f"{'':8} {'':24} {'steps':>8} {'this run':>9} {'reference':>9} {'band':>8}")
+    print(f"{'':8} {'':24} {'steps':>8} {'this run':>9}  {'references':<20} {'band':>15}")
     for r in rows:
-        print(f"{'within' if r['within'] else 'OUTSIDE':8} {r['what']:24} {r['steps']:>8} {r['run']:9.3f} "
-              f"{r['ref']:9.3f} {r['band']:8.3f}")
+        refs = " ".join(f"{v:.3f}" for v in r["refs"])
+        print(f"{'within' if r['within'] else 'OUTSIDE':8} {r['what']:24} {r['steps']:>8} {r['run']:9.3f}  "
+              f"{refs:<20} [{r['lo']:6.3f}, {r['hi']:6.3f}]")
     outside = [r for r in rows if not r["within"]]
     verdict = "holds" if not outside else "outside"
-    print(f"recipe check: {len(rows) - len(outside)} of {len(rows)} within the reference's band" +
+    print(f"recipe check: {len(rows) - len(outside)} of {len(rows)} within the references' band" +
           ("" if not outside else f"; OUTSIDE: {', '.join(sorted({r['what'] for r in outside}))}"))
     print(json.dumps({"check": "recipe", "verdict": verdict, "compared": len(rows), "outside": len(outside),
-                      "steps": a.steps, "run": a.run, "ref": a.ref}))
+                      "steps": a.steps, "run": a.run, "refs": a.refs}))
     return 0 if not outside else 1
 
 

@@ -1,4 +1,4 @@
-"""exps/check_recipe.py: a run against its recipe's reference run (CPU, seconds)."""
+"""exps/check_recipe.py: a run against its recipe's reference runs (CPU, seconds)."""
 import json
 import os
 import re
@@ -41,6 +41,31 @@ def test_the_reference_holds_against_itself_and_a_collapse_is_outside(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "exps", "check_recipe.py"), str(bad), REF, "--steps", "100"],
                        capture_output=True, text=True)
     assert p.returncode == 1 and json.loads(p.stdout.splitlines()[-1])["verdict"] == "outside", p.stdout[-2000:]
+
+
+def test_repeats_of_the_recipe_widen_the_band_to_their_spread(tmp_path):
+    """The recipe's two committed runs on the same training code and seed part after ~40 steps (each drifts towards
+    the cap once, at different steps): against the other alone, each is outside; against both, inside. A collapse is
+    outside both, and a run is compared up to its own last step."""
+    runs = [os.path.join(ROOT, "res", f) for f in ("qwen_coder_r1zero.jsonl", "qwen_coder_r1zero_repeat1.jsonl")]
+    assert not all(r["within"] for r in check_recipe.compare(runs[0], runs[1], steps=136))
+    assert not all(r["within"] for r in check_recipe.compare(runs[1], runs[0], steps=136))
+    for run in runs:
+        both = check_recipe.compare(run, runs, steps=136)
+        assert both and all(r["within"] for r in both), [r for r in both if not r["within"]]
+        assert all(len(r["refs"]) == 2 for r in both)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in degenerate([json.loads(line) for line in open(runs[1])], 61)))
+    outside = {(r["what"], r["steps"]) for r in check_recipe.compare(str(bad), runs, steps=136) if not r["within"]}
+    assert ("cut share", "61-80") in outside and ("validation format", "75") in outside, outside
+    long_run = check_recipe.compare(runs[0], runs, steps=300)  # windows past the shorter reference: the other alone
+    assert {len(r["refs"]) for r in long_run if r["steps"] == "281-300"} == {1}
+
+
+def test_check_recipe_sh_names_a_missing_reference():
+    p = subprocess.run(["bash", os.path.join(ROOT, "exps", "check_recipe.sh")], capture_output=True, text=True,
+                       env=os.environ | {"NAME": "no_such_recipe"}, timeout=60)
+    assert p.returncode == 2 and "no reference run at res/no_such_recipe.jsonl" in p.stdout, (p.stdout, p.stderr)
 
 
 def test_proportions_band():
