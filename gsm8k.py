@@ -207,8 +207,8 @@ def majority(completions: list[dict], tagged: bool = True) -> str:
 
 def evaluate(engine, tok, rows, max_new_tokens=512, maj_k=0, temperature=1.0, seed=0, batch=64,
              progress=False, prompt=DEFAULT_PROMPT) -> dict:
-    """Greedy strict/lenient pass@1, format rate and cut share over rows, and maj@k when maj_k > 0, with
-    PROMPTS[prompt].
+    """Greedy strict/lenient pass@1, format rate, cut share and repetition (rewards.repetition, a mean) over rows, and
+    maj@k when maj_k > 0, with PROMPTS[prompt].
 
     Prompts go to the engine `batch` at a time (greedy first, then the k samples); progress=True shows a bar
     with the running accuracy. maj@k votes over the answers that end the samples which stopped (majority), or over
@@ -248,6 +248,7 @@ def evaluate(engine, tok, rows, max_new_tokens=512, maj_k=0, temperature=1.0, se
     for k, v in hits.items():
         out[k] = v / max(len(rows), 1)
         out[k + "_ci95"] = list(wilson(v, len(rows)))
+    out["repeated"] = sum(rewards.repetition(s["completion"]) for s in samples) / max(len(samples), 1)
     return out | {"samples": samples}
 
 

@@ -7,6 +7,7 @@ A completion earns either only if it ended itself (finish_reason "stop": an end-
 max_new_tokens cap) and ends with its answer block (nothing but whitespace after its one </answer>). Without that
 rule a policy is paid for running on past its answer to the cap: the answer is graded, the junk after it is free.
 overlong (off by default): DAPO's soft penalty, 0 until `overlong_buffer` tokens before the cap, then down to -1 at it.
+repetition (logged, not paid): the share of a completion's words that repeat a run of words seen earlier in it.
 
 Pure functions of the engine's completion (text and finish reason) and the gold answer; they import nothing
 heavier than math-verify (no torch), so the trainer, the evaluator and the tests share them.
@@ -250,6 +251,20 @@ def overlong_penalty(num_tokens: int, max_new_tokens: int, buffer: int) -> float
     if buffer <= 0:
         return 0.0
     return max(-1.0, min(0.0, (max_new_tokens - buffer - num_tokens) / buffer))
+
+
+def repetition(text: str, n: int = 8) -> float:
+    """The share of a text's words that close a run of n words already seen earlier in it: near 0 for reasoning, high
+    for a completion caught in a loop (the same sentence again and again), which a policy can drift into while it
+    still stops in time and is paid. A diagnostic the trainer and the evaluator log, not a reward term.
+    repetition("a b c a b c a b c", n=3) -> 4/9: of its 7 runs of 3 words, the last 4 were seen before."""
+    words = text.split()
+    seen, repeated = set(), 0
+    for i in range(n, len(words) + 1):
+        run = tuple(words[i - n:i])
+        repeated += run in seen
+        seen.add(run)
+    return repeated / max(len(words), 1)
 
 
 def reward_components(completion, gold: str, format_weight: float = FORMAT_WEIGHT, max_new_tokens: int = 0,

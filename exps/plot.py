@@ -23,13 +23,14 @@ PANELS = [  # (title, [(metrics key, label)])
     ("accuracy", [("accuracy", "train samples"), ("val/pass@1_strict", "validation strict"),
                   ("val/pass@1_lenient", "validation lenient")]),
     ("completion length (tokens)", [("completion_len", "mean"), ("truncated", "share cut at max_new_tokens x 100"),
-                                    ("val/cut", "validation: share cut x 100")]),
+                                    ("val/cut", "validation: share cut x 100"),
+                                    ("repeated", "share of words repeated x 100")]),
     ("KL to the initial model (k3, per token)", [("kl", "train")]),
     ("entropy (nats / token)", [("entropy", "train")]),
     ("clip fraction", [("clip_frac", "train")]),
     ("step time (s)", [("gen_s", "generate"), ("train_s", "train"), ("sync_s", "sync"), ("reward_s", "reward")]),
 ]
-SCALE = {"truncated": 100, "val/cut": 100}  # drawn on the same axis as the length
+SCALE = {"truncated": 100, "val/cut": 100, "repeated": 100}  # drawn on the same axis as the length
 # why a panel can be empty, said in it (a blank panel reads as a bug)
 EMPTY = {"kl": "not logged: this run has no reference model\n(kl_coef 0 and log_kl off)"}
 

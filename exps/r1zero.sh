@@ -93,7 +93,8 @@ for key in ("before", "reference_cot", "after"):
         m = r[key]
         show = lambda k: f"{m[k]:.1%} [{m[k + '_ci95'][0]:.1%}, {m[k + '_ci95'][1]:.1%}]" if k in m else "-"
         print(f"test {key:13} (n={m['n']}, prompt {m['prompt']}): strict {show('pass@1_strict')}, lenient "
-              f"{show('pass@1_lenient')}, format {m['format']:.1%}, cut {m.get('cut', float('nan')):.1%}")
+              f"{show('pass@1_lenient')}, format {m['format']:.1%}, cut {m.get('cut', float('nan')):.1%}, words "
+              f"repeated {m.get('repeated', float('nan')):.1%}")
 after = r.get("after", {})
 if after and (after["format"] < Health.FORMAT or after.get("cut", 0) >= Health.CUT):
     print(f"DEGENERATE: the trained model's test format is {after['format']:.1%} and {after.get('cut', 0):.1%} of its "

@@ -20,7 +20,7 @@ import time
 import torch
 import yaml
 
-from rewards import STAT_KEYS
+from rewards import STAT_KEYS, repetition
 from system.config import ConfigError
 
 
@@ -218,17 +218,21 @@ class Health:
       nan     the loss or the gradient norm is NaN or infinite
       drift   a warning, not degeneration: the cut share is DRIFT_CUT or more, several times a healthy run's, the
               way a run heads for the cap (it may come back: a cut completion earns nothing)
+      repeat  a warning: the share of completion words that repeat the completion's own earlier words is DRIFT_REPEAT
+              above step 1's: completions are falling into loops, which costs nothing while they still stop in
+              time, and which a run drifts through on its way to the cap
     A run whose reward has no "format" component never fires "format". When the initial model already runs to the cap
     (step 1's cut share, sampled before any update, is DRIFT_CUT or more: the cap is short for this model and prompt),
     that is said at step 1, and the cut rules count from its level: start + CUT and start + DRIFT_CUT, at most MOST_CUT
     (most completions cut is degenerate however the run began)."""
     CUT, FORMAT, PATIENCE = 0.2, 0.5, 5
-    DRIFT_CUT, MOST_CUT = 0.1, 0.8
-    DEGENERATE = ("cut", "format", "nan")
+    DRIFT_CUT, MOST_CUT, DRIFT_REPEAT = 0.1, 0.8, 0.15
+    DEGENERATE, WARNING = ("cut", "format", "nan"), ("drift", "repeat")
 
     def __init__(self, max_new_tokens: int):
         self.cap, self.streak, self.fired, self.had_format = max_new_tokens, {}, {}, False
         self.start_cut = 0.0  # the cut share the initial model starts from, when it is DRIFT_CUT or more (step 1)
+        self.start_repeat = None  # step 1's repetition share: the initial model's own level
         self.last_step, self.last_val = None, None  # the newest rows, for summary()
 
     def bar(self, margin: float) -> float:
@@ -247,11 +251,14 @@ class Health:
                        f"before any update: the cap is short for this model and prompt, or the model does not stop; "
                        f"the cut rules count from there (drift at {self.bar(self.DRIFT_CUT):.0%}, degenerate at "
                        f"{self.bar(self.CUT):.0%})")
+        if self.start_repeat is None and "repeated" in m:
+            self.start_repeat = m["repeated"]
         fmt = m.get("format_rate", 0.0) if "format" in m else None
         self.had_format |= fmt is not None and fmt >= self.FORMAT
         bad = {"cut": m["truncated"] >= self.bar(self.CUT), "format": self.had_format and fmt < self.FORMAT,
                "nan": not all(math.isfinite(m[k]) for k in ("loss", "grad_norm") if k in m),
-               "drift": m["truncated"] >= self.bar(self.DRIFT_CUT)}
+               "drift": m["truncated"] >= self.bar(self.DRIFT_CUT),
+               "repeat": "repeated" in m and m["repeated"] >= (self.start_repeat or 0.0) + self.DRIFT_REPEAT}
         for rule, is_bad in bad.items():
             self.streak[rule] = self.streak.get(rule, 0) + 1 if is_bad else 0
             if rule not in self.fired and self.streak[rule] >= (1 if rule == "nan" else self.PATIENCE):
@@ -273,15 +280,18 @@ class Health:
                 "nan": f"loss {m.get('loss')} / grad_norm {m.get('grad_norm')} {n}: not finite",
                 "drift": f"{m['truncated']:.0%} of completions cut at max_new_tokens={self.cap} {n} (mean length "
                          f"{m['completion_len']:.0f} tokens): the policy is drifting towards the cap (degenerate at "
-                         f"{self.bar(self.CUT):.0%})"}[rule] + f" (step {m['step']})"
+                         f"{self.bar(self.CUT):.0%})",
+                "repeat": f"{m.get('repeated', 0):.0%} of completion words repeat the completion's own earlier words "
+                          f"{n} ({self.start_repeat or 0:.0%} at step 1): completions are falling into loops"
+                }[rule] + f" (step {m['step']})"
 
     def active(self) -> list[str]:
         """The degeneration rules that fired and are still on the wrong side at the last step seen."""
         return [r for r in self.fired if self.streak[r] and r in self.DEGENERATE]
 
-    def drifting(self) -> bool:
-        """The drift warning fired and still holds, short of degeneration."""
-        return "drift" in self.fired and bool(self.streak["drift"]) and not self.active()
+    def drifting(self) -> list[str]:
+        """The warning rules (drift, repeat) that fired and still hold, short of degeneration."""
+        return [] if self.active() else [r for r in self.WARNING if r in self.fired and self.streak[r]]
 
     def summary(self) -> list[str]:
         """The run's last lines: the final validation and the last training step, and any degeneration by name."""
@@ -290,11 +300,12 @@ class Health:
             v = self.last_val
             out.append(f"final validation (step {v['step']}, n={v['val/n']}): strict {v['val/pass@1_strict']:.1%}, "
                        f"lenient {v['val/pass@1_lenient']:.1%}, format {v['val/format']:.1%}, cut at the cap "
-                       f"{v['val/cut']:.1%}")
+                       f"{v['val/cut']:.1%}" + (f", words repeated {v['val/repeated']:.1%}" if "val/repeated" in v else ""))
         if self.last_step:
             t = self.last_step
             out.append(f"last training step ({t['step']}): reward {t['reward']:.3f}, format {t['format_rate']:.0%}, "
-                       f"cut {t['truncated']:.0%}, completion {t['completion_len']:.0f} tokens")
+                       f"cut {t['truncated']:.0%}, completion {t['completion_len']:.0f} tokens"
+                       + (f", {t['repeated']:.0%} of its words repeated" if "repeated" in t else ""))
         if self.start_cut:
             out.append(f"the run started with {self.start_cut:.0%} of completions cut at max_new_tokens={self.cap}")
         v, bad = self.last_val, [self.fired[r] for r in self.active()]
@@ -305,7 +316,7 @@ class Health:
         if bad:
             out.append("DEGENERATE at the end: " + " | ".join(bad))
         elif self.drifting():
-            out.append("DRIFTING at the end: " + self.fired["drift"])
+            out.append("DRIFTING at the end: " + " | ".join(self.fired[r] for r in self.drifting()))
         elif self.fired:
             out.append("seen during the run, gone by its end: " + " | ".join(m for r, m in self.fired.items()
                                                                              if self._said(r)))
@@ -342,7 +353,8 @@ class RunLog:
 
     def write(self, m: dict, bar=None):
         """One row; a step's row also goes to the progress bar (flagged: completions rewards.STATS counted; cut: the
-        share cut at max_new_tokens; DEGENERATE: the Health rules on the wrong side now)."""
+        share cut at max_new_tokens; rep: the share of words repeated; DEGENERATE / DRIFT: the Health rules on the
+        wrong side now)."""
         if not self.main:
             return
         warnings = self.health.see(m)
@@ -358,10 +370,10 @@ class RunLog:
         if bar is not None:
             bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m.get('accuracy', 0):.0%}",
                             fmt=f"{m['format_rate']:.0%}", cut=f"{m['truncated']:.0%}",
-                            len=f"{m['completion_len']:.0f}tok", flagged=int(m["rewards_flagged"]),
-                            step=f"{m['step_s']:.1f}s",
+                            len=f"{m['completion_len']:.0f}tok", rep=f"{m.get('repeated', 0):.0%}",
+                            flagged=int(m["rewards_flagged"]), step=f"{m['step_s']:.1f}s",
                             **({"DEGENERATE": "+".join(self.health.active())} if self.health.active() else
-                               {"DRIFT": "cut"} if self.health.drifting() else {}))
+                               {"DRIFT": "+".join(self.health.drifting())} if self.health.drifting() else {}))
 
     def close(self):
         """Ends the log with the run's summary (Health.summary): its last lines say how it ended."""
@@ -434,20 +446,29 @@ class Deadline:
 
 def validate(acc, engine, tok, rows, cfg, step: int, log: RunLog):
     """Greedy eval of the current weights (after `step` updates) on the held-out validation problems, as its own
-    metrics row. Main process only: the other ranks' engines hold the same weights."""
+    metrics row, and its completions in RUN/samples/val_step_<step>.jsonl (gold, completion, finish reason), so that
+    what a drifting policy writes can be read afterwards. Main process only: the other ranks' engines hold the same
+    weights."""
     import gsm8k
     if acc.is_main_process:
         t = time.perf_counter()
         ev = gsm8k.evaluate(engine, tok, rows, cfg.max_new_tokens, batch=256, prompt=cfg.prompt)
         log.write({"step": step} | {f"val/{k}": v for k, v in ev.items() if isinstance(v, (int, float))}
                   | {"eval_s": time.perf_counter() - t})
+        path = os.path.join(cfg.run_dir, "samples", f"val_step_{step:06d}.jsonl")  # what the policy wrote, to read
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(s) + "\n" for s in ev["samples"])
+        os.replace(path + ".tmp", path)
         acc.print(f"step {step}: validation pass@1 {ev['pass@1_strict']:.1%} strict, {ev['pass@1_lenient']:.1%} "
-                  f"lenient, format {ev['format']:.1%}, cut at the cap {ev['cut']:.1%} (n={ev['n']})")
+                  f"lenient, format {ev['format']:.1%}, cut at the cap {ev['cut']:.1%}, words repeated "
+                  f"{ev['repeated']:.1%} (n={ev['n']})")
 
 
 def step_metrics(acc, step, lr, scores, completions, seq_prompts, stats, n_tok, version, gen_s, t, flagged) -> dict:
     """One step's metrics row, averaged over ranks: reward and its components, format rate, length, the share cut at
-    max_new_tokens and the loss's stats; summed over ranks: this step's completions the graders flagged
+    max_new_tokens, the share of words that repeat the completion's own earlier words (rewards.repetition) and the
+    loss's stats; summed over ranks: this step's completions the graders flagged
     (rewards.STAT_KEYS); then the weight versions and the step's time, part by part (t: train.main's clock readings,
     start, gen, reward, train, wait, sync), and its throughput."""
     dev = acc.device
@@ -455,7 +476,8 @@ def step_metrics(acc, step, lr, scores, completions, seq_prompts, stats, n_tok, 
     local |= {"format_rate": torch.tensor([s.get("format") == 1.0 for s in scores], device=dev).float().mean(),
               "completion_len": torch.tensor([len(c["token_ids"]) for c in completions], device=dev).float().mean(),
               "truncated": torch.tensor([c["finish_reason"] == "length" for c in completions],
-                                        device=dev).float().mean()}
+                                        device=dev).float().mean(),
+              "repeated": torch.tensor([repetition(c["text"]) for c in completions], device=dev).mean()}
     local |= {k: v.float() for k, v in stats.items()}
     m = {"step": step + 1, "lr": lr} | {k: acc.reduce(v, "mean").item() for k, v in local.items()}
     counts = acc.reduce(torch.tensor([float(flagged[k]) for k in STAT_KEYS], device=dev), "sum").tolist()

@@ -225,6 +225,19 @@ def test_overlong_penalty(n_tokens, penalty):
     assert "overlong" not in rewards.reward_components(done("<answer>18</answer>", n_tokens=n_tokens), "18")
 
 
+def test_repetition_tells_a_loop_from_reasoning():
+    """The share of words that repeat an earlier run of 8 words: 0 for reasoning that restates no sentence; most of a
+    completion that repeats its last sentence, as the recipe's collapsed policy wrote them."""
+    reasoning = ("She has 16 eggs and eats 3, so 16 - 3 = 13 are left. She sells 13 eggs at $2 each, so she makes "
+                 "13 * 2 = 26 dollars. ")
+    loop = reasoning + "Thus the answer is \\(\\boxed{26}\\). " * 12
+    assert rewards.repetition(reasoning) == 0.0 and rewards.repetition("") == 0.0
+    # 91 words; the loop's 60 all repeat, but for the 7 whose run reaches back into the reasoning and the first run
+    # at each of the 5-word sentence's 5 offsets
+    assert rewards.repetition(loop) == pytest.approx((60 - 7 - 5) / 91)
+    assert rewards.repetition("a b c a b c a b c", n=3) == pytest.approx(4 / 9)
+
+
 def test_every_counted_reason_is_logged():
     """Each reason rewards.py counts in STATS is one of STAT_KEYS, which train.py logs every step (rewards/<key>)."""
     import inspect

@@ -55,7 +55,7 @@ def fsdp2_launch(layer_cls):
 
 def test_three_steps_end_to_end(tiny_model, tmp_path):
     """3 steps with the real GSM8K rewards and KL: metrics per step, validation rows (before steps 1 and 3, and
-    after the last), config and an HF checkpoint."""
+    after the last) and their completions, config and an HF checkpoint."""
     cfg = cfg_for(tiny_model, tmp_path / "run", max_steps=3, kl_coef=0.05, eval_every=2, eval_size=3)
     train.main(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -64,8 +64,12 @@ def test_three_steps_end_to_end(tiny_model, tmp_path):
     assert [r["version"] for r in steps] == [1, 2, 3], "the engine took one weight update per step"
     assert [r["sample_version"] for r in steps] == [0, 1, 2], "each batch sampled by the weights it trains"
     assert [r["step"] for r in evals] == [0, 2, 3], "weights after 0, 2 and 3 updates"
-    assert all(r["val/n"] == 3 and 0 <= r["val/format"] <= 1 for r in evals)
-    for k in ("reward", "accuracy", "format", "format_rate", "kl", "entropy", "completion_len", "loss", "grad_norm",
+    assert all(r["val/n"] == 3 and 0 <= r["val/format"] <= 1 and 0 <= r["val/repeated"] <= 1 for r in evals)
+    for step in (0, 2, 3):  # each eval's completions, to read
+        samples = [json.loads(line) for line in open(tmp_path / "run" / "samples" / f"val_step_{step:06d}.jsonl")]
+        assert len(samples) == 3 and {"gold", "completion", "finish_reason"} <= samples[0].keys()
+    for k in ("reward", "accuracy", "format", "format_rate", "kl", "entropy", "completion_len", "repeated", "loss",
+              "grad_norm",
               "gen_tok_s", "train_tok_s", "rewards_flagged") + tuple(f"rewards/{k}" for k in rewards.STAT_KEYS):
         assert all(math.isfinite(r[k]) for r in steps), k
     assert train.load_config([str(tmp_path / "run" / "config.yaml")]) == cfg
@@ -454,6 +458,22 @@ def test_health_names_the_collapse_of_the_recipes_300_step_run():
     logged = {r["step"]: r["warnings"] for r in rows if r.get("warnings")}
     assert fired == logged and len(fired) == 2 and min(fired) > 250, fired
     assert any("DEGENERATE" in line for line in h.summary()), h.summary()
+
+
+def test_health_warns_when_completions_fall_into_loops():
+    """The repetition rule counts from step 1's level: a policy that repeats DRIFT_REPEAT more of its words for PATIENCE
+    steps is warned of once (not degenerate: such completions still stop and are paid), and held to the end the summary
+    says DRIFTING; a model that repeats as much from step 1 on is not warned."""
+    P, bar = run.Health.PATIENCE, run.Health.DRIFT_REPEAT
+    loops = run.Health(300)
+    rep = [0.05] * 3 + [0.05 + bar] * (P + 2)
+    fired = [loops.see(r | {"repeated": x}) for r, x in zip(health_rows([0.0] * len(rep), [0.9] * len(rep)), rep)]
+    assert [i for i, f in enumerate(fired) if f] == [3 + P - 1], fired
+    assert "20% of completion words repeat the completion's own earlier words" in fired[3 + P - 1][0]
+    assert "(5% at step 1)" in fired[3 + P - 1][0] and not loops.active()
+    assert loops.summary()[-1].startswith("DRIFTING at the end: 20% of completion words repeat"), loops.summary()
+    born = run.Health(300)
+    assert not any(born.see(r | {"repeated": 0.3}) for r in health_rows([0.0] * (P + 2), [0.9] * (P + 2)))
 
 
 def test_a_run_that_runs_to_the_cap_says_so_plainly(tiny_model, tmp_path, capsys):
