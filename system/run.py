@@ -417,10 +417,10 @@ def start_run(cfg, acc) -> None:
 
 
 def set_aside_previous_run(run_dir: str) -> str | None:
-    """A fresh start in a folder that holds an earlier run: its metrics.jsonl, config.yaml and ckpt/ move into
+    """A fresh start in a folder that holds an earlier run: its metrics.jsonl, config.yaml, ckpt/ and samples/ move into
     run_dir/previous-<date>-<time>/ (one rename each), so the new run's curves are its own and nothing is lost.
     Returns that folder, or None when there was no earlier run."""
-    names = [n for n in ("metrics.jsonl", "config.yaml", "ckpt") if os.path.exists(os.path.join(run_dir, n))]
+    names = [n for n in ("metrics.jsonl", "config.yaml", "ckpt", "samples") if os.path.exists(os.path.join(run_dir, n))]
     if not {"metrics.jsonl", "ckpt"} & set(names):
         return None
     base = dest = os.path.join(run_dir, time.strftime("previous-%Y%m%d-%H%M%S"))

@@ -88,13 +88,15 @@ def test_tis_cap_trains_and_logs_the_capped_share(tiny_model, tmp_path):
 
 def test_fresh_start_in_a_used_folder_sets_the_earlier_run_aside(tiny_model, tmp_path):
     """A second run into the same folder without --resume: its metrics.jsonl holds only its own rows, and the first
-    run's metrics, config and checkpoint are kept in previous-*/ (regression: rows of both runs in one file)."""
+    run's metrics, config, checkpoint and validation completions are kept in previous-*/ (regression: rows of both runs
+    in one file)."""
     run = tmp_path / "run"
-    train.main(cfg_for(tiny_model, run, max_steps=2))
+    train.main(cfg_for(tiny_model, run, max_steps=2, eval_every=2, eval_size=2))
     train.main(cfg_for(tiny_model, run, max_steps=1, lr=2e-3))
-    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1] and not (run / "samples").exists()
     (old,) = run.glob("previous-*")
-    assert [json.loads(line)["step"] for line in open(old / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in map(json.loads, open(old / "metrics.jsonl")) if "reward" in r] == [1, 2]
+    assert sorted(p.name for p in (old / "samples").iterdir()) == ["val_step_000000.jsonl", "val_step_000002.jsonl"]
     assert (old / "ckpt" / "latest" / "state.pt").exists() and train.load_config([str(old / "config.yaml")]).lr == 1e-3
     assert train.load_config([str(run / "config.yaml")]).lr == 2e-3
 
