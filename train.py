@@ -278,6 +278,7 @@ def main(cfg: Config, reward_fn=None):
         run.restore(acc, policy, opt, sched, state)
     start, deadline = state["step"] if state else 0, run.Deadline(cfg.system.stop_after_min)
     log = run.RunLog(cfg, acc, resume_step=start if state else None)
+    best = run.BestModel(cfg)  # ckpt/best: the weights with the best validation score so far
 
     sample = functools.partial(sample_batch, engine, sampler, prompts, cfg, rank, world)  # sample(step)
     prefetch = concurrent.futures.ThreadPoolExecutor(1) if cfg.system.max_staleness else None
@@ -286,7 +287,7 @@ def main(cfg: Config, reward_fn=None):
                dynamic_ncols=True)
     for step in bar:
         if cfg.eval_every and step % cfg.eval_every == 0:  # --- validation (step 0 = the initial model)
-            run.validate(acc, engine, tok, eval_rows, cfg, step, log)
+            best.offer(acc, policy, tok, step, run.validate(acc, engine, tok, eval_rows, cfg, step, log))
         t, lr = {"start": time.perf_counter()}, sched.get_last_lr()[0]  # the lr this step's update uses
 
         # --- sample: every rank takes its share of the step's prompts, G completions each. One step off (max_staleness
@@ -323,7 +324,8 @@ def main(cfg: Config, reward_fn=None):
             break
     else:
         if cfg.eval_every and start < cfg.max_steps:
-            run.validate(acc, engine, tok, eval_rows, cfg, cfg.max_steps, log)  # the final weights
+            best.offer(acc, policy, tok, cfg.max_steps,  # the final weights
+                       run.validate(acc, engine, tok, eval_rows, cfg, cfg.max_steps, log))
     if prefetch:
         prefetch.shutdown()
     log.close()

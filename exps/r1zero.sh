@@ -7,7 +7,8 @@
 # 2. training: 2+ GPUs: GPU 0 trains, GPUs 1..N-1 each hold a torch-engine replica of the Serve app, weights
 #    over NCCL after every step (the app starts while the baseline runs); 1 GPU: the in-process engine, or with
 #    INFERENCE=serve one replica beside the trainer on its GPU (GPUS_PER_REPLICA of it), weights by CUDA IPC
-# 3. the final checkpoint on the whole test set, then res/: metrics, curves, before/after evaluation
+# 3. the final checkpoint on the whole test set, and the best validation's model (ckpt/best) when it is another, then
+#    res/: metrics, curves, before/after evaluation
 # Run it again to go on after a stop (a time limit, --stop_after_min, a crash): finished parts are skipped and
 # training resumes from the last checkpoint. STOP_AT=<unix time>: a job's end; training stops (with a checkpoint)
 # a minute before it. INFERENCE=serve|local overrides the choice by GPU count; EVAL_LIMIT=N evaluates N problems;
@@ -83,15 +84,24 @@ cp "$RUN/metrics.jsonl" "$RES/$TAG.jsonl"
 FINAL=$RUN/ckpt/step_$(printf %06d "$MAX")
 [ -e "$FINAL" ] || { echo "stopped before step $MAX: run this again to go on"; exit 0; }
 [ -e "$RUN/eval_after.json" ] || evaluate "$FINAL/model" after
+BEST=$RUN/ckpt/best   # the model of the best validation (train.py, keep_best): chosen on validation, then tested once
+if [ -e "$BEST/best.json" ] && [ ! -e "$RUN/eval_after_best.json" ] && \
+        [ "$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['step'])" "$BEST/best.json")" != "$MAX" ]; then
+    evaluate "$BEST/model" after_best
+fi
 mark evaluated_after
-python - "$RES/${TAG}_eval.json" <<'PY'   # the run's last lines: the test set before and after, side by side
-import json, sys
+python - "$RES/${TAG}_eval.json" "$RUN" <<'PY'   # the run's last lines: the test set before and after
+import json, os, sys
 from system.run import Health  # its thresholds: what counts as degenerate
-r = json.load(open(sys.argv[1]))
-for key in ("before", "reference_cot", "after"):
+r, run = json.load(open(sys.argv[1])), sys.argv[2]
+best = json.load(open(os.path.join(run, "ckpt", "best", "best.json"))) if os.path.exists(
+    os.path.join(run, "eval_after_best.json")) else {}
+for key in ("before", "reference_cot", "after") + (("after_best",) if best else ()):
     if key in r:
         m = r[key]
         show = lambda k: f"{m[k]:.1%} [{m[k + '_ci95'][0]:.1%}, {m[k + '_ci95'][1]:.1%}]" if k in m else "-"
+        if key == "after_best":
+            print(f"the best validation ({best['val/pass@1_strict']:.1%} strict) was step {best['step']}'s model:")
         print(f"test {key:13} (n={m['n']}, prompt {m['prompt']}): strict {show('pass@1_strict')}, lenient "
               f"{show('pass@1_lenient')}, format {m['format']:.1%}, cut {m.get('cut', float('nan')):.1%}, words "
               f"repeated {m.get('repeated', float('nan')):.1%}")

@@ -67,6 +67,8 @@ class SystemConfig:
     sync_timeout_s: float = knob(300.0, "(0, inf)")  # every sync wait and generate request gives up after this, s
     # --- checkpoints kept, time limits, logging
     keep_ckpts: int = knob(2, "[1, inf)", "the newest checkpoint is what --resume needs")  # newest kept on disk
+    keep_best: bool = True  # ckpt/best/model: the weights with the best validation strict so far (chosen on the
+    # validation set, never the test set), kept beside the newest checkpoints: a run that degenerates late keeps them
     stop_after_min: float = knob(0.0, "[0, inf)", "0 = never")  # checkpoint and exit after the step that passes
     # this many minutes (0 = never); for time-limited jobs: run again with --resume to go on
     wandb_project: str = ""  # "" = no wandb; WANDB_MODE=offline works

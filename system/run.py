@@ -58,29 +58,44 @@ def full_tensor(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def full_model_state(acc, policy):
+    """(the HF model, its state dict for save_pretrained): None = its own, which rank 0 holds whole (one process, DDP).
+    Under FSDP2 each rank holds shards (DTensors), gathered here, full, onto rank 0's CPU: a collective, every rank
+    calls it."""
+    lm = acc.unwrap_model(policy).lm
+    if not acc.is_fsdp2:
+        return lm, None
+    full = acc.get_state_dict(policy)  # {"lm.<name>": full tensor} on rank 0's CPU, {} elsewhere
+    # a tied lm_head comes back as its own copy of embed_tokens, which save_pretrained would write too: drop it
+    tied = dict(lm.named_parameters(remove_duplicate=False)).keys() - dict(lm.named_parameters()).keys()
+    return lm, {k.removeprefix("lm."): v for k, v in full.items() if k.removeprefix("lm.") not in tied}
+
+
+def write_model(lm, model_sd, tok, cfg, path):
+    """An HF model folder that gsm8k.py and the engines load, with what it was trained with (its prompt and cap)."""
+    lm.save_pretrained(path, state_dict=model_sd)
+    tok.save_pretrained(path)
+    from gsm8k import TRAINED_WITH
+    with open(os.path.join(path, TRAINED_WITH), "w") as f:  # gsm8k.py evaluates it with the same prompt
+        json.dump({"prompt": cfg.prompt, "max_new_tokens": cfg.max_new_tokens}, f)
+
+
 def save_checkpoint(acc, policy, tok, opt, sched, sampler_state, cfg, step, version=None):
     """Write ckpt/step_N atomically (a .tmp folder renamed into place), then point ckpt/latest at it.
     sampler_state: the data sampler's state() as of the batches trained on (not one drawn ahead of them).
-    Every rank calls this; rank 0 writes. Under FSDP2 each rank holds shards (DTensors), gathered here, full,
-    onto rank 0's CPU: the model (an HF folder as usual) and the optimizer state (keyed by parameter name)."""
-    lm, model_sd, opt_sd = acc.unwrap_model(policy).lm, None, opt.state_dict()  # one process / DDP: rank 0 has it all
+    Every rank calls this; rank 0 writes: the model (an HF folder as usual) and the optimizer state, under FSDP2
+    gathered whole onto rank 0's CPU (keyed by parameter name)."""
+    lm, model_sd = full_model_state(acc, policy)
+    opt_sd = opt.state_dict()  # one process / DDP: rank 0 has it all
     if acc.is_fsdp2:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        full = acc.get_state_dict(policy)  # {"lm.<name>": full tensor} on rank 0's CPU, {} elsewhere
-        # a tied lm_head comes back as its own copy of embed_tokens, which save_pretrained would write too: drop it
-        tied = dict(lm.named_parameters(remove_duplicate=False)).keys() - dict(lm.named_parameters()).keys()
-        model_sd = {k.removeprefix("lm."): v for k, v in full.items() if k.removeprefix("lm.") not in tied}
         opt_sd = get_optimizer_state_dict(policy, opt.optimizer,
                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if acc.is_main_process:
         root = os.path.join(cfg.run_dir, "ckpt")
         final, tmp = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".tmp_step_{step:06d}")
         shutil.rmtree(tmp, ignore_errors=True)
-        lm.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd)  # HF folder: gsm8k.py, engines load it
-        tok.save_pretrained(os.path.join(tmp, "model"))
-        from gsm8k import TRAINED_WITH
-        with open(os.path.join(tmp, "model", TRAINED_WITH), "w") as f:  # gsm8k.py evaluates it with the same prompt
-            json.dump({"prompt": cfg.prompt, "max_new_tokens": cfg.max_new_tokens}, f)
+        write_model(lm, model_sd, tok, cfg, os.path.join(tmp, "model"))
         torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(), "version": version,
                     "schedule_steps": getattr(sched, "horizon", cfg.max_steps),
                     "sampler": sampler_state, "config": dataclasses.asdict(cfg),
@@ -95,6 +110,39 @@ def save_checkpoint(acc, policy, tok, opt, sched, sampler_state, cfg, step, vers
         for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-cfg.system.keep_ckpts]:
             shutil.rmtree(os.path.join(root, old))
     acc.wait_for_everyone()  # no rank goes on (or resumes from latest) before the checkpoint is complete
+
+
+class BestModel:
+    """ckpt/best/: the model whose validation strict pass@1 is the best so far (model/, an HF folder, and best.json:
+    its step and score; the first of equal scores is kept). Chosen on the validation set only. A resumed run goes on
+    from the best.json it finds; a fresh start sets the folder aside with ckpt/ (set_aside_previous_run)."""
+    def __init__(self, cfg):
+        self.cfg, self.dir = cfg, os.path.join(cfg.run_dir, "ckpt", "best")
+        info = os.path.join(self.dir, "best.json")
+        self.score = json.load(open(info))["val/pass@1_strict"] if cfg.resume and os.path.exists(info) else None
+
+    def offer(self, acc, policy, tok, step: int, score: float | None):
+        """After a validation at `step`: keep this model if its score beats the best. Every rank calls it (under FSDP2
+        saving gathers the shards); score is the main process's (validate's return), sent to every rank here."""
+        if not self.cfg.system.keep_best:
+            return
+        score = acc.reduce(torch.tensor([score or 0.0], device=acc.device), "sum").item()  # only rank 0 has it
+        if self.score is not None and score <= self.score:
+            return
+        self.score = score
+        lm, model_sd = full_model_state(acc, policy)
+        if acc.is_main_process:
+            tmp, old = self.dir + ".tmp", self.dir + ".old"
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_model(lm, model_sd, tok, self.cfg, os.path.join(tmp, "model"))
+            with open(os.path.join(tmp, "best.json"), "w") as f:
+                json.dump({"step": step, "val/pass@1_strict": score}, f)
+            shutil.rmtree(old, ignore_errors=True)
+            if os.path.exists(self.dir):
+                os.rename(self.dir, old)
+            os.rename(tmp, self.dir)  # ckpt/best is always complete: the new one, or (before this line) ckpt/best.old
+            shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
 
 
 def load_optimizer(acc, policy, opt, opt_sd):
@@ -300,7 +348,8 @@ class Health:
             v = self.last_val
             out.append(f"final validation (step {v['step']}, n={v['val/n']}): strict {v['val/pass@1_strict']:.1%}, "
                        f"lenient {v['val/pass@1_lenient']:.1%}, format {v['val/format']:.1%}, cut at the cap "
-                       f"{v['val/cut']:.1%}" + (f", words repeated {v['val/repeated']:.1%}" if "val/repeated" in v else ""))
+                       f"{v['val/cut']:.1%}"
+                       + (f", words repeated {v['val/repeated']:.1%}" if "val/repeated" in v else ""))
         if self.last_step:
             t = self.last_step
             out.append(f"last training step ({t['step']}): reward {t['reward']:.3f}, format {t['format_rate']:.0%}, "
@@ -447,8 +496,8 @@ class Deadline:
 def validate(acc, engine, tok, rows, cfg, step: int, log: RunLog):
     """Greedy eval of the current weights (after `step` updates) on the held-out validation problems, as its own
     metrics row, and its completions in RUN/samples/val_step_<step>.jsonl (gold, completion, finish reason), so that
-    what a drifting policy writes can be read afterwards. Main process only: the other ranks' engines hold the same
-    weights."""
+    what a drifting policy writes can be read afterwards. Returns the strict pass@1 (for BestModel). Main process only
+    (the other ranks' engines hold the same weights; they get None)."""
     import gsm8k
     if acc.is_main_process:
         t = time.perf_counter()
@@ -463,6 +512,8 @@ def validate(acc, engine, tok, rows, cfg, step: int, log: RunLog):
         acc.print(f"step {step}: validation pass@1 {ev['pass@1_strict']:.1%} strict, {ev['pass@1_lenient']:.1%} "
                   f"lenient, format {ev['format']:.1%}, cut at the cap {ev['cut']:.1%}, words repeated "
                   f"{ev['repeated']:.1%} (n={ev['n']})")
+        return ev["pass@1_strict"]
+    return None
 
 
 def step_metrics(acc, step, lr, scores, completions, seq_prompts, stats, n_tok, version, gen_s, t, flagged) -> dict:

@@ -55,7 +55,7 @@ def fsdp2_launch(layer_cls):
 
 def test_three_steps_end_to_end(tiny_model, tmp_path):
     """3 steps with the real GSM8K rewards and KL: metrics per step, validation rows (before steps 1 and 3, and
-    after the last) and their completions, config and an HF checkpoint."""
+    after the last) and their completions, config, an HF checkpoint and the best validation's model."""
     cfg = cfg_for(tiny_model, tmp_path / "run", max_steps=3, kl_coef=0.05, eval_every=2, eval_size=3)
     train.main(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -73,6 +73,8 @@ def test_three_steps_end_to_end(tiny_model, tmp_path):
               "gen_tok_s", "train_tok_s", "rewards_flagged") + tuple(f"rewards/{k}" for k in rewards.STAT_KEYS):
         assert all(math.isfinite(r[k]) for r in steps), k
     assert train.load_config([str(tmp_path / "run" / "config.yaml")]) == cfg
+    best = json.load(open(tmp_path / "run" / "ckpt" / "best" / "best.json"))  # the random model scores 0 throughout
+    assert best == {"step": 0, "val/pass@1_strict": 0.0} and (tmp_path / "run" / "ckpt" / "best" / "model").is_dir()
     ckpt = tmp_path / "run" / "ckpt" / "latest"
     assert os.readlink(ckpt) == "step_000003" and (ckpt / "model" / "config.json").exists()
     state = torch.load(ckpt / "state.pt", weights_only=False)
@@ -84,6 +86,51 @@ def test_tis_cap_trains_and_logs_the_capped_share(tiny_model, tmp_path):
     train.main(cfg_for(tiny_model, tmp_path / "run", max_steps=1, tis_cap=2.0), reward_fn=digit_reward)
     (row,) = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert 0 <= row["tis_capped"] <= 1 and row["grad_norm"] > 0, row
+
+
+def test_best_model_keeps_the_weights_of_the_best_validation(tiny_model, tmp_path):
+    """ckpt/best holds the model of the best validation score offered (the first of equal ones), replaced whole, with
+    nothing left beside it; a resumed run goes on from its best.json; keep_best=false writes nothing."""
+    from accelerate import Accelerator
+    acc, tok = Accelerator(cpu=True), models.load_tokenizer(tiny_model)
+    lm = models.load_model(tiny_model, torch.float32, "cpu")
+    policy, cfg = batches.Policy(lm), cfg_for(tiny_model, tmp_path / "run")
+    best, weight = run.BestModel(cfg), lm.get_input_embeddings().weight
+    for step, score in [(0, 0.1), (25, 0.3), (50, 0.2), (75, 0.3)]:
+        with torch.no_grad():
+            weight.fill_(step)  # the weights, marked with their step
+        best.offer(acc, policy, tok, step, score)
+    folder = tmp_path / "run" / "ckpt" / "best"
+    assert json.load(open(folder / "best.json")) == {"step": 25, "val/pass@1_strict": pytest.approx(0.3)}
+    assert (load_file(folder / "model" / "model.safetensors")["model.embed_tokens.weight"] == 25).all()
+    assert os.listdir(folder.parent) == ["best"]
+    run.BestModel(config.replace(cfg, resume=True)).offer(acc, policy, tok, 100, 0.25)  # below the best before
+    assert json.load(open(folder / "best.json"))["step"] == 25
+    run.BestModel(config.replace(cfg, resume=False)).offer(acc, policy, tok, 100, 0.0)  # a fresh start: any is best
+    assert json.load(open(folder / "best.json"))["step"] == 100
+    off = cfg_for(tiny_model, tmp_path / "off", keep_best=False)
+    run.BestModel(off).offer(acc, policy, tok, 0, 1.0)
+    assert not (tmp_path / "off").exists()
+
+
+@pytest.mark.extended  # ~2 min on 2 cores: five evals, each starting an engine
+def test_r1zero_sh_runs_a_recipe_end_to_end(tiny_model, tmp_path):
+    """exps/r1zero.sh on a tiny model and 4 test problems: the baseline evals, training, the final checkpoint's eval,
+    the best validation's model's eval (the random model scores 0 throughout: step 0's is the best), res/ files, and
+    last lines that name both and the degeneration (its completions all run to the cap)."""
+    env = os.environ | {"EVAL_LIMIT": "4", "MAJ_K": "0", "RES": str(tmp_path / "res")}
+    p = run_group(["bash", os.path.join(ROOT, "exps", "r1zero.sh"), "qwen_coder_r1zero", f"--model={tiny_model}",
+                   f"--data={GSM8K}", f"--run_dir={tmp_path / 'run'}", "--max_steps=2", "--prompts_per_step=2",
+                   "--group_size=2", "--max_new_tokens=8", "--eval_every=1", "--eval_size=2", "--compile=false",
+                   "--compile_engine=false", "--micro_batch_size=4", "--engine_rows=8"], timeout=600, env=env)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    last = p.stdout.strip().splitlines()[-6:]
+    assert [line.split()[1] for line in last if line.startswith("test ")] == \
+        ["before", "reference_cot", "after", "after_best"], last
+    assert "the best validation (0.0% strict) was step 0's model:" in last and last[-1].startswith("DEGENERATE"), last
+    record = json.load(open(tmp_path / "res" / "run_eval.json"))
+    assert record["after_best"]["model"].endswith(os.path.join("ckpt", "best", "model")) and record["after"]["n"] == 4
+    assert (tmp_path / "res" / "run.png").exists() and (tmp_path / "res" / "run.jsonl").exists()
 
 
 def test_fresh_start_in_a_used_folder_sets_the_earlier_run_aside(tiny_model, tmp_path):
@@ -345,12 +392,14 @@ def test_fsdp2_step_equals_one_rank(multi_gpu_ref):
 def test_fsdp2_train_checkpoint_and_resume(tiny_model, tmp_path):
     """train.py under FSDP2 (2 CPU ranks, a local engine per rank): every rank's engine and reference model hold the
     trainer's full weights (ratio 1 and KL 0 before the first update; regression: with rank-0-only loading, rank 1's
-    held zeros); the checkpoint holds the full model and optimizer state; resuming at step 2 redoes step 3 exactly."""
+    held zeros); the checkpoint and the best validation's model hold the full model, the checkpoint the full optimizer
+    state; resuming at step 2 redoes step 3 exactly."""
     args = ["train", f"--model={tiny_model}", f"--data={GSM8K}", "--max_steps=3", "--ckpt_every=2",
-            "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=8", "--lr=1e-3", "--kl_coef=0.1"]
+            "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=8", "--lr=1e-3", "--kl_coef=0.1",
+            "--eval_every=2", "--eval_size=2"]
     a, b = tmp_path / "a", tmp_path / "b"
     launch(fsdp2_launch("LlamaDecoderLayer") + args + [f"--run_dir={a}"])
-    rows = [json.loads(line) for line in open(a / "metrics.jsonl")]
+    rows = [r for r in map(json.loads, open(a / "metrics.jsonl")) if "reward" in r]  # the steps, not the evals
     assert [r["version"] for r in rows] == [1, 2, 3] and rows[0]["kl"] < 1e-6, rows[0]
     assert all(r["clip_frac"] == 0 for r in rows), [r["clip_frac"] for r in rows]  # engine = trainer at every step
     state = torch.load(a / "ckpt" / "step_000002" / "state.pt", weights_only=False)
@@ -359,6 +408,8 @@ def test_fsdp2_train_checkpoint_and_resume(tiny_model, tmp_path):
     assert w2["model.embed_tokens.weight"].shape == (512, 64)  # full, not a [256, 64] shard
     adam = state["optimizer"]["state"]["lm.model.embed_tokens.weight"]  # FSDP2 keys it by name (DDP: by index)
     assert adam["exp_avg"].shape == (512, 64) and adam["exp_avg"].abs().sum() > 0, adam["exp_avg"].shape
+    best = load_file(a / "ckpt" / "best" / "model" / "model.safetensors")  # the best validation's model, gathered
+    assert best["model.embed_tokens.weight"].shape == (512, 64)
 
     shutil.copytree(a / "ckpt" / "step_000002", b / "ckpt" / "step_000002")
     os.symlink("step_000002", b / "ckpt" / "latest")
