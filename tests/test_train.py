@@ -113,7 +113,7 @@ def test_best_model_keeps_the_weights_of_the_best_validation(tiny_model, tmp_pat
     assert not (tmp_path / "off").exists()
 
 
-@pytest.mark.extended  # ~2 min on 2 cores: five evals, each starting an engine
+@pytest.mark.extended  # five evals, each starting an engine: too slow for the default run
 def test_r1zero_sh_runs_a_recipe_end_to_end(tiny_model, tmp_path):
     """exps/r1zero.sh on a tiny model and 4 test problems: the baseline evals, training, the final checkpoint's eval,
     the best validation's model's eval (the random model scores 0 throughout: step 0's is the best), res/ files, and
@@ -499,9 +499,9 @@ def test_health_warns_of_a_drift_towards_the_cap_that_a_run_came_back_from():
 
 
 def test_health_names_the_collapse_of_the_recipes_300_step_run():
-    """The recipe's committed 300-step run (res/qwen_coder_r1zero.jsonl) collapsed at its end: from step 277 on the cut
-    share rose from under 10% to 89% at step 282. Replayed, Health warns of the drift and then the degeneration once
-    each, on the steps the run itself logged, and the summary names the degeneration."""
+    """The recipe's committed 300-step run (res/qwen_coder_r1zero.jsonl) collapsed near its end: within a few steps
+    most of its completions ran to the cap. Replayed, Health warns of the drift and then the degeneration once each,
+    on the steps the run itself logged, and the summary names the degeneration."""
     import os
     from conftest import ROOT
     with open(os.path.join(ROOT, "res", "qwen_coder_r1zero.jsonl")) as f:
