@@ -133,7 +133,9 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg: Config, norm: float):
         dr_grpo: w_t = 1,            norm = #sequences * max_new_tokens   (no length bias)
         dapo:    w_t = 1,            norm = #completion tokens in the batch (token mean)
     norm is over the whole batch on all ranks, so micro-batches and ranks add up exactly.
-    Returns (loss, stats): each stat a mean over the micro-batch's completion tokens, logged per step.
+    Returns (loss, stats): each stat a mean over the micro-batch's completion tokens, logged per step: clip_frac
+    (tokens whose ratio was clipped), clip_low (p_trainer / p_sampler below 1 - eps_low), sampler_gap
+    (|log p_trainer - log p_sampler|), kl, tis_capped.
     """
     tis = cfg.tis_cap > 0
     ratio = torch.exp(logp - (logp.detach() if tis else old_logp))  # [B, T]; with TIS 1, with logp's gradient
@@ -150,7 +152,12 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg: Config, norm: float):
     loss = (per_tok * w).sum() / norm
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
-        stats = {"clip_frac": (((ratio - clipped).abs() > 0).float() * mask).sum() / n}
+        gap = logp.detach() - old_logp  # the trainer's log-prob of each sampled token minus the sampler's
+        stats = {"clip_frac": (((ratio - clipped).abs() > 0).float() * mask).sum() / n,
+                 # on-policy with one update per batch (the default), the two differ only by the engine's numerics:
+                 # tokens the sampler overrates (below 1 - eps_low) get no push-down from a negative advantage
+                 "clip_low": ((gap < math.log1p(-cfg.clip_eps_low)).float() * mask).sum() / n,
+                 "sampler_gap": (gap.abs() * mask).sum() / n}
         if ref_logp is not None:
             stats["kl"] = ((torch.exp(d) - d - 1) * mask).sum() / n
         if tis:

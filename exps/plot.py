@@ -27,7 +27,7 @@ PANELS = [  # (title, [(metrics key, label)])
                                     ("repeated", "share of words repeated x 100")]),
     ("KL to the initial model (k3, per token)", [("kl", "train")]),
     ("entropy (nats / token)", [("entropy", "train")]),
-    ("clip fraction", [("clip_frac", "train")]),
+    ("clip fraction", [("clip_frac", "train"), ("clip_low", "ratio below 1 - eps_low (the sampler overrated)")]),
     ("step time (s)", [("gen_s", "generate"), ("train_s", "train"), ("sync_s", "sync"), ("reward_s", "reward")]),
 ]
 SCALE = {"truncated": 100, "val/cut": 100, "repeated": 100}  # drawn on the same axis as the length

@@ -252,7 +252,8 @@ def test_micro_batches_sum_to_the_full_batch(loss_type):
 
 
 def test_clip_stops_gradient_outside_trust_region():
-    """Ratio above 1 + eps_high with A > 0 (or below 1 - eps_low with A < 0) gets no policy gradient."""
+    """Ratio above 1 + eps_high with A > 0 (or below 1 - eps_low with A < 0) gets no policy gradient; the stats say
+    which tokens were clipped, which of them the sampler overrated (ratio below 1 - eps_low), and the mean |log ratio|."""
     cfg = Config(clip_eps_low=0.2, clip_eps_high=0.28)
     mask = torch.ones(1, 3)
     for adv, ratio, zero in [(1.0, 1.3, True), (1.0, 1.25, False), (-1.0, 0.7, True), (-1.0, 0.85, False),
@@ -262,6 +263,8 @@ def test_clip_stops_gradient_outside_trust_region():
         g, = torch.autograd.grad(loss, logp)
         assert (g.abs().sum() == 0) == zero, (adv, ratio, g)
         assert st["clip_frac"].item() == (1.0 if not 0.8 <= ratio <= 1.28 else 0.0)
+        assert st["clip_low"].item() == (1.0 if ratio < 0.8 else 0.0)  # the sampler overrated these tokens
+        assert st["sampler_gap"].item() == pytest.approx(abs(math.log(ratio)))
 
 
 def test_k3_kl_value_and_gradient():

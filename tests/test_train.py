@@ -69,7 +69,7 @@ def test_three_steps_end_to_end(tiny_model, tmp_path):
         samples = [json.loads(line) for line in open(tmp_path / "run" / "samples" / f"val_step_{step:06d}.jsonl")]
         assert len(samples) == 3 and {"gold", "completion", "finish_reason"} <= samples[0].keys()
     for k in ("reward", "accuracy", "format", "format_rate", "kl", "entropy", "completion_len", "repeated", "loss",
-              "grad_norm",
+              "clip_frac", "clip_low", "sampler_gap", "grad_norm",
               "gen_tok_s", "train_tok_s", "rewards_flagged") + tuple(f"rewards/{k}" for k in rewards.STAT_KEYS):
         assert all(math.isfinite(r[k]) for r in steps), k
     assert train.load_config([str(tmp_path / "run" / "config.yaml")]) == cfg
