@@ -59,16 +59,21 @@ def stats(sampler, trainer) -> dict:
             "gap_max": round(gap.max().item(), 6), "ratio_mean": round(ratio.mean().item(), 6),
             "ratio_p1": q(ratio, 0.01), "ratio_p99": q(ratio, 0.99), "ratio_min": round(ratio.min().item(), 6),
             "ratio_max": round(ratio.max().item(), 6),
-            "outside_clip": round(((ratio < 0.8) | (ratio > 1.28)).double().mean().item(), 6)}
+            "outside_clip": round(((ratio < 0.8) | (ratio > 1.28)).double().mean().item(), 6),
+            # which side: a sampled token is more often one the sampler overrates (ratio below 1) than one it
+            # underrates, and PPO's clip gives an overrated token (below 0.8) no push-down from a negative advantage
+            "below_clip": round((ratio < 0.8).double().mean().item(), 6),
+            "above_clip": round((ratio > 1.28).double().mean().item(), 6)}
 
 
-def make(kind, model, dev, max_batch):
-    """An engine by name (module docstring)."""
+def make(kind, model, dev, max_batch, dtype="auto"):
+    """An engine by name (module docstring), its weights in dtype (auto: models.default_dtype, bf16 on GPUs)."""
     if kind == "vllm":
-        return make_engine(model, "vllm")
+        return make_engine(model, "vllm", dtype)
     from system.engine import TorchEngine, default_max_batch
-    from system.models import default_dtype
-    return TorchEngine(load_model(model, default_dtype(dev), dev), load_tokenizer(model),
+    from system.models import DTYPES, default_dtype
+    return TorchEngine(load_model(model, DTYPES[dtype] if dtype != "auto" else default_dtype(dev), dev),
+                       load_tokenizer(model),
                        max_batch=max_batch or default_max_batch(dev), compile=kind == "torch_compiled",
                        fuse=kind != "torch_unfused")
 
@@ -101,6 +106,8 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-batch", type=int, default=0, help="TorchEngine rows (0: system.engine.default_max_batch)")
+    ap.add_argument("--engine-dtype", default="auto", help="the engines' weights: auto (bf16 on GPUs, fp32 on the CPU), "
+                    "bfloat16 (the GPU's mismatch, on the CPU), float32")
     ap.add_argument("--trainer-paths", action="store_true", help="also the trainer's paths against padded eager")
     ap.add_argument("--trainer-mb", type=int, default=16, help="sequences per trainer forward")
     a = ap.parse_args()
@@ -112,7 +119,7 @@ def main():
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     seq_prompts, first = [p for p in prompts for _ in range(a.group)], None
     for kind in a.engines:
-        engine = make(kind, a.model, dev, a.max_batch)
+        engine = make(kind, a.model, dev, a.max_batch, a.engine_dtype)
         groups = engine.generate(prompts, n=a.group, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=0)
         comps = [c for g in groups for c in g]
         first = first or comps

@@ -324,3 +324,17 @@ def test_empty_cli_value_is_an_empty_string(tmp_path):
     assert load_config(["--compile"]).system.compile is True
     with pytest.raises(ValueError, match="lr"):
         load_config(["--lr="])
+
+
+def test_logprob_gap_counts_each_side_of_the_clip_range():
+    """bench/logprob_gap's stats: ratio = p_trainer / p_sampler per token; below_clip (< 0.8: the sampler overrated it)
+    and above_clip (> 1.28) add up to outside_clip."""
+    import os
+    import runpy
+    from conftest import ROOT
+    stats = runpy.run_path(os.path.join(ROOT, "bench", "logprob_gap.py"))["stats"]
+    ratios = [0.5, 0.79, 0.9, 1.0, 1.2, 1.3]
+    out = stats([[0.0] * len(ratios)], [[math.log(r) for r in ratios]])
+    assert out["below_clip"] == pytest.approx(2 / 6, abs=1e-6) and out["above_clip"] == pytest.approx(1 / 6, abs=1e-6)
+    assert out["outside_clip"] == pytest.approx(3 / 6, abs=1e-6)
+
