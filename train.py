@@ -138,11 +138,12 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg: Config, norm: float):
     (|log p_trainer - log p_sampler|), kl, tis_capped.
     """
     tis = cfg.tis_cap > 0
+    gap = logp.detach() - old_logp  # [B, T]: the trainer's log-prob of each sampled token minus the sampler's
     ratio = torch.exp(logp - (logp.detach() if tis else old_logp))  # [B, T]; with TIS 1, with logp's gradient
     clipped = ratio.clamp(1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high)  # [B, T]
     pg = -torch.min(ratio * adv[:, None], clipped * adv[:, None])  # [B, T]
     if tis:
-        tis_w = torch.exp(logp.detach() - old_logp).clamp(max=cfg.tis_cap)  # [B, T]
+        tis_w = torch.exp(gap).clamp(max=cfg.tis_cap)  # [B, T]
         pg = pg * tis_w
     per_tok = pg
     if ref_logp is not None:
@@ -152,7 +153,6 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg: Config, norm: float):
     loss = (per_tok * w).sum() / norm
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
-        gap = logp.detach() - old_logp  # the trainer's log-prob of each sampled token minus the sampler's
         stats = {"clip_frac": (((ratio - clipped).abs() > 0).float() * mask).sum() / n,
                  # on-policy with one update per batch (the default), the two differ only by the engine's numerics:
                  # tokens the sampler overrates (below 1 - eps_low) get no push-down from a negative advantage
