@@ -17,8 +17,9 @@ TRL (GRPOConfig, read in trl/trainer/grpo_config.py and grpo_trainer.py of TRL 1
 step; steps_per_generation then defaults to gradient_accumulation_steps, so generation_batch_size is P x G: one
 generation per optimizer step, split into the micro-batches (checked at start). vLLM colocated (vllm_mode colocate,
 vllm_gpu_memory_utilization TRL's unless --vllm-memory) unless --no-vllm. fp32 master weights with bf16 autocast on a
-GPU, as ours; gradient checkpointing as ours (TRL's default is on). TRL's defaults otherwise: no torch.compile, its
-vLLM importance-sampling correction, HF's warmup (the first update at lr 0; ours at lr / warmup_steps).
+GPU, as ours; gradient checkpointing as ours (TRL's default is on). The recipe's tis_cap is TRL's vLLM
+importance-sampling correction in token_truncate mode (off when tis_cap is 0). TRL's defaults otherwise: no
+torch.compile, HF's warmup (the first update at lr 0; ours at lr / warmup_steps).
 Ours: train.main with the recipe, --inference=local (one GPU), no in-loop eval, a checkpoint only at the end, and
 log_kl off (TRL with beta 0 measures no KL; ours would pay a reference model and a forward every log_kl_every steps).
 
@@ -142,7 +143,11 @@ def run_trl(a, res):
         adam_beta2=cfg.adam_beta2, weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, **schedule,
         loss_type=cfg.loss_type, scale_rewards="group" if cfg.scale_rewards else "none", beta=cfg.kl_coef,
         num_iterations=1, epsilon=cfg.clip_eps_low, epsilon_high=cfg.clip_eps_high, use_vllm=not a.no_vllm,
-        vllm_mode="colocate", **({"vllm_gpu_memory_utilization": a.vllm_memory} if a.vllm_memory else {}))
+        vllm_mode="colocate", **({"vllm_gpu_memory_utilization": a.vllm_memory} if a.vllm_memory else {}),
+        # our tis_cap is TRL's token-level truncated IS (its default is sequence-level masking)
+        vllm_importance_sampling_correction=cfg.tis_cap > 0, **({"vllm_importance_sampling_mode": "token_truncate",
+                                                                "vllm_importance_sampling_clip_max": cfg.tis_cap}
+                                                               if cfg.tis_cap else {}))
     assert (args.generation_batch_size, args.steps_per_generation) == (n, n // mb), \
         f"TRL would generate {args.generation_batch_size} completions every {args.steps_per_generation} micro-steps"
     tally = types.SimpleNamespace(eos=set(), scores=[], parts={}, steps=[], logs=[], t0=0.0)
