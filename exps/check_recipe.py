@@ -1,7 +1,7 @@
 """Does a run still follow the reference runs of its recipe? Compares metrics.jsonl files over their first steps.
 
-    python exps/check_recipe.py runs/check_recipe/metrics.jsonl res/qwen_coder_r1zero.jsonl \
-        res/qwen_coder_r1zero_repeat1.jsonl --steps 100
+    python exps/check_recipe.py runs/check_recipe/metrics.jsonl res/qwen_coder_r1zero.jsonl --steps 100
+    python exps/check_recipe.py RUN/metrics.jsonl REF1.jsonl REF2.jsonl   # the band: their envelope
     bash exps/check_recipe.sh                      # runs the recipe for 100 steps on this GPU, then this comparison
 
 Compared, over the steps the run and a reference have (up to --steps):

@@ -44,10 +44,10 @@ def test_the_reference_holds_against_itself_and_a_collapse_is_outside(tmp_path):
 
 
 def test_repeats_of_the_recipe_widen_the_band_to_their_spread(tmp_path):
-    """The recipe's two committed runs on the same training code and seed part early (each drifts towards the cap
-    once, at different steps): against the other alone, each is outside; against both, inside. A collapse is outside
-    both, and past the shorter reference's last step the longer one is the band alone."""
-    runs = [os.path.join(ROOT, "res", f) for f in ("qwen_coder_r1zero.jsonl", "qwen_coder_r1zero_repeat1.jsonl")]
+    """Two committed runs of the recipe before TIS, on the same training code and seed, part early (each drifts towards
+    the cap once, at different steps): against the other alone, each is outside; against both, inside. A collapse is
+    outside both, and past the shorter reference's last step the longer one is the band alone."""
+    runs = [os.path.join(ROOT, "res", f"qwen_coder_r1zero_{c}.jsonl") for c in ("fe54c2b", "ea9cc3f")]
     assert not all(r["within"] for r in check_recipe.compare(runs[0], runs[1], steps=136))
     assert not all(r["within"] for r in check_recipe.compare(runs[1], runs[0], steps=136))
     for run in runs:

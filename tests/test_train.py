@@ -478,12 +478,13 @@ def test_health_names_degeneration_once_and_in_the_summary():
 
 
 def test_health_warns_of_a_drift_towards_the_cap_that_a_run_came_back_from():
-    """A committed run of the recipe (res/qwen_coder_r1zero_repeat1.jsonl) drifted: around step 95 its cut share rose past
-    DRIFT_CUT (17% at most), then fell back. Health warns once, at the fifth step in a row, names no degeneration,
-    and its summary says the drift came and went; held at a cut share of DRIFT_CUT, the summary says DRIFTING."""
+    """A committed run of the recipe before TIS (res/qwen_coder_r1zero_ea9cc3f.jsonl) drifted: around step 95 its cut
+    share rose past DRIFT_CUT (17% at most), then fell back. Health warns once, at the fifth step in a row, names no
+    degeneration, and its summary says the drift came and went; held at a cut share of DRIFT_CUT, the summary says
+    DRIFTING."""
     import os
     from conftest import ROOT
-    with open(os.path.join(ROOT, "res", "qwen_coder_r1zero_repeat1.jsonl")) as f:
+    with open(os.path.join(ROOT, "res", "qwen_coder_r1zero_ea9cc3f.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     h = run.Health(max_new_tokens=300)
     fired = {r["step"]: w for r in rows if (w := h.see(r))}
@@ -499,12 +500,12 @@ def test_health_warns_of_a_drift_towards_the_cap_that_a_run_came_back_from():
 
 
 def test_health_names_the_collapse_of_the_recipes_300_step_run():
-    """The recipe's committed 300-step run (res/qwen_coder_r1zero.jsonl) collapsed near its end: within a few steps
-    most of its completions ran to the cap. Replayed, Health warns of the drift and then the degeneration once each,
-    on the steps the run itself logged, and the summary names the degeneration."""
+    """The recipe's 300-step run before TIS (res/qwen_coder_r1zero_fe54c2b.jsonl) collapsed near its end: within a few
+    steps most of its completions ran to the cap. Replayed, Health warns of the drift and then the degeneration once
+    each, on the steps the run itself logged, and the summary names the degeneration."""
     import os
     from conftest import ROOT
-    with open(os.path.join(ROOT, "res", "qwen_coder_r1zero.jsonl")) as f:
+    with open(os.path.join(ROOT, "res", "qwen_coder_r1zero_fe54c2b.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     h = run.Health(max_new_tokens=300)
     fired = {r["step"]: w for r in rows if "reward" in r and (w := h.see(r))}
