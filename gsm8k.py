@@ -140,10 +140,11 @@ def build_prompt(tok, question: str, prompt: str = DEFAULT_PROMPT) -> list[int]:
 def reward(completion, answer: str, cfg) -> dict[str, float]:
     """The reward the trainer optimises for one completion (the engine's: text, token ids, finish reason) of a question
     whose GSM8K answer field is `answer`, and its components, each logged per step:
-        format_weight * format + accuracy [+ overlong]            (cfg: train.Config)
+        format_weight * format + accuracy [+ overlong_weight * overlong]   (cfg: train.Config)
     rewards.py grades: a completion cut at max_new_tokens, or going on after its answer block, earns no format or
     accuracy; overlong is DAPO's soft length penalty (cfg.overlong_buffer > 0). A new reward term goes here."""
-    return rewards.reward_components(completion, answer, cfg.format_weight, cfg.max_new_tokens, cfg.overlong_buffer)
+    return rewards.reward_components(completion, answer, cfg.format_weight, cfg.max_new_tokens, cfg.overlong_buffer,
+                                     cfg.overlong_weight)
 
 
 class Sampler:

@@ -1,12 +1,13 @@
 """
 Rule-based GSM8K rewards for R1-Zero style GRPO: a format reward and an accuracy reward.
 
-    r = format_weight * format + accuracy [+ overlong]       (reward_components; train.Config.format_weight)
+    r = format_weight * format + accuracy [+ overlong_weight * overlong]   (reward_components; train.Config)
 
 A completion earns either only if it ended itself (finish_reason "stop": an end-of-sequence token, not the
 max_new_tokens cap) and ends with its answer block (nothing but whitespace after its one </answer>). Without that
 rule a policy is paid for running on past its answer to the cap: the answer is graded, the junk after it is free.
-overlong (off by default): DAPO's soft penalty, 0 until `overlong_buffer` tokens before the cap, then down to -1 at it.
+overlong (off by default): DAPO's soft penalty, 0 until `overlong_buffer` tokens before the cap, then down to -1 at it
+(DAPO's weight is 1: a cut completion then costs as much as a right answer earns).
 repetition (logged, not paid): the share of a completion's words that repeat a run of words seen earlier in it.
 
 Pure functions of the engine's completion (text and finish reason) and the gold answer; they import nothing
@@ -268,11 +269,11 @@ def repetition(text: str, n: int = 8) -> float:
 
 
 def reward_components(completion, gold: str, format_weight: float = FORMAT_WEIGHT, max_new_tokens: int = 0,
-                      overlong_buffer: int = 0) -> dict[str, float]:
+                      overlong_buffer: int = 0, overlong_weight: float = 1.0) -> dict[str, float]:
     """The engine's completion (a dict with "text" and "finish_reason", plus "token_ids" for overlong_buffer) ->
-    {"format", "accuracy", "reward"} (and "overlong" when overlong_buffer > 0); the trainer optimises "reward" and
-    logs every component. A completion cut at the cap (finish_reason "length") earns no format and no accuracy.
-    format_weight must stay below 1, so that a right answer is always worth more than perfect form."""
+    {"format", "accuracy", "reward"} (and "overlong", unweighted, when overlong_buffer > 0); the trainer optimises
+    "reward" and logs every component. A completion cut at the cap (finish_reason "length") earns no format and no
+    accuracy. format_weight must stay below 1, so that a right answer is always worth more than perfect form."""
     if isinstance(completion, str):
         raise TypeError("reward_components takes the engine's completion (a dict with text and finish_reason), not its "
                         "text: whether it stopped or was cut at the cap decides its reward")
@@ -284,6 +285,6 @@ def reward_components(completion, gold: str, format_weight: float = FORMAT_WEIGH
     out = {"format": fmt, "accuracy": acc, "reward": format_weight * fmt + acc}
     if overlong_buffer > 0:
         out["overlong"] = overlong_penalty(len(completion["token_ids"]), max_new_tokens, overlong_buffer)
-        out["reward"] += out["overlong"]
+        out["reward"] += overlong_weight * out["overlong"]
     return out
 

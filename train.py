@@ -52,6 +52,7 @@ class Config:
     # format_weight * format + accuracy (gsm8k.reward)
     overlong_buffer: int = knob(0, "[0, inf)", "0 turns the penalty off")  # DAPO's soft overlong penalty: the reward
     # falls from 0 to -1 over the last this many tokens before max_new_tokens
+    overlong_weight: float = knob(1.0, "(0, inf)", "DAPO's is 1")  # reward += overlong_weight * overlong penalty
     loss_type: str = knob("grpo", ("grpo", "dr_grpo", "dapo"))  # grpo: mean per sequence | dr_grpo: sum / (B *
     # max_new_tokens) | dapo: mean per token (grpo_loss, loss_norm)
     scale_rewards: bool = True  # divide advantages by the group std (Dr. GRPO turns this off)

@@ -217,12 +217,16 @@ def test_reward_components():
 @pytest.mark.parametrize("n_tokens, penalty", [(0, 0.0), (280, 0.0), (290, -0.5), (299, -0.95), (300, -1.0)])
 def test_overlong_penalty(n_tokens, penalty):
     """DAPO's soft overlong penalty: 0 until the last overlong_buffer tokens before the cap, then linear down to -1;
-    it adds to the reward and is logged as its own component. Buffer 0: off, no component."""
+    it adds to the reward, times overlong_weight, and is logged unweighted as its own component. Buffer 0: off, no
+    component."""
     assert rewards.overlong_penalty(n_tokens, 300, 20) == pytest.approx(penalty)
     c = rewards.reward_components(done("<think>a</think><answer>18</answer>", n_tokens=n_tokens), "18",
                                   max_new_tokens=300, overlong_buffer=20)
     assert c["overlong"] == pytest.approx(penalty) and c["reward"] == pytest.approx(1.1 + penalty)
     assert "overlong" not in rewards.reward_components(done("<answer>18</answer>", n_tokens=n_tokens), "18")
+    light = rewards.reward_components(done("<think>a</think><answer>18</answer>", n_tokens=n_tokens), "18",
+                                      max_new_tokens=300, overlong_buffer=20, overlong_weight=0.1)
+    assert light["overlong"] == pytest.approx(penalty) and light["reward"] == pytest.approx(1.1 + 0.1 * penalty)
 
 
 def test_repetition_tells_a_loop_from_reasoning():
