@@ -20,7 +20,8 @@ for each variant, after one warm-up step, starting from the same weights:
                   reference model (the initial weights, bf16 on GPUs) runs a no-grad forward of every micro-batch,
                   compiled like the policy (train.py's way); +kl-eager leaves the reference's layers uncompiled
 and checks that the variants' first-step losses agree. Each variant reports the graphs torch.compile had made by the
-end of its warm-up step (the count runs on through the process: a later variant adds only the graphs it needs anew).
+end of its warm-up step, and under "compile" the compile caches' hits and misses and where the compile time went
+(compile_report; both count on through the process: a later variant adds only what it needs anew).
 MFU counts model FLOPs of the work a variant does (6 * matmul params * tokens through the layers, 6 * lm_head params *
 completion tokens, causal attention pairs; no recompute; +kl: the reference's forward, a third more) against
 --peak-tflops; mfu_of_unshared_work counts the work as before prompt sharing and collate's "predict" (every
@@ -38,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from torch._dynamo.utils import counters  # noqa: E402
+from torch._dynamo.utils import compilation_time_metrics, counters  # noqa: E402
 
 from system import batches, models  # noqa: E402
 import train  # noqa: E402
@@ -183,6 +184,7 @@ def main():
         losses[variant] = first["loss"].item()
         warmup_s = time.perf_counter() - t  # compilation included
         graphs = counters["stats"]["unique_graphs"]  # made so far in this process
+        compiling = compile_report()  # so far in this process too
         times = []
         for _ in range(a.iters):
             t = time.perf_counter()
@@ -197,7 +199,8 @@ def main():
                         "mfu_of_unshared_work": round(flops * with_ref / s / (a.peak_tflops * 1e12), 3),  # as before
                         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
                         "micro_batch": cfg.system.micro_batch_size, "warmup_step_s": round(warmup_s, 1),
-                        "compiled_graphs": graphs} | ({"first_step_kl": first["kl"].item()} if ref is not None else {})
+                        "compiled_graphs": graphs, "compile": compiling} | (
+                            {"first_step_kl": first["kl"].item()} if ref is not None else {})
         if a.profile and gpu and variant.startswith("packed") and not variant.endswith("ckpt"):
             out[variant]["kernel_time_share"] = kernel_shares(step)
         del policy, opt, ref
@@ -208,6 +211,21 @@ def main():
     if "padded" in out and "packed" in out:
         out["packed_speedup"] = round(out["padded"]["step_s"] / out["packed"]["step_s"], 2)
     print(json.dumps(out))
+
+
+# where a warm-up's compile time goes (torch's own timers, seconds summed over the process), by phase: Dynamo's whole
+# compile, its bytecode tracing, Inductor's lowering and code generation, waiting for the kernels' compilers
+PHASES = {"dynamo_s": "_compile.compile_inner", "tracing_s": "bytecode_tracing", "inductor_s": "fx_codegen_and_compile",
+          "kernel_compile_wait_s": "async_compile.wait"}
+
+
+def compile_report() -> dict:
+    """The process's compile work so far: Inductor's FX-graph cache and AOTAutograd's cache (hits, misses: with
+    TORCHINDUCTOR_CACHE_DIR kept from an earlier process, a warm start misses no Inductor graph) and PHASES' seconds."""
+    fx, aot = counters["inductor"], counters["aot_autograd"]
+    return {"fx_cache_hit": fx["fxgraph_cache_hit"], "fx_cache_miss": fx["fxgraph_cache_miss"],
+            "aot_cache_hit": aot["autograd_cache_hit"], "aot_cache_miss": aot["autograd_cache_miss"]} | {
+        k: round(sum(compilation_time_metrics.get(name, [])), 2) for k, name in PHASES.items()}
 
 
 if __name__ == "__main__":

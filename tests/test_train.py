@@ -360,6 +360,29 @@ def test_trainer_bench_variants_agree_and_kl_steps_run_the_reference():
     assert "first_step_kl" not in r["packed+share"] and abs(r["packed+share+kl"]["first_step_kl"]) < 1e-6, r
 
 
+@pytest.mark.slow
+@pytest.mark.extended  # two processes that compile: a benchmark's report, not the training path
+def test_trainer_bench_reports_a_warm_compile_cache(tmp_path):
+    """bench/trainer.py's "compile" report: the first process with a fresh TORCHINDUCTOR_CACHE_DIR misses Inductor's
+    and AOTAutograd's caches and spends its compile time; a second process with the same folder generates no kernel
+    anew (no Inductor miss; some graphs can still miss AOTAutograd's cache and be re-traced), and gets the same
+    first-step loss."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "trainer.py"), "--shape", "small", "--prompts", "2", "--group",
+           "2", "--prompt-len", "8", "16", "--completion-len", "4", "24", "--packed-mb", "4", "--iters", "1",
+           "--variants", "packed+compile"]
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    runs = []
+    for _ in range(2):
+        p = run_group(cmd, 600, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    cold, warm = (r["packed+compile"]["compile"] for r in runs)
+    assert cold["fx_cache_miss"] > 0 and cold["fx_cache_hit"] == 0 and cold["aot_cache_miss"] > 0, cold
+    assert cold["dynamo_s"] >= cold["inductor_s"] > 0, cold
+    assert warm["fx_cache_miss"] == 0 and warm["fx_cache_hit"] > 0 and warm["aot_cache_hit"] > 0, warm
+    assert runs[0]["first_step_loss"] == runs[1]["first_step_loss"], runs
+
+
 def test_fsdp_plugin_keeps_fp32_and_full_loading(monkeypatch):
     """run.fsdp_plugin under launch --use_fsdp: accelerate's bf16 leaves params and gradient reduction fp32
     (regression: its default bf16 param/reduce dtypes, ~1% loss off DDP on GPU), and every rank loads full weights
