@@ -537,6 +537,18 @@ def test_health_names_the_collapse_of_the_recipes_300_step_run():
     assert any("DEGENERATE" in line for line in h.summary()), h.summary()
 
 
+def test_health_stays_quiet_on_the_recipes_run_that_held():
+    """The recipe's committed 300-step run with TIS (res/qwen_coder_r1zero.jsonl) held: replayed, Health fires no
+    warning at any step (the run logged none) and its summary is the final validation and the last step only."""
+    import os
+    from conftest import ROOT
+    with open(os.path.join(ROOT, "res", "qwen_coder_r1zero.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    h = run.Health(max_new_tokens=300)
+    assert not any(h.see(r) for r in rows if "reward" in r or "val/n" in r) and not any(r.get("warnings") for r in rows)
+    assert len(h.summary()) == 2 and h.summary()[0].startswith("final validation (step 300, n=500): strict 45.4%")
+
+
 def test_health_warns_when_completions_fall_into_loops():
     """The repetition rule counts from step 1's level: a policy that repeats DRIFT_REPEAT more of its words for PATIENCE
     steps is warned of once (not degenerate: such completions still stop and are paid), and held to the end the summary
