@@ -66,15 +66,11 @@ def stats(sampler, trainer) -> dict:
             "above_clip": round((ratio > 1.28).double().mean().item(), 6)}
 
 
-def make(kind, model, dev, max_batch, dtype="auto"):
+def make(kind, model, max_batch, dtype="auto"):
     """An engine by name (module docstring), its weights in dtype (auto: models.default_dtype, bf16 on GPUs)."""
     if kind == "vllm":
         return make_engine(model, "vllm", dtype)
-    from system.engine import TorchEngine, default_max_batch
-    from system.models import DTYPES, default_dtype
-    return TorchEngine(load_model(model, DTYPES[dtype] if dtype != "auto" else default_dtype(dev), dev),
-                       load_tokenizer(model),
-                       max_batch=max_batch or default_max_batch(dev), compile=kind == "torch_compiled",
+    return make_engine(model, "torch", dtype, max_batch=max_batch, compile=kind == "torch_compiled",
                        fuse=kind != "torch_unfused")
 
 
@@ -119,7 +115,7 @@ def main():
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     seq_prompts, first = [p for p in prompts for _ in range(a.group)], None
     for kind in a.engines:
-        engine = make(kind, a.model, dev, a.max_batch, a.engine_dtype)
+        engine = make(kind, a.model, a.max_batch, a.engine_dtype)
         groups = engine.generate(prompts, n=a.group, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=0)
         comps = [c for g in groups for c in g]
         first = first or comps
