@@ -338,3 +338,33 @@ def test_logprob_gap_counts_each_side_of_the_clip_range():
     assert out["below_clip"] == pytest.approx(2 / 6, abs=1e-6) and out["above_clip"] == pytest.approx(1 / 6, abs=1e-6)
     assert out["outside_clip"] == pytest.approx(3 / 6, abs=1e-6)
 
+
+
+def test_compiled_chunk_logprobs_take_the_temperature_as_a_constant(monkeypatch):
+    """The compiled log-softmax chunk's inputs are the batch's tensors and sizes, not the temperature: Dynamo would pass
+    a dynamic float as a 0-d CPU float64 tensor (a CPU input in a GPU graph, which costs every fresh process Inductor's
+    probe of the host CPU). So each temperature is its own graph, and the numbers are the eager function's."""
+    from system import batches
+    graphs = []
+
+    def record(gm, example_inputs):  # a backend that keeps what each graph takes
+        graphs.append([x for x in example_inputs if isinstance(x, torch.Tensor)])
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **kw, backend=record))
+    torch._dynamo.reset()
+    batches._chunk_logprobs_compiled.cache_clear()
+    try:
+        g = torch.Generator().manual_seed(0)
+        h, w, targets = torch.randn(5, 8, generator=g), torch.randn(11, 8, generator=g), torch.tensor([1, 2, 3, 4, 10])
+        for temperature in (0.7, 0.9, 0.7):
+            got = batches._chunk_logprobs_compiled()(h, w, None, targets, temperature)
+            for a, b in zip(got, batches._chunk_logprobs(h, w, None, targets, temperature)):
+                torch.testing.assert_close(a, b)
+    finally:
+        batches._chunk_logprobs_compiled.cache_clear()
+        torch._dynamo.reset()
+    assert len(graphs) == 2, f"{len(graphs)} graphs for temperatures 0.7, 0.9, 0.7: one per temperature"
+    scalars = [x for inputs in graphs for x in inputs if x.dim() == 0]
+    assert not scalars, f"0-d tensor inputs {[(x.dtype, x.device) for x in scalars]}: the temperature is an input"
