@@ -56,9 +56,9 @@ def _chunk_logprobs(h, w, b, targets, temperature):
 def _chunk_logprobs_compiled():
     """_chunk_logprobs under torch.compile, made on first use: creating it takes seconds, which every process
     importing this module would pay at import, compile or not. The temperature is compiled in as a constant (a run
-    has one; another recompiles): left dynamic, Dynamo passes a float as a 0-d CPU tensor, and a CPU tensor in a
-    GPU graph makes Inductor probe the host CPU's vector ISA, in subprocesses that each import torch, in every fresh
-    process, warm compile cache or not."""
+    has one; another recompiles): left dynamic, Dynamo passes a float as a 0-d CPU tensor, a CPU input to a GPU
+    graph, which can make Inductor probe the host CPU's vector ISA (subprocesses that each import torch) in every
+    fresh process, warm compile cache or not."""
     return torch._dynamo.config.patch(specialize_float=True)(torch.compile(_chunk_logprobs, dynamic=True))
 
 

@@ -339,11 +339,10 @@ def test_logprob_gap_counts_each_side_of_the_clip_range():
     assert out["outside_clip"] == pytest.approx(3 / 6, abs=1e-6)
 
 
-
 def test_compiled_chunk_logprobs_take_the_temperature_as_a_constant(monkeypatch):
     """The compiled log-softmax chunk's inputs are the batch's tensors and sizes, not the temperature: Dynamo would pass
-    a dynamic float as a 0-d CPU float64 tensor (a CPU input in a GPU graph, which costs every fresh process Inductor's
-    probe of the host CPU). So each temperature is its own graph, and the numbers are the eager function's."""
+    a dynamic float as a 0-d CPU float64 tensor (a CPU input to a GPU graph, which can cost every fresh process
+    Inductor's probe of the host CPU). So each temperature is its own graph, and the numbers are the eager function's."""
     from system import batches
     graphs = []
 
