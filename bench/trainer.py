@@ -118,6 +118,8 @@ def main():
     ap.add_argument("--padded-mb", type=int, default=16, help="sequences per micro-batch, padded variant")
     ap.add_argument("--packed-mb", type=int, default=64, help="sequences per micro-batch, packed variants")
     ap.add_argument("--iters", type=int, default=3, help="timed steps per variant (median)")
+    ap.add_argument("--logprob-chunk", type=int, default=None, help="tokens per lm_head + log-softmax chunk "
+                    "(SystemConfig.logprob_chunk; default: the config's)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak: H100/H200 SXM 989")
     ap.add_argument("--variants", nargs="+", default=["padded", "packed", "packed+ckpt", "packed+compile"])
     ap.add_argument("--profile", action="store_true", help="kernel-time shares of one packed step")
@@ -153,7 +155,8 @@ def main():
         cfg = make(train.Config, dict(prompts_per_step=a.prompts, group_size=a.group, max_new_tokens=a.completion_len[1],
                                       packing=variant.startswith("packed"), grad_checkpointing=variant.endswith("ckpt"),
                                       share_prompts="share" in variant, compile="compile" in variant,
-                                      micro_batch_size=a.packed_mb if variant.startswith("packed") else a.padded_mb))
+                                      micro_batch_size=a.packed_mb if variant.startswith("packed") else a.padded_mb)
+                   | ({"logprob_chunk": a.logprob_chunk} if a.logprob_chunk else {}))
         lm.load_state_dict(init)
         lm.set_attn_implementation("sdpa")
         if cfg.system.packing:
@@ -198,7 +201,8 @@ def main():
                         "mfu": round(done / s / (a.peak_tflops * 1e12), 3),  # on the work this variant does
                         "mfu_of_unshared_work": round(flops * with_ref / s / (a.peak_tflops * 1e12), 3),  # as before
                         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
-                        "micro_batch": cfg.system.micro_batch_size, "warmup_step_s": round(warmup_s, 1),
+                        "micro_batch": cfg.system.micro_batch_size, "logprob_chunk": cfg.system.logprob_chunk,
+                        "warmup_step_s": round(warmup_s, 1),
                         "compiled_graphs": graphs, "compile": compiling} | (
                             {"first_step_kl": first["kl"].item()} if ref is not None else {})
         if a.profile and gpu and variant.startswith("packed") and not variant.endswith("ckpt"):

@@ -349,14 +349,16 @@ def test_two_rank_step_equals_one_rank(multi_gpu_ref):
 def test_trainer_bench_variants_agree_and_kl_steps_run_the_reference():
     """bench/trainer.py on the CPU (a GPU host's too: its reference would be bf16): padded, packed, shared and
     KL-logging steps from the same weights give the same first-step loss (kl_coef 0: the KL is logged, not trained
-    on), and a +kl variant really runs the reference: its KL to the identical initial model is 0."""
+    on), and a +kl variant really runs the reference: its KL to the identical initial model is 0. The log-prob chunk
+    the command names (one that splits sequences) is the one every variant ran with."""
     cmd = [sys.executable, os.path.join(ROOT, "bench", "trainer.py"), "--shape", "small", "--prompts", "2", "--group",
            "4", "--prompt-len", "8", "16", "--completion-len", "4", "24", "--packed-mb", "4", "--iters", "1",
-           "--variants", "padded", "packed", "packed+share", "packed+share+kl"]
+           "--logprob-chunk", "7", "--variants", "padded", "packed", "packed+share", "packed+share+kl"]
     p = run_group(cmd, 300, env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["max_loss_rel_diff"] < 1e-5, r["first_step_loss"]
+    assert {r[v]["logprob_chunk"] for v in ("padded", "packed", "packed+share", "packed+share+kl")} == {7}, r
     assert "first_step_kl" not in r["packed+share"] and abs(r["packed+share+kl"]["first_step_kl"]) < 1e-6, r
 
 
