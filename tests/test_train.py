@@ -502,15 +502,18 @@ def test_health_names_degeneration_once_and_in_the_summary():
     assert "not finite" in nan.see(health_rows([0.0], [0.9])[0] | {"loss": float("nan")})[0]
 
 
+def committed_run(name):
+    """The metrics rows of a run committed in res/."""
+    with open(os.path.join(ROOT, "res", name)) as f:
+        return [json.loads(line) for line in f]
+
+
 def test_health_warns_of_a_drift_towards_the_cap_that_a_run_came_back_from():
     """A committed run of the recipe before TIS (res/qwen_coder_r1zero_ea9cc3f.jsonl) drifted: around step 95 its cut
     share rose past DRIFT_CUT (17% at most), then fell back. Health warns once, at the fifth step in a row, names no
     degeneration, and its summary says the drift came and went; held at a cut share of DRIFT_CUT, the summary says
     DRIFTING."""
-    import os
-    from conftest import ROOT
-    with open(os.path.join(ROOT, "res", "qwen_coder_r1zero_ea9cc3f.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = committed_run("qwen_coder_r1zero_ea9cc3f.jsonl")
     h = run.Health(max_new_tokens=300)
     fired = {r["step"]: w for r in rows if (w := h.see(r))}
     cut = {r["step"]: r["truncated"] for r in rows if "truncated" in r}
@@ -528,10 +531,7 @@ def test_health_names_the_collapse_of_the_recipes_300_step_run():
     """The recipe's 300-step run before TIS (res/qwen_coder_r1zero_fe54c2b.jsonl) collapsed near its end: within a few
     steps most of its completions ran to the cap. Replayed, Health warns of the drift and then the degeneration once
     each, on the steps the run itself logged, and the summary names the degeneration."""
-    import os
-    from conftest import ROOT
-    with open(os.path.join(ROOT, "res", "qwen_coder_r1zero_fe54c2b.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = committed_run("qwen_coder_r1zero_fe54c2b.jsonl")
     h = run.Health(max_new_tokens=300)
     fired = {r["step"]: w for r in rows if "reward" in r and (w := h.see(r))}
     logged = {r["step"]: r["warnings"] for r in rows if r.get("warnings")}
@@ -542,10 +542,7 @@ def test_health_names_the_collapse_of_the_recipes_300_step_run():
 def test_health_stays_quiet_on_the_recipes_run_that_held():
     """The recipe's committed 300-step run with TIS (res/qwen_coder_r1zero.jsonl) held: replayed, Health fires no
     warning at any step (the run logged none) and its summary is the final validation and the last step only."""
-    import os
-    from conftest import ROOT
-    with open(os.path.join(ROOT, "res", "qwen_coder_r1zero.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = committed_run("qwen_coder_r1zero.jsonl")
     h = run.Health(max_new_tokens=300)
     assert not any(h.see(r) for r in rows if "reward" in r or "val/n" in r) and not any(r.get("warnings") for r in rows)
     assert len(h.summary()) == 2 and h.summary()[0].startswith("final validation (step 300, n=500): strict 45.4%")
