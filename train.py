@@ -84,7 +84,9 @@ class Config:
         check(self)
         if self.overlong_buffer > self.max_new_tokens:
             raise ConfigError(f"overlong_buffer={self.overlong_buffer} is longer than max_new_tokens="
-                              f"{self.max_new_tokens}: the penalty ramps over the last tokens before the cap")
+                              f"{self.max_new_tokens}: the penalty ramps over the last tokens before the cap; set "
+                              f"--overlong_buffer to at most {self.max_new_tokens} (e.g. a third of the cap, "
+                              f"{self.max_new_tokens // 3}; 0 turns it off)")
 
 
 def load_config(argv: list[str]) -> Config:

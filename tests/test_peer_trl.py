@@ -16,7 +16,8 @@ import peer_trl  # noqa: E402
 BENCH = os.path.join(ROOT, "bench", "peer_trl.py")
 TINY = ["--steps", "2", "--prompts", "2", "--group", "2", "--max-new-tokens", "8", "--val-size", "2", "--no-vllm",
         "--eval-engine", "torch", "--timeout-min", "10",
-        "--set", "val_size=2", "compile=false", "compile_engine=false", "micro_batch_size=2", "engine_rows=0"]
+        "--set", "val_size=2", "compile=false", "compile_engine=false", "micro_batch_size=2", "engine_rows=0",
+        "overlong_buffer=4"]  # the recipe's penalty, over the last half of these completions
 
 
 def gsm8k_like(folder):
@@ -40,16 +41,18 @@ def bench(tiny_model, tmp_path, *extra):
 
 def test_reward_bridge_reads_the_finish_reason_off_the_ids():
     """trl_reward: a completion of max_new_tokens ids whose last is no eos was cut ("length") and earns nothing for
-    its answer; the same text ending in an eos at the cap, or shorter, stopped and is graded."""
+    its answer; the same text ending in an eos at the cap, or shorter, stopped and is graded. The recipe's overlong
+    penalty counts the ids: at the cap it costs overlong_weight, before the buffer nothing."""
     import types
     cfg = peer_trl.recipe(types.SimpleNamespace(recipe=os.path.join(ROOT, "exps", "qwen_coder_r1zero", "config.yaml"),
                                                 steps=2, model="", data="", prompts=0, group=0, max_new_tokens=4,
-                                                set=[]))
+                                                set=["overlong_buffer=2"]))
     tally = types.SimpleNamespace(eos={1}, scores=[])
     text = "<think> 3 + 4 = 7 </think><answer> 7 </answer>"
     got = peer_trl.trl_reward(cfg, tally)(completions=[text] * 3, completion_ids=[[5, 6, 7, 8], [5, 6, 7, 1], [5, 1]],
                                           answer=["3 + 4 = 7\n#### 7"] * 3, trainer_state=None, log_metric=None)
-    assert got == [0.0, cfg.format_weight + 1.0, cfg.format_weight + 1.0], got
+    w = cfg.overlong_weight
+    assert w > 0 and got == pytest.approx([-w, cfg.format_weight + 1.0 - w, cfg.format_weight + 1.0]), got
     assert [s["cut"] for s in tally.scores] == [True, False, False] and [s["tokens"] for s in tally.scores] == [4, 4, 2]
 
 

@@ -212,6 +212,9 @@ def test_batch_not_divisible_by_ranks_is_one_clear_error(tiny_model, tmp_path):
     (["--modle=x"], r"unknown config key 'modle': did you mean 'model'\?"),
     (["nope.yaml"], r"config file 'nope.yaml': \[Errno 2\]"),
     (["--model=/no/such/model"], r"model '/no/such/model': no such folder here"),
+    (["exps/qwen_coder_r1zero/config.yaml", "--max_new_tokens=64"],
+     r"overlong_buffer=100 is longer than max_new_tokens=64: .*; set --overlong_buffer to at most 64 "
+     r"\(e\.g\. a third of the cap, 21; 0 turns it off\)"),
 ])
 def test_bad_setting_on_the_command_line_is_one_line_and_exit_2(argv, says, capsys, monkeypatch, tmp_path):
     """train.py's command line (config.cli, then run.main_cli): a bad value, key, config file or model name is one
