@@ -543,8 +543,8 @@ def test_health_names_the_collapse_of_the_recipes_300_step_run():
 @pytest.mark.parametrize("name, final_strict", [("qwen_coder_r1zero_88cb238.jsonl", "45.4%"),
                                                  ("qwen_coder_r1zero.jsonl", "47.4%")])
 def test_health_stays_quiet_on_the_recipes_runs_that_held(name, final_strict):
-    """The recipe's committed 300-step runs that held (TIS alone at 88cb238; the headline, TIS and the light overlong
-    penalty): replayed, Health fires no warning at any step (the runs logged none) and its summary is the final
+    """The recipe's committed 300-step runs that held (TIS alone; the headline, TIS and the light overlong penalty):
+    replayed, Health fires no warning at any step (the runs logged none) and its summary is the final
     validation and the last step only."""
     rows = committed_run(name)
     h = run.Health(max_new_tokens=300)
