@@ -108,6 +108,24 @@ def kernel_shares(step):
         "kernel_s": round(total / 1e6, 4), "wall_s": round(wall, 4)}
 
 
+def host_shares(step, top=15):
+    """Where the host's time goes over one call of step() (a call of its own: recording host ops slows it, so
+    kernel_shares' wall time is not this one's): the ops with the most self CPU time, each with its calls, and the
+    host's recorded op time against the call's wall time. Host time that covers the GPU's is free; a step whose GPU
+    idles (kernel_shares' gpu_busy well below 1) waits on what is listed here."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    ops = [e for e in prof.key_averages() if e.device_type.name == "CPU"]
+    total = sum(e.self_cpu_time_total for e in ops)
+    ops.sort(key=lambda e: -e.self_cpu_time_total)
+    return {"wall_s": round(wall, 4), "host_op_s": round(total / 1e6, 4),
+            "top": {e.key[:70]: {"s": round(e.self_cpu_time_total / 1e6, 4), "calls": e.count} for e in ops[:top]}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="qwen0.5b", choices=sorted(SHAPES), help="random:<shape> model")
@@ -122,7 +140,8 @@ def main():
                     "(SystemConfig.logprob_chunk; default: the config's)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak: H100/H200 SXM 989")
     ap.add_argument("--variants", nargs="+", default=["padded", "packed", "packed+ckpt", "packed+compile"])
-    ap.add_argument("--profile", action="store_true", help="kernel-time shares of one packed step")
+    ap.add_argument("--profile", action="store_true", help="kernel-time shares of one packed step, and where the "
+                    "host's time goes in another (GPU only)")
     a = ap.parse_args()
     compiled = ["compile" in v for v in a.variants]
     assert compiled == sorted(compiled), "compiled variants go last: compiled layers stay compiled"
@@ -207,6 +226,7 @@ def main():
                             {"first_step_kl": first["kl"].item()} if ref is not None else {})
         if a.profile and gpu and variant.startswith("packed") and not variant.endswith("ckpt"):
             out[variant]["kernel_time_share"] = kernel_shares(step)
+            out[variant]["host_time"] = host_shares(step)
         del policy, opt, ref
         acc.free_memory()
     base = losses[a.variants[0]]
