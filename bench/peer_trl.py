@@ -17,9 +17,11 @@ TRL (GRPOConfig, read in trl/trainer/grpo_config.py and grpo_trainer.py of TRL 1
 step; steps_per_generation then defaults to gradient_accumulation_steps, so generation_batch_size is P x G: one
 generation per optimizer step, split into the micro-batches (checked at start). vLLM colocated (vllm_mode colocate,
 vllm_gpu_memory_utilization TRL's unless --vllm-memory) unless --no-vllm. fp32 master weights with bf16 autocast on a
-GPU, as ours; gradient checkpointing as ours (TRL's default is on). The recipe's tis_cap is TRL's vLLM
-importance-sampling correction in token_truncate mode (off when tis_cap is 0). TRL's defaults otherwise: no
-torch.compile, HF's warmup (the first update at lr 0; ours at lr / warmup_steps).
+GPU, as ours; gradient checkpointing on, TRL's default (--trl-grad-ckpt off: as ours, whose packed micro-batches
+need no recompute; TRL pads its micro-batches, and without the recompute their activations need far more memory:
+docs/perf.md). The recipe's tis_cap is TRL's vLLM importance-sampling correction in token_truncate mode (off when
+tis_cap is 0). TRL's defaults otherwise: no torch.compile, HF's warmup (the first update at lr 0; ours at lr /
+warmup_steps).
 Ours: train.main with the recipe, --inference=local (one GPU), no in-loop eval, a checkpoint only at the end, and
 log_kl off (TRL with beta 0 measures no KL; ours would pay a reference model and a forward every log_kl_every steps).
 
@@ -136,7 +138,7 @@ def run_trl(a, res):
         "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": cfg.min_lr_ratio}}
     args = GRPOConfig(
         output_dir=os.path.join(a.out, "trl"), max_steps=a.steps, seed=cfg.seed, report_to="none", logging_steps=1,
-        save_strategy="no", use_cpu=not gpu, bf16=gpu, gradient_checkpointing=cfg.system.grad_checkpointing,
+        save_strategy="no", use_cpu=not gpu, bf16=gpu, gradient_checkpointing=a.trl_grad_ckpt == "on",
         per_device_train_batch_size=mb, gradient_accumulation_steps=n // mb, shuffle_dataset=False,
         num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
         top_p=cfg.top_p, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, optim="adamw_torch", adam_beta1=0.9,
@@ -150,6 +152,9 @@ def run_trl(a, res):
                                                                if cfg.tis_cap else {}))
     assert (args.generation_batch_size, args.steps_per_generation) == (n, n // mb), \
         f"TRL would generate {args.generation_batch_size} completions every {args.steps_per_generation} micro-steps"
+    res["trl_batch"] = {"per_device_train_batch_size": mb, "gradient_accumulation_steps": n // mb,  # said even if
+                        "gradient_checkpointing": args.gradient_checkpointing,  # the run fails (out of memory)
+                        "generation_batch_size": args.generation_batch_size, "use_vllm": args.use_vllm}
     tally = types.SimpleNamespace(eos=set(), scores=[], parts={}, steps=[], logs=[], t0=0.0)
 
     class Timed(GRPOTrainer):  # TRL times these parts for wandb / mlflow only (trl/extras/profiling.py): here per step
@@ -203,9 +208,7 @@ def run_trl(a, res):
     clipped = [x["completions/clipped_ratio"] for x in tally.logs if "completions/clipped_ratio" in x]  # TRL's own
     # truncation test (last id not an eos or pad): a check on the finish reasons trl_reward derives
     res |= {"trl_logged_step_time_s": statistics.median(logged[1:]) if logged[1:] else None,
-            "trl_logged_clipped_ratio_mean": statistics.mean(clipped) if clipped else None,
-            "trl_batch": {"per_device_train_batch_size": mb, "gradient_accumulation_steps": n // mb,
-                          "generation_batch_size": args.generation_batch_size, "use_vllm": args.use_vllm}}
+            "trl_logged_clipped_ratio_mean": statistics.mean(clipped) if clipped else None}
 
 
 def run_ours(a, res):
@@ -322,6 +325,8 @@ def main():
     ap.add_argument("--vllm-memory", type=float, default=0.0, help="TRL's vllm_gpu_memory_utilization (0: TRL's)")
     ap.add_argument("--trl-micro-batch", type=int, default=0, help="TRL's per_device_train_batch_size, completions "
                     "(0: our micro_batch_size); gradient_accumulation_steps makes up the step")
+    ap.add_argument("--trl-grad-ckpt", default="on", choices=["on", "off"], help="TRL's gradient_checkpointing "
+                    "(on: its default)")
     ap.add_argument("--val-size", type=int, default=200, help="validation problems each step-N model is graded on")
     ap.add_argument("--eval-engine", default="auto", choices=["auto", "vllm", "torch"], help="for both models; auto: "
                     "vLLM where installed")

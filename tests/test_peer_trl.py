@@ -75,7 +75,8 @@ def test_both_sides_run_their_steps_and_are_graded(tiny_model, tmp_path):
         assert 1 <= s["completion_len_mean"] <= 8 and 0 <= s["cut_mean"] <= 1, s
         assert "error" not in s["val"] and s["val"]["n"] == 2 and 0 <= s["val"]["pass@1_strict"] <= 1, s["val"]
     assert r["trl"]["trl_batch"] == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
-                                     "generation_batch_size": 4, "use_vllm": False}, r["trl"]
+                                     "gradient_checkpointing": True, "generation_batch_size": 4,
+                                     "use_vllm": False}, r["trl"]
     assert r["trl"]["prompt_ids_equal"] == 1.0, r["trl"]
     # the finish reasons trl_reward derives agree with TRL's own truncation test
     assert r["trl"]["cut_mean"] == pytest.approx(r["trl"]["trl_logged_clipped_ratio_mean"], abs=1e-3), r["trl"]
