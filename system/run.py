@@ -538,7 +538,17 @@ def step_metrics(acc, step, lr, scores, completions, seq_prompts, stats, n_tok, 
         "gen_s": gen_s, "gen_wait_s": t["gen"] - t["start"] + t["wait"] - t["train"],  # the trainer waiting on sampling
         "reward_s": t["reward"] - t["gen"], "train_s": t["train"] - t["reward"], "sync_s": t["sync"] - t["wait"],
         "gen_tok_s": acc.reduce(n_tok, "sum").item() / gen_s,  # sampled tokens / s, all ranks
-        "train_tok_s": acc.reduce(n_tok + sum(map(len, seq_prompts)), "sum").item() / (t["train"] - t["reward"])}
+        "train_tok_s": acc.reduce(n_tok + sum(map(len, seq_prompts)), "sum").item() / (t["train"] - t["reward"])
+    } | compiled_so_far()
+
+
+def compiled_so_far() -> dict:
+    """What torch.compile has done in this process so far (the trainer's graphs and a local engine's): the graphs
+    Dynamo made and the seconds its compiles took. A step whose figures grow was partly warm-up: shapes or guards not
+    seen before compiled in it (the engine's CUDA graph captures are not counted: they are in its gen_s)."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+    return {"compiled_graphs": counters["stats"]["unique_graphs"],
+            "compile_s": round(sum(compilation_time_metrics.get("_compile.compile_inner", [])), 2)}
 
 
 def synchronized_time(dev) -> float:

@@ -88,6 +88,19 @@ def test_tis_cap_trains_and_logs_the_capped_share(tiny_model, tmp_path):
     assert 0 <= row["tis_capped"] <= 1 and row["grad_norm"] > 0, row
 
 
+@pytest.mark.slow
+def test_each_step_says_what_compiled_so_far(tiny_model, tmp_path):
+    """A compiled run's metrics rows carry the process's torch.compile work so far (compiled_graphs, compile_s): the
+    first step compiles the trainer's layers and the engine's decode step; the figures never go down."""
+    from torch._dynamo.utils import counters
+    before = counters["stats"]["unique_graphs"]  # the process's count: other tests may have compiled already
+    train.main(cfg_for(tiny_model, tmp_path / "run", max_steps=2, compile=True, compile_engine=True),
+               reward_fn=digit_reward)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows[0]["compiled_graphs"] > before and rows[0]["compile_s"] > 0, rows[0]
+    assert rows[1]["compiled_graphs"] >= rows[0]["compiled_graphs"] and rows[1]["compile_s"] >= rows[0]["compile_s"]
+
+
 def test_best_model_keeps_the_weights_of_the_best_validation(tiny_model, tmp_path):
     """ckpt/best holds the model of the best validation score offered (the first of equal ones), replaced whole, with
     nothing left beside it; a resumed run goes on from its best.json; keep_best=false writes nothing."""
