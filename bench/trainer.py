@@ -41,7 +41,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from torch._dynamo.utils import compilation_time_metrics, counters  # noqa: E402
 
-from system import batches, models  # noqa: E402
+from system import batches, models, run  # noqa: E402
 import train  # noqa: E402
 from system.config import make  # noqa: E402
 from system.models import SHAPES, load_model  # noqa: E402
@@ -82,15 +82,23 @@ def model_flops(lm, groups, share=False, head_on_all=False) -> float:
     return 6 * layers * tokens + 6 * head * head_tokens + 12 * c.num_hidden_layers * attn_dim * pairs
 
 
-def kernel_shares(step):
-    """Share of GPU kernel time per kind over one call of step(), from the profiler, and how busy the GPU was
-    (kernel time / wall time of the call; kernels do not overlap on one stream). Also bench/rollout.py's."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+def profiled(step, activity):
+    """One call of step() under torch.profiler, recording `activity` -> (the profiler, the call's wall seconds with its
+    GPU work done)."""
+    from torch.profiler import profile
+    with profile(activities=[activity]) as prof:
         t = time.perf_counter()
         step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
+    return prof, wall
+
+
+def kernel_shares(step):
+    """Share of GPU kernel time per kind over one call of step(), from the profiler, and how busy the GPU was
+    (kernel time / wall time of the call; kernels do not overlap on one stream). Also bench/rollout.py's."""
+    from torch.profiler import ProfilerActivity
+    prof, wall = profiled(step, ProfilerActivity.CUDA)
     kinds, others = {"gemm": 0.0, "attention": 0.0, "other": 0.0}, {}
     for e in prof.key_averages():
         if e.device_type.name != "CUDA":
@@ -113,12 +121,8 @@ def host_shares(step, top=15):
     kernel_shares' wall time is not this one's): the ops with the most self CPU time, each with its calls, and the
     host's recorded op time against the call's wall time. Host time that covers the GPU's is free; a step whose GPU
     idles (kernel_shares' gpu_busy well below 1) waits on what is listed here."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t
+    from torch.profiler import ProfilerActivity
+    prof, wall = profiled(step, ProfilerActivity.CPU)
     ops = [e for e in prof.key_averages() if e.device_type.name == "CPU"]
     total = sum(e.self_cpu_time_total for e in ops)
     ops.sort(key=lambda e: -e.self_cpu_time_total)
@@ -205,7 +209,7 @@ def main():
         first = step()  # warm-up, from the initial weights: comparable across variants
         losses[variant] = first["loss"].item()
         warmup_s = time.perf_counter() - t  # compilation included
-        graphs = counters["stats"]["unique_graphs"]  # made so far in this process
+        graphs = run.compiled_so_far()["compiled_graphs"]  # made so far in this process
         compiling = compile_report()  # so far in this process too
         times = []
         for _ in range(a.iters):
@@ -237,18 +241,21 @@ def main():
     print(json.dumps(out))
 
 
-# where a warm-up's compile time goes (torch's own timers, seconds summed over the process), by phase: Dynamo's whole
-# compile, its bytecode tracing, Inductor's lowering and code generation, waiting for the kernels' compilers
-PHASES = {"dynamo_s": "_compile.compile_inner", "tracing_s": "bytecode_tracing", "inductor_s": "fx_codegen_and_compile",
+# where a warm-up's compile time goes (torch's own timers, seconds summed over the process), by phase beside Dynamo's
+# whole compile (run.compiled_so_far's compile_s): its bytecode tracing, Inductor's lowering and code generation,
+# waiting for the kernels' compilers
+PHASES = {"tracing_s": "bytecode_tracing", "inductor_s": "fx_codegen_and_compile",
           "kernel_compile_wait_s": "async_compile.wait"}
 
 
 def compile_report() -> dict:
     """The process's compile work so far: Inductor's FX-graph cache and AOTAutograd's cache (hits, misses: with
-    TORCHINDUCTOR_CACHE_DIR kept from an earlier process, a warm start misses no Inductor graph) and PHASES' seconds."""
+    TORCHINDUCTOR_CACHE_DIR kept from an earlier process, a warm start misses no Inductor graph), Dynamo's compile
+    seconds and PHASES' seconds."""
     fx, aot = counters["inductor"], counters["aot_autograd"]
     return {"fx_cache_hit": fx["fxgraph_cache_hit"], "fx_cache_miss": fx["fxgraph_cache_miss"],
-            "aot_cache_hit": aot["autograd_cache_hit"], "aot_cache_miss": aot["autograd_cache_miss"]} | {
+            "aot_cache_hit": aot["autograd_cache_hit"], "aot_cache_miss": aot["autograd_cache_miss"],
+            "dynamo_s": run.compiled_so_far()["compile_s"]} | {
         k: round(sum(compilation_time_metrics.get(name, [])), 2) for k, name in PHASES.items()}
 
 
