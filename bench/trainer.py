@@ -54,7 +54,7 @@ def liger_token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=Fa
     ours computes in the same fused kernel: the variant is timed, not trained with."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     inputs = dict(inputs)
-    at, targets, grid = inputs.pop("predict")  # batches.collate's: only the positions that predict completion tokens
+    at, targets, where, grid = inputs.pop("predict")  # batches.collate's: only the positions that predict completion tokens
     hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
     kind = hidden.device.type
     dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
@@ -62,7 +62,7 @@ def liger_token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=Fa
     head = model.get_output_embeddings()
     nll = liger_fused_linear_cross_entropy(h, head.weight.to(dt), targets, head.bias, reduction="none",
                                            accum_dtype=torch.float32)  # [M] fp32
-    logp = torch.zeros(grid.shape, device=nll.device).masked_scatter(grid, -nll)
+    logp = batches.to_grid(-nll, where, grid)
     return logp, torch.zeros_like(logp)
 
 

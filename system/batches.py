@@ -24,13 +24,14 @@ def token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=False):
     compiled: that chunk's cast / log-softmax / gather / entropy run as fused kernels (torch.compile).
     """
     inputs = dict(inputs)
-    predict = inputs.pop("predict", None)  # (positions [M] in the flattened hidden states, their targets [M], grid)
+    predict = inputs.pop("predict", None)  # (positions [M] in the flattened hidden states, their targets [M],
+    # their places [M] in the flattened grid, the grid's shape)
     hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
     R, L, H = hidden.shape
     if predict is None:
         h, targets = hidden[:, :-1].reshape(-1, H), inputs["input_ids"][:, 1:].reshape(-1)  # [R*(L-1), H], [R*(L-1)]
     else:
-        at, targets, grid = predict
+        at, targets, where, grid = predict
         h = hidden.reshape(-1, H)[at]  # [M, H]: the prompt's positions predict nothing the loss uses
     head, fn = model.get_output_embeddings(), _chunk_logprobs_compiled() if compiled else _chunk_logprobs
     logps, ents = [], []
@@ -42,8 +43,13 @@ def token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=False):
     logp, ent = torch.cat(logps), torch.cat(ents)
     if predict is None:
         return logp.view(R, L - 1), ent.view(R, L - 1)
-    return (torch.zeros(grid.shape, device=logp.device).masked_scatter(grid, logp),
-            torch.zeros(grid.shape, device=ent.device).masked_scatter(grid, ent))
+    return to_grid(logp, where, grid), to_grid(ent, where, grid)
+
+
+def to_grid(x, where, shape):
+    """x [M] placed at `where` [M] of a zero grid `shape` (collate's "predict"): an index_copy by places collate found
+    on the host, whose backward is a gather; masked_scatter's backward (masked_select) would wait for the GPU."""
+    return x.new_zeros(shape.numel()).index_copy(0, where, x).view(shape)
 
 
 def _chunk_logprobs(h, w, b, targets, temperature):
@@ -80,7 +86,7 @@ def collate(prompts, completions, pad_id, device, packed=False, share_prompts=Fa
       loss_mask [[0, 1, 1, 1]]      over the L-1 predicted positions: 1 where a completion token is predicted
       old_logp  [[0, a, b, c]]      the engine's log-probs, aligned to the same positions
     inputs["predict"]: (the positions in the flattened inputs whose next token is a completion token, those tokens,
-    loss_mask as bool): token_logprobs computes only those.
+    their places in the flattened loss_mask, loss_mask's shape): token_logprobs computes only those.
     packed: the sequences are concatenated into one row [1, N] with position ids restarting at 0 and their starts
     cu_seq_lens [S+1]. share_prompts (packed): consecutive sequences with the same prompt become one packed sequence
     [prompt, completion 1, completion 2, ..] (positions of each completion from len(prompt); "shared": the blocks
@@ -93,6 +99,7 @@ def collate(prompts, completions, pad_id, device, packed=False, share_prompts=Fa
     for b, (p, c) in enumerate(zip(prompts, completions)):
         mask[b, len(p) - 1:len(p) - 1 + len(c["token_ids"])] = 1
     predicted = mask.bool()
+    where = predicted.view(-1).nonzero().view(-1)  # on the host: no device sync
     old[predicted] = torch.tensor([x for c in completions for x in c["logprobs"]])  # row by row, in order
     if not packed:
         ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
@@ -101,7 +108,7 @@ def collate(prompts, completions, pad_id, device, packed=False, share_prompts=Fa
             ids[b, :len(p) + len(c["token_ids"])] = torch.tensor(p + c["token_ids"])
             attn[b, :len(p) + len(c["token_ids"])] = 1
         at = (torch.arange(len(prompts))[:, None] * L + torch.arange(L - 1))[predicted]  # in the flattened [B*L]
-        inputs = {"input_ids": ids, "attention_mask": attn, "predict": (at, ids.view(-1)[at + 1], predicted)}
+        inputs = {"input_ids": ids, "attention_mask": attn, "predict": (at, ids.view(-1)[at + 1], where, mask.shape)}
     else:
         ids, pos, starts, at, targets, blocks = [], [], [0], [], [], []
         for b, (p, c) in enumerate(zip(prompts, completions)):
@@ -122,10 +129,12 @@ def collate(prompts, completions, pad_id, device, packed=False, share_prompts=Fa
         long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731 (a given dtype: no per-element inference)
         inputs = {"input_ids": long([ids]), "position_ids": long([pos]),  # [1, N] each
                   "cu_seq_lens_q": torch.tensor(starts, dtype=torch.int32), "max_length_q": L,
-                  "predict": (long(at), long(targets), predicted)}
+                  "predict": (long(at), long(targets), where, mask.shape)}
         inputs |= {"cu_seq_lens_k": inputs["cu_seq_lens_q"], "max_length_k": L}
         if share_prompts:
             inputs["shared"] = models.shared_prompt_layout(blocks)
-    to = lambda x: x.to(device) if torch.is_tensor(x) else x  # noqa: E731
+    # non_blocking: a host-to-device copy from pageable memory is staged before .to() returns (safe), and the host then
+    # need not wait for the GPU to finish the previous micro-batch's work first
+    to = lambda x: x.to(device, non_blocking=True) if torch.is_tensor(x) else x  # noqa: E731
     inputs = {k: tuple(map(to, v)) if isinstance(v, tuple) else to(v) for k, v in inputs.items()}
-    return inputs, mask.to(device), old.to(device)
+    return inputs, to(mask), to(old)

