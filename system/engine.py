@@ -18,6 +18,7 @@ CUDA graph on GPUs (docs/perf.md times it against stock `generate`).
 Left out: paged memory (each cache row holds one sequence's whole context; the G completions of a prompt share its
 prefill, not its cache slots).
 """
+import time
 import warnings
 from typing import Iterable, Protocol, TypedDict, runtime_checkable
 
@@ -122,6 +123,10 @@ def _views_of(fused, linears):
             return False
         rows += m.weight.shape[0]
     return True
+
+
+CAPTURED = {"engine_graphs": 0, "capture_s": 0.0}  # every TorchEngine in the process: the CUDA graphs it captured and
+# the host seconds that took (each graph's warm-up step, and any compiling that step did, included): warm-up's share
 
 
 M32 = 0xFFFFFFFF
@@ -364,7 +369,10 @@ class TorchEngine:
             return self._step(W, S, temperature, top_p)
         key = (W, min(self._in_blocks(S), self.cache.shape[4]), temperature, top_p)
         if key not in self.graphs:
+            t = time.perf_counter()
             self.graphs[key] = self._capture(*key)
+            CAPTURED["engine_graphs"] += 1
+            CAPTURED["capture_s"] += time.perf_counter() - t
         self.graphs[key].replay()
 
     def _in_blocks(self, slots):

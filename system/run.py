@@ -544,11 +544,14 @@ def step_metrics(acc, step, lr, scores, completions, seq_prompts, stats, n_tok, 
 
 def compiled_so_far() -> dict:
     """What torch.compile has done in this process so far (the trainer's graphs and a local engine's): the graphs
-    Dynamo made and the seconds its compiles took. A step whose figures grow was partly warm-up: shapes or guards not
-    seen before compiled in it (the engine's CUDA graph captures are not counted: they are in its gen_s)."""
+    Dynamo made and the seconds its compiles took; and the CUDA graphs a local TorchEngine captured and the seconds
+    those took (compiles in their warm-up steps counted in both). A step whose figures grow was partly warm-up: shapes,
+    guards or decode buckets not seen before were compiled or captured in it."""
     from torch._dynamo.utils import compilation_time_metrics, counters
+    from system.engine import CAPTURED
     return {"compiled_graphs": counters["stats"]["unique_graphs"],
-            "compile_s": round(sum(compilation_time_metrics.get("_compile.compile_inner", [])), 2)}
+            "compile_s": round(sum(compilation_time_metrics.get("_compile.compile_inner", [])), 2),
+            "engine_graphs": CAPTURED["engine_graphs"], "capture_s": round(CAPTURED["capture_s"], 2)}
 
 
 def synchronized_time(dev) -> float:

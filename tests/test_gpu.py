@@ -64,14 +64,18 @@ def test_finish_reasons_on_cuda(variant, tiny_stop_model):
 
 
 def test_two_steps_bf16_on_cuda(tiny_model, tmp_path):
-    """train.main on CUDA with bf16 autocast: finite loss, weights move, the engine follows (versions)."""
+    """train.main on CUDA with bf16 autocast: finite loss, weights move, the engine follows (versions), and the rows
+    count the engine's CUDA graph captures."""
+    from system.engine import CAPTURED
     cfg = cfg_for(tiny_model, tmp_path / "gpu", max_steps=3, kl_coef=0.05)
+    before = CAPTURED["engine_graphs"]  # the process's count: other tests may have captured already
     policy = train.main(cfg, reward_fn=digit_reward)
     rows = [json.loads(line) for line in open(tmp_path / "gpu" / "metrics.jsonl")]
     assert [r["version"] for r in rows] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"], r["kl"]])).all() for r in rows)
     assert any(r["grad_norm"] > 0 for r in rows)
     assert next(policy.parameters()).device.type == "cuda"
+    assert before < rows[0]["engine_graphs"] <= rows[-1]["engine_graphs"] and rows[0]["capture_s"] > 0, rows[0]
 
 
 def test_packed_and_shared_attention_match_padded_on_cuda(tiny_model):

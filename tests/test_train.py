@@ -99,6 +99,8 @@ def test_each_step_says_what_compiled_so_far(tiny_model, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert rows[0]["compiled_graphs"] > before and rows[0]["compile_s"] > 0, rows[0]
     assert rows[1]["compiled_graphs"] >= rows[0]["compiled_graphs"] and rows[1]["compile_s"] >= rows[0]["compile_s"]
+    if not torch.cuda.is_available():  # no CUDA graphs off the GPU (tests/test_gpu.py counts them on one)
+        assert rows[1]["engine_graphs"] == 0 and rows[1]["capture_s"] == 0, rows[1]
 
 
 def test_best_model_keeps_the_weights_of_the_best_validation(tiny_model, tmp_path):
