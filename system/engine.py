@@ -183,6 +183,13 @@ def _sample_race(logits, temperature, keys, step):
     return nxt, x.gather(-1, nxt[:, None]).squeeze(-1) - x.logsumexp(-1)
 
 
+def _compile_dynamic(fn):
+    """torch.compile(fn, dynamic=True), traced without duck sizing: else two sizes that happen to be equal when it is
+    traced (the rows in play and the cache's rows, or the head dim) are assumed equal for good, and each later step
+    where they differ compiles the decode step again, on every new batch bucket of the first calls."""
+    return torch.fx.experimental._config.patch(use_duck_shape=False)(torch.compile(fn, dynamic=True))
+
+
 class TorchEngine:
     """Batched sampling in plain PyTorch, one forward per token.
 
@@ -224,8 +231,8 @@ class TorchEngine:
         self.proj = self._projections()
         self.loader = ParamCopy(dict(model.named_parameters(remove_duplicate=False)))  # update_weights' name map
         self.compiled = compile
-        self._decode_fn = torch.compile(self._decode, dynamic=True) if compile else self._decode
-        self._race = torch.compile(_sample_race, dynamic=True) if compile else _sample_race
+        self._decode_fn = _compile_dynamic(self._decode) if compile else self._decode
+        self._race = _compile_dynamic(_sample_race) if compile else _sample_race
 
     def _projections(self):
         """Per layer the fused q/k/v and gate/up weights (_fuse), or None (fuse=False, or the HF loop)."""
@@ -329,6 +336,7 @@ class TorchEngine:
         """The batch bucket of n rows in play: the smallest of BUCKETS (then of 256s) that holds them, at most
         max_batch (not the cache's rows, which earlier calls may have grown: a call's steps, and so its numbers, depend
         on the call alone). Steps run over a whole bucket; a bucket is one CUDA graph per attended length."""
+        n = max(n, 2 if self.compiled else 1)  # compiled, a 1-row step would compile again (Dynamo specializes size 1)
         b = next((b for b in self.BUCKETS if b >= n), -(-n // 256) * 256)
         return min(b, self.max_batch)
 

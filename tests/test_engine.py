@@ -183,6 +183,19 @@ def test_compiled_engine_matches_eager_greedy_and_samples_per_sequence(tok):
     assert runs[0] == runs[1] and len({tuple(r) for r in runs[0]}) > 6
 
 
+def test_compiled_decode_step_compiles_once_for_every_batch_bucket(tok):
+    """compile=True compiles the decode step on the first call; calls over fewer rows than the cache holds (other
+    batch buckets, down to one sequence) compile nothing more. (Traced with duck sizing, the rows in play were tied to
+    the cache's rows, and each new bucket compiled again; a 1-row step would specialize on size 1.)"""
+    from torch._dynamo.utils import counters
+    engine = TorchEngine(build("qwen2"), tok, max_batch=32, compile=True)
+    engine.generate(random_prompts([5] * 8), n=4, max_new_tokens=4)  # 32 rows: the cache's
+    before = counters["stats"]["unique_graphs"]
+    for n in (24, 12, 5, 2, 1):
+        engine.generate(random_prompts([7] * n), max_new_tokens=4)
+    assert counters["stats"]["unique_graphs"] == before
+
+
 def test_update_weights_changes_outputs_and_restoring_restores_them(tok):
     """update_weights copies in place: perturbed weights change greedy outputs, the originals bring them back."""
     model = build("qwen2")
