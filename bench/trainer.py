@@ -55,7 +55,8 @@ def liger_token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=Fa
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     inputs = dict(inputs)
     at, targets, where, grid = inputs.pop("predict")  # batches.collate's: only the positions that predict completion tokens
-    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
+    with models.untied_sizes():  # as batches.token_logprobs
+        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
     kind = hidden.device.type
     dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
     h = (hidden.reshape(-1, hidden.shape[-1])[at] / temperature).to(dt)  # [M, H]: logits / T = (h / T) W^T

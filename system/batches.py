@@ -26,7 +26,8 @@ def token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=False):
     inputs = dict(inputs)
     predict = inputs.pop("predict", None)  # (positions [M] in the flattened hidden states, their targets [M],
     # their places [M] in the flattened grid, the grid's shape)
-    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
+    with models.untied_sizes():  # compiled layers (models.compile_model): one graph for all batch shapes
+        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
     R, L, H = hidden.shape
     if predict is None:
         h, targets = hidden[:, :-1].reshape(-1, H), inputs["input_ids"][:, 1:].reshape(-1)  # [R*(L-1), H], [R*(L-1)]
@@ -65,7 +66,7 @@ def _chunk_logprobs_compiled():
     has one; another recompiles): left dynamic, Dynamo passes a float as a 0-d CPU tensor, a CPU input to a GPU
     graph, which can make Inductor probe the host CPU's vector ISA (subprocesses that each import torch) in every
     fresh process, warm compile cache or not."""
-    return torch._dynamo.config.patch(specialize_float=True)(torch.compile(_chunk_logprobs, dynamic=True))
+    return torch._dynamo.config.patch(specialize_float=True)(models.compile_dynamic(_chunk_logprobs))
 
 
 class Policy(torch.nn.Module):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Qwen2's is the same function
 
-from system.models import eos_token_ids
+from system.models import compile_dynamic, eos_token_ids
 from weight_sync import ParamCopy
 
 
@@ -183,13 +183,6 @@ def _sample_race(logits, temperature, keys, step):
     return nxt, x.gather(-1, nxt[:, None]).squeeze(-1) - x.logsumexp(-1)
 
 
-def _compile_dynamic(fn):
-    """torch.compile(fn, dynamic=True), traced without duck sizing: else two sizes that happen to be equal when it is
-    traced (the rows in play and the cache's rows, or the head dim) are assumed equal for good, and each later step
-    where they differ compiles the decode step again, on every new batch bucket of the first calls."""
-    return torch.fx.experimental._config.patch(use_duck_shape=False)(torch.compile(fn, dynamic=True))
-
-
 class TorchEngine:
     """Batched sampling in plain PyTorch, one forward per token.
 
@@ -231,8 +224,9 @@ class TorchEngine:
         self.proj = self._projections()
         self.loader = ParamCopy(dict(model.named_parameters(remove_duplicate=False)))  # update_weights' name map
         self.compiled = compile
-        self._decode_fn = _compile_dynamic(self._decode) if compile else self._decode
-        self._race = _compile_dynamic(_sample_race) if compile else _sample_race
+        # compiled once for all batch buckets: traced under untied_sizes, never over one row (_bucket)
+        self._decode_fn = compile_dynamic(self._decode) if compile else self._decode
+        self._race = compile_dynamic(_sample_race) if compile else _sample_race
 
     def _projections(self):
         """Per layer the fused q/k/v and gate/up weights (_fuse), or None (fuse=False, or the HF loop)."""

@@ -209,9 +209,22 @@ def eos_token_ids(tok, model=None) -> list[int]:
 
 # ----------------------------------------------------------------------------- training-speed setup
 
+def untied_sizes():
+    """A context in which torch.compile gives every size its own symbol (no duck sizing). Else sizes that happen to
+    be equal when a graph is traced (rows in play and cache rows, heads and sequence starts) are assumed equal for
+    good, and each later input where they differ compiles the graph again."""
+    return torch.fx.experimental._config.patch(use_duck_shape=False)
+
+
+def compile_dynamic(fn):
+    """torch.compile(fn, dynamic=True), traced under untied_sizes."""
+    return untied_sizes()(torch.compile(fn, dynamic=True))
+
+
 def compile_model(lm):
     """torch.compile each decoder layer: norms, RoPE, SiLU and residual adds fuse into a few kernels around
-    the GEMMs. Weights are graph inputs, so all layers share one compiled graph; attention is left eager."""
+    the GEMMs. Weights are graph inputs, so all layers share one compiled graph; attention is left eager.
+    Call the decoder under untied_sizes (batches.token_logprobs does)."""
     for layer in lm.get_decoder().layers:
         layer.compile(dynamic=True)
     return lm
