@@ -18,7 +18,7 @@ for each variant, after one warm-up step, starting from the same weights:
                   completions in a micro-batch (the others have it off)
   +kl (e.g. packed+compile+share+kl): a step that logs the KL, as train.py's every log_kl_every-th: the frozen
                   reference model (the initial weights, bf16 on GPUs) runs a no-grad forward of every micro-batch,
-                  compiled like the policy (train.py's way); +kl-eager leaves the reference's layers uncompiled
+                  its layers eager (train.py's way); +kl-compiled compiles them like the policy's
 and checks that the variants' first-step losses agree. Each variant reports the graphs torch.compile had made by the
 end of its warm-up step, and under "compile" the compile caches' hits and misses and where the compile time went
 (compile_report; both count on through the process: a later variant adds only what it needs anew).
@@ -148,7 +148,7 @@ def main():
     ap.add_argument("--profile", action="store_true", help="kernel-time shares of one packed step, and where the "
                     "host's time goes in another (GPU only)")
     a = ap.parse_args()
-    compiled = ["compile" in v for v in a.variants]
+    compiled = ["compile" in v.split("+") for v in a.variants]
     assert compiled == sorted(compiled), "compiled variants go last: compiled layers stay compiled"
     from accelerate import Accelerator
 
@@ -176,9 +176,10 @@ def main():
            "sequences": len(completions), "tokens": sum(lengths), "model_tflop_per_step": round(flops / 1e12, 1)}
     losses = {}
     for variant in a.variants:
+        parts = set(variant.split("+"))
         cfg = make(train.Config, dict(prompts_per_step=a.prompts, group_size=a.group, max_new_tokens=a.completion_len[1],
                                       packing=variant.startswith("packed"), grad_checkpointing=variant.endswith("ckpt"),
-                                      share_prompts="share" in variant, compile="compile" in variant,
+                                      share_prompts="share" in parts, compile="compile" in parts,
                                       micro_batch_size=a.packed_mb if variant.startswith("packed") else a.padded_mb)
                    | ({"logprob_chunk": a.logprob_chunk} if a.logprob_chunk else {}))
         lm.load_state_dict(init)
@@ -193,11 +194,11 @@ def main():
         models.TRACE_ATTENTION = variant.endswith("attn")
         policy, opt = acc.prepare(batches.Policy(lm, cfg.system.compile), opt)
         ref = None
-        if "+kl" in variant:  # as run.load_models makes it
+        if parts & {"kl", "kl-compiled"}:  # as run.load_models makes it
             ref = load_model(f"random:{a.shape}", models.default_dtype(acc.device), acc.device).requires_grad_(False)
             if cfg.system.packing:
                 models.use_packed_attention(ref)
-            if cfg.system.compile and not variant.endswith("kl-eager"):
+            if cfg.system.compile and "kl-compiled" in parts:
                 models.compile_model(ref)
 
         def step():

@@ -41,7 +41,7 @@ class SystemConfig:
     share_prompts: bool = True  # packed: a prompt runs once for the G completions of it in a micro-batch (exact)
     logprob_chunk: int = knob(1024, "[1, inf)")  # tokens per lm_head + log-softmax chunk (bounds [tokens, vocab])
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more time
-    compile: bool = False  # torch.compile the decoder layers and the log-softmax chunks: fused elementwise work
+    compile: bool = False  # torch.compile the policy's decoder layers and log-softmax chunks: fused elementwise work
     # --- the torch engine: in process (inference local), and in the Serve app's replicas under the same names
     # (ENGINE_ROWS, COMPILE_ENGINE, FUSE_ENGINE: infer_workers.build_app)
     compile_engine: bool = False  # torch.compile TorchEngine's decode step and sampler

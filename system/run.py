@@ -194,15 +194,17 @@ def load_data(cfg, tok):
 
 
 def load_models(cfg, model_src: str, dev):
-    """The policy (fp32 master weights; bf16 autocast on GPUs) and its frozen reference (None unless KL is used)."""
+    """The policy (fp32 master weights; bf16 autocast on GPUs) and its frozen reference (None unless KL is used).
+    compile: the policy's layers only. The reference runs a no-grad forward in another dtype, so compiled it would
+    be a second set of graphs, whose cold compile costs more than its few fused kernels save (docs/perf.md)."""
     from system.models import compile_model, default_dtype, load_model, use_packed_attention
     lm = load_model(model_src, torch.float32, dev)
     ref = load_model(cfg.model, default_dtype(dev), dev).requires_grad_(False) if cfg.kl_coef > 0 or cfg.log_kl else None
     for m in filter(None, (lm, ref)):
         if cfg.system.packing:
             use_packed_attention(m)
-        if cfg.system.compile:
-            compile_model(m)
+    if cfg.system.compile:
+        compile_model(lm)
     if cfg.system.grad_checkpointing:
         lm.gradient_checkpointing_enable()
     return lm, ref

@@ -103,6 +103,14 @@ def test_each_step_says_what_compiled_so_far(tiny_model, tmp_path):
         assert rows[1]["engine_graphs"] == 0 and rows[1]["capture_s"] == 0, rows[1]
 
 
+def test_compile_compiles_the_policy_not_the_reference(tiny_model, tmp_path):
+    """compile: the policy's decoder layers are compiled; the frozen reference's (a no-grad forward in another dtype,
+    every log_kl_every-th step) are not, so a cold start does not compile a second set of graphs for it."""
+    lm, ref = run.load_models(cfg_for(tiny_model, tmp_path, compile=True, log_kl=True), tiny_model, torch.device("cpu"))
+    assert all(layer._compiled_call_impl is not None for layer in lm.model.layers)
+    assert ref is not None and all(layer._compiled_call_impl is None for layer in ref.model.layers)
+
+
 def test_best_model_keeps_the_weights_of_the_best_validation(tiny_model, tmp_path):
     """ckpt/best holds the model of the best validation score offered (the first of equal ones), replaced whole, with
     nothing left beside it; a resumed run goes on from its best.json; keep_best=false writes nothing."""
