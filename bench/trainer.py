@@ -54,7 +54,7 @@ def liger_token_logprobs(model, inputs, temperature=1.0, chunk=1024, compiled=Fa
     ours computes in the same fused kernel: the variant is timed, not trained with."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     inputs = dict(inputs)
-    at, targets, where, grid = inputs.pop("predict")  # batches.collate's: only the positions that predict completion tokens
+    at, targets, where, grid = inputs.pop("predict")  # collate's: only the positions that predict completion tokens
     with models.untied_sizes():  # as batches.token_logprobs
         hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
     kind = hidden.device.type
