@@ -10,7 +10,8 @@ for each variant, after one warm-up step, starting from the same weights:
   packed:         micro-batches of --packed-mb sequences concatenated into one row, varlen flash attention
   packed+ckpt:    the same with activation checkpointing (memory for time)
   packed+compile: packed, decoder layers and log-softmax chunks torch.compiled (compiled in the warm-up step)
-  packed+compile+attn: the same, with the varlen attention traced into the compiled layers (models.TRACE_ATTENTION)
+  packed+compile+attn: the same, with the varlen attention traced into the compiled layers (models.TRACE_ATTENTION;
+                  without +share only: shared prompts' attention stays eager)
   packed+compile+liger: the compiled layers, with the lm_head + log-softmax done by liger-kernel's fused linear
                   cross-entropy instead of our chunks (liger_token_logprobs; needs liger-kernel, on CPU only under
                   TRITON_INTERPRET=1)
@@ -148,6 +149,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="kernel-time shares of one packed step, and where the "
                     "host's time goes in another (GPU only)")
     a = ap.parse_args()
+    if any({"attn", "share"} <= set(v.split("+")) for v in a.variants):
+        ap.error("+attn needs no +share: models.TRACE_ATTENTION traces attention without shared prompts only")
     compiled = ["compile" in v.split("+") for v in a.variants]
     assert compiled == sorted(compiled), "compiled variants go last: compiled layers stay compiled"
     from accelerate import Accelerator
