@@ -34,6 +34,8 @@ of the step-N model: gsm8k.evaluate, greedy, on the first --val-size problems of
 through the same engine (--eval-engine) in processes of their own. Every process has a time limit (--timeout-min); a
 side that fails (an import, OOM, a limit) reports the exception's last line under "error", and the other side still
 runs. TRL's own logged clipped ratio (its truncation test) is reported beside the cut share trl_reward derives.
+Ours also reports its warm-up step by step ("warmup": the process's torch.compile graphs and seconds, and the engine's
+CUDA graph captures and seconds, so far at each step's end).
 Left out: TRL's server mode (vLLM on other GPUs) and several GPUs; our Serve app.
 """
 import argparse
@@ -225,6 +227,8 @@ def run_ours(a, res):
         res["steps"] = [{k: r[k] for k in ("step_s", "gen_s", "reward_s", "train_s", "sync_s", "reward")}
                         | {"tokens": round(r["completion_len"] * n), "accuracy": r.get("accuracy"),
                            "format": r["format_rate"], "cut": r["truncated"]} for r in rows if "val/n" not in r]
+        warm = [r for r in rows if "val/n" not in r and "compile_s" in r]  # the process's compile work so far, per step
+        res["warmup"] = {k: [r[k] for r in warm] for k in ("compiled_graphs", "compile_s", "engine_graphs", "capture_s")}
 
 
 def run_eval(a, res):

@@ -74,6 +74,8 @@ def test_both_sides_run_their_steps_and_are_graded(tiny_model, tmp_path):
         assert s["reward_s"] is not None and s["reward_s"] >= 0, s  # 4 completions: well under a millisecond
         assert 1 <= s["completion_len_mean"] <= 8 and 0 <= s["cut_mean"] <= 1, s
         assert "error" not in s["val"] and s["val"]["n"] == 2 and 0 <= s["val"]["pass@1_strict"] <= 1, s["val"]
+    assert {k: len(v) for k, v in r["ours"]["warmup"].items()} == {
+        "compiled_graphs": 2, "compile_s": 2, "engine_graphs": 2, "capture_s": 2}, r["ours"]  # one per step
     assert r["trl"]["trl_batch"] == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
                                      "gradient_checkpointing": True, "generation_batch_size": 4,
                                      "use_vllm": False}, r["trl"]
