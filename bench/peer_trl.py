@@ -228,7 +228,8 @@ def run_ours(a, res):
                         | {"tokens": round(r["completion_len"] * n), "accuracy": r.get("accuracy"),
                            "format": r["format_rate"], "cut": r["truncated"]} for r in rows if "val/n" not in r]
         warm = [r for r in rows if "val/n" not in r and "compile_s" in r]  # the process's compile work so far, per step
-        res["warmup"] = {k: [r[k] for r in warm] for k in ("compiled_graphs", "compile_s", "engine_graphs", "capture_s")}
+        res["warmup"] = {k: [r[k] for r in warm]
+                         for k in ("compiled_graphs", "compile_s", "engine_graphs", "capture_s")}
 
 
 def run_eval(a, res):
