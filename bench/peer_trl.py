@@ -224,11 +224,12 @@ def run_ours(a, res):
         fresh = os.path.exists(metrics) and os.path.getmtime(metrics) >= start
         with open(metrics) if fresh else contextlib.nullcontext([]) as f:
             rows = [json.loads(line) for line in f if line.strip()]
+        steps = [r for r in rows if "val/n" not in r]
         res["steps"] = [{k: r[k] for k in ("step_s", "gen_s", "reward_s", "train_s", "sync_s", "reward")}
                         | {"tokens": round(r["completion_len"] * n), "accuracy": r.get("accuracy"),
-                           "format": r["format_rate"], "cut": r["truncated"]} for r in rows if "val/n" not in r]
-        warm = [r for r in rows if "val/n" not in r and "compile_s" in r]  # the process's compile work so far, per step
-        res["warmup"] = {k: [r[k] for r in warm]
+                           "format": r["format_rate"], "cut": r["truncated"]} for r in steps]
+        # the process's compile work so far, at each step's end
+        res["warmup"] = {k: [r[k] for r in steps]
                          for k in ("compiled_graphs", "compile_s", "engine_graphs", "capture_s")}
 
 

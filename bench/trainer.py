@@ -149,9 +149,14 @@ def main():
     ap.add_argument("--profile", action="store_true", help="kernel-time shares of one packed step, and where the "
                     "host's time goes in another (GPU only)")
     a = ap.parse_args()
-    if any({"attn", "share"} <= set(v.split("+")) for v in a.variants):
-        ap.error("+attn needs no +share: models.TRACE_ATTENTION traces attention without shared prompts only")
-    compiled = ["compile" in v.split("+") for v in a.variants]
+    parts = {v: set(v.split("+")) for v in a.variants}  # "packed+compile+share" -> {"packed", "compile", "share"}
+    known = {"padded", "packed", "ckpt", "compile", "attn", "liger", "share", "kl", "kl-compiled"}
+    for v, p in parts.items():
+        if p - known or len(p & {"padded", "packed"}) != 1:
+            ap.error(f"variant {v}: padded or packed, then any of +{' +'.join(sorted(known - {'padded', 'packed'}))}")
+        if {"attn", "share"} <= p:
+            ap.error("+attn needs no +share: models.TRACE_ATTENTION traces attention without shared prompts only")
+    compiled = ["compile" in parts[v] for v in a.variants]
     assert compiled == sorted(compiled), "compiled variants go last: compiled layers stay compiled"
     from accelerate import Accelerator
 
@@ -179,11 +184,11 @@ def main():
            "sequences": len(completions), "tokens": sum(lengths), "model_tflop_per_step": round(flops / 1e12, 1)}
     losses = {}
     for variant in a.variants:
-        parts = set(variant.split("+"))
+        on = parts[variant]
         cfg = make(train.Config, dict(prompts_per_step=a.prompts, group_size=a.group, max_new_tokens=a.completion_len[1],
-                                      packing=variant.startswith("packed"), grad_checkpointing=variant.endswith("ckpt"),
-                                      share_prompts="share" in parts, compile="compile" in parts,
-                                      micro_batch_size=a.packed_mb if variant.startswith("packed") else a.padded_mb)
+                                      packing="packed" in on, grad_checkpointing="ckpt" in on,
+                                      share_prompts="share" in on, compile="compile" in on,
+                                      micro_batch_size=a.packed_mb if "packed" in on else a.padded_mb)
                    | ({"logprob_chunk": a.logprob_chunk} if a.logprob_chunk else {}))
         lm.load_state_dict(init)
         lm.set_attn_implementation("sdpa")
@@ -193,15 +198,15 @@ def main():
         if cfg.system.compile:
             models.compile_model(lm)
         opt = torch.optim.AdamW(lm.parameters(), lr=1e-6, fused=gpu)
-        batches.token_logprobs = liger_token_logprobs if variant.endswith("liger") else token_logprobs
-        models.TRACE_ATTENTION = variant.endswith("attn")
+        batches.token_logprobs = liger_token_logprobs if "liger" in on else token_logprobs
+        models.TRACE_ATTENTION = "attn" in on
         policy, opt = acc.prepare(batches.Policy(lm, cfg.system.compile), opt)
         ref = None
-        if parts & {"kl", "kl-compiled"}:  # as run.load_models makes it
+        if on & {"kl", "kl-compiled"}:  # as run.load_models makes it
             ref = load_model(f"random:{a.shape}", models.default_dtype(acc.device), acc.device).requires_grad_(False)
             if cfg.system.packing:
                 models.use_packed_attention(ref)
-            if cfg.system.compile and "kl-compiled" in parts:
+            if cfg.system.compile and "kl-compiled" in on:
                 models.compile_model(ref)
 
         def step():
@@ -233,7 +238,7 @@ def main():
                         "warmup_step_s": round(warmup_s, 1),
                         "compiled_graphs": graphs, "compile": compiling} | (
                             {"first_step_kl": first["kl"].item()} if ref is not None else {})
-        if a.profile and gpu and variant.startswith("packed") and not variant.endswith("ckpt"):
+        if a.profile and gpu and "packed" in on and "ckpt" not in on:
             out[variant]["kernel_time_share"] = kernel_shares(step)
             out[variant]["host_time"] = host_shares(step)
         del policy, opt, ref
