@@ -197,10 +197,13 @@ class TorchEngine:
     settings), captured on first use, so the host only replays between its looks at the rows; weight updates copy in
     place, so the graphs stay valid. q/k/v and gate/up run as one GEMM each over fused weights that the parameters are
     row views of (_fuse; fuse=False: separate GEMMs). Other architectures take HF's forward + DynamicCache, in
-    batches of max_batch. compile=True: the decode step's forward is torch.compiled (its norms, RoPE, SiLU and
-    residual adds fused; graphs are captured of the compiled step) and sampling at top_p 1 is _sample_race,
-    compiled (docs/perf.md has its speed); Config.compile_engine turns it on (the reproduction recipe does), off by
-    default since on a CPU it gains nothing and costs a warm-up.
+    batches of max_batch. compile=True: the decode step runs under torch.compile and sampling at top_p 1 is
+    _sample_race, compiled (docs/perf.md has its speed). The cache write and attention (_store_and_attend) stay eager
+    inside the loop over the layers, and Dynamo cannot resume after a graph break inside a loop, so it runs _forward
+    itself eagerly and compiles each function _forward calls: the RoPE tables, the attention bias, the norms, RoPE's
+    rotation, SiLU; the GEMMs, the residual adds and the MLP's product run as eager kernels. The CUDA graphs are
+    captured of that step. Config.compile_engine turns it on (the reproduction recipe does), off by default since on
+    a CPU it gains nothing and costs a warm-up.
     """
     BLOCK = 128  # cache slots come in multiples of this: the cache's length and each graph's attended length
 
@@ -513,7 +516,9 @@ class TorchEngine:
                 h = h + mlp.down_proj(mlp.act_fn(gate) * up)
             else:
                 h = h + mlp(x)
-        return self.model.lm_head(m.norm(h[torch.arange(B, device=h.device), last]))  # [B, V]
+        h = h[torch.arange(B, device=h.device), last, None]  # [B, 1, D]: the layers' rank, so that the norm, compiled
+        # as a frame of its own in a compiled step (TorchEngine's docstring), is one graph for both
+        return self.model.lm_head(m.norm(h))[:, 0]  # [B, V]
 
     @torch.no_grad()
     def update_weights(self, named_tensors, version=None) -> int:

@@ -184,12 +184,14 @@ def test_compiled_engine_matches_eager_greedy_and_samples_per_sequence(tok):
 
 
 def test_compiled_decode_step_compiles_once_for_every_batch_bucket(tok):
-    """compile=True compiles the decode step on the first call; calls over fewer rows than the cache holds (other
-    batch buckets, down to one sequence) compile nothing more. (Traced with duck sizing, the rows in play were tied to
-    the cache's rows, and each new bucket compiled again; a 1-row step would specialize on size 1.)"""
+    """compile=True compiles the decode step on the first call, each function once; calls over fewer rows than the
+    cache holds (other batch buckets, down to one sequence) compile nothing more. What it guards against: traced with
+    duck sizing, the rows in play tie to the cache's rows, so each new bucket compiles again; a 1-row step
+    specializes on size 1; a final norm over [B, D] after the layers' over [B, 1, D] compiles the norm twice."""
     from torch._dynamo.utils import counters
     engine = TorchEngine(build("qwen2"), tok, max_batch=32, compile=True)
-    engine.generate(random_prompts([5] * 8), n=4, max_new_tokens=4)  # 32 rows: the cache's
+    with torch._dynamo.config.patch(error_on_recompile=True):  # no function compiled twice in the first call either
+        engine.generate(random_prompts([5] * 8), n=4, max_new_tokens=4)  # 32 rows: the cache's
     before = counters["stats"]["unique_graphs"]
     for n in (24, 12, 5, 2, 1):
         engine.generate(random_prompts([7] * n), max_new_tokens=4)
