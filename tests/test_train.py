@@ -253,6 +253,43 @@ def test_policy_step_skips_zero_advantage_sequences_exactly(tiny_model, tmp_path
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-6)
 
 
+def test_policy_step_is_one_update_whatever_the_micro_batch(tiny_model, tmp_path):
+    """The micro-batch and the log-prob chunk only cut a step's batch into pieces, as the recipe trains (packed, the
+    prompts shared, the KL to a reference measured on every fifth step): micro-batches of 2, 4 or 8 sequences and
+    chunks of 3 or 1024 tokens give the same weights, gradient norm and KL, on a step with the reference and on one
+    without (which skips the sequences without a signal)."""
+    from accelerate import Accelerator
+    acc = Accelerator(cpu=True)
+    tok = models.load_tokenizer(tiny_model)
+    g = torch.Generator().manual_seed(0)
+    prompts = [p for p in (torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 3, 6, 4)) for _ in range(2)]
+    completions = [{"token_ids": torch.randint(3, 200, (n,), generator=g).tolist(), "logprobs": [-3.0] * n}
+                   for n in (4, 7, 2, 6, 3, 5, 4, 6)]
+    adv = torch.tensor([0.5, -0.5, 0.0, 0.0, 1.0, -1.0, 0.0, 0.0])
+    for with_ref in (True, False):
+        weights, stats = [], []
+        for mb, chunk in ((2, 1024), (4, 3), (8, 1024)):
+            cfg = cfg_for(tiny_model, tmp_path, micro_batch_size=mb, logprob_chunk=chunk, log_kl=True)
+            assert cfg.system.packing and cfg.system.share_prompts
+            lm, ref = run.load_models(cfg, tiny_model, acc.device)
+            noise = torch.Generator().manual_seed(1)
+            with torch.no_grad():  # the policy a few steps from its reference, so that the KL is not 0
+                start = [p.add_(0.05 * torch.randn(p.shape, generator=noise)).clone() for p in lm.parameters()]
+            opt = torch.optim.SGD(lm.parameters(), lr=1.0)
+            st, _ = train.policy_step(acc, batches.Policy(lm), ref if with_ref else None, opt, prompts, completions,
+                                      adv, cfg, tok.pad_token_id)
+            weights.append(torch.cat([p.detach().flatten() for p in lm.parameters()]))
+            stats.append(st)
+        assert (weights[0] - torch.cat([p.flatten() for p in start])).abs().max() > 1e-4  # the step moved them
+        assert not with_ref or stats[0]["kl"].item() > 1e-4
+        for w, st in zip(weights[1:], stats[1:]):
+            torch.testing.assert_close(w, weights[0], rtol=0, atol=1e-6)
+            assert st["grad_norm"].item() == pytest.approx(stats[0]["grad_norm"].item(), rel=1e-5)
+            assert ("kl" in st) == with_ref
+            if with_ref:
+                assert st["kl"].item() == pytest.approx(stats[0]["kl"].item(), rel=1e-5)
+
+
 def test_a_loss_term_that_lives_at_zero_advantage_is_never_skipped(tiny_model, tmp_path, monkeypatch):
     """An edit to grpo_loss that is not 0 at advantage 0 (an entropy-like bonus on the log-probs) turns the
     zero-advantage skip off: every sequence is trained (it would have been dropped silently), with a warning; a stat the
