@@ -116,8 +116,11 @@ def main(argv=None) -> int:
     verdict = "holds" if not outside else "outside"
     print(f"recipe check: {len(rows) - len(outside)} of {len(rows)} within the references' band" +
           ("" if not outside else f"; OUTSIDE: {', '.join(sorted({r['what'] for r in outside}))}"))
+    if len(a.refs) == 1:  # said where the verdict is read: a miss may be a low or high reference, not the run
+        print("one reference run: its band holds no run-to-run spread, so it is a judgement, not an interval; repeats "
+              "of the recipe on the reference's training code (res/<recipe>_repeat*.jsonl) widen it to their spread")
     print(json.dumps({"check": "recipe", "verdict": verdict, "compared": len(rows), "outside": len(outside),
-                      "steps": a.steps, "run": a.run, "refs": a.refs}))
+                      "steps": a.steps, "run": a.run, "refs": a.refs, "references": len(a.refs)}))
     return 0 if not outside else 1
 
 

@@ -41,6 +41,7 @@ def test_the_reference_holds_against_itself_and_a_collapse_is_outside(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "exps", "check_recipe.py"), str(bad), REF, "--steps", "100"],
                        capture_output=True, text=True)
     assert p.returncode == 1 and json.loads(p.stdout.splitlines()[-1])["verdict"] == "outside", p.stdout[-2000:]
+    assert "one reference run: its band holds no run-to-run spread" in p.stdout  # the verdict's caveat, beside it
 
 
 def test_repeats_of_the_recipe_widen_the_band_to_their_spread(tmp_path):
@@ -60,6 +61,15 @@ def test_repeats_of_the_recipe_widen_the_band_to_their_spread(tmp_path):
     assert ("cut share", "61-80") in outside and ("validation format", "75") in outside, outside
     long_run = check_recipe.compare(runs[0], runs, steps=300)  # windows past the shorter reference: the other alone
     assert {len(r["refs"]) for r in long_run if r["steps"] == "281-300"} == {1}
+
+
+def test_the_verdict_says_when_one_reference_gives_no_spread(capsys):
+    runs = [os.path.join(ROOT, "res", f"qwen_coder_r1zero_{c}.jsonl") for c in ("fe54c2b", "ea9cc3f")]
+    for refs in (runs[1:], runs):
+        check_recipe.main([runs[0], *refs, "--steps", "136"])
+        out = capsys.readouterr().out
+        assert json.loads(out.splitlines()[-1])["references"] == len(refs)
+        assert ("one reference run" in out) == (len(refs) == 1), out[-600:]
 
 
 def test_check_recipe_sh_names_a_missing_reference():
