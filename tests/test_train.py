@@ -32,6 +32,17 @@ def cfg_for(model, run_dir, **kw):
     return config.make(train.Config, base | kw)
 
 
+def step_batch(prompt_lens, completion_lens, group=1):
+    """A step's batch for policy_step, random tokens (seed 0): each prompt `group` times in a row (as a step's groups
+    come), then the completions, sampled at log-prob -3 each."""
+    g = torch.Generator().manual_seed(0)
+    drawn = [torch.randint(3, 200, (n,), generator=g).tolist() for n in prompt_lens]
+    prompts = [p for p in drawn for _ in range(group)]
+    completions = [{"token_ids": torch.randint(3, 200, (n,), generator=g).tolist(), "logprobs": [-3.0] * n}
+                   for n in completion_lens]
+    return prompts, completions
+
+
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no"]
 
@@ -235,10 +246,7 @@ def test_policy_step_skips_zero_advantage_sequences_exactly(tiny_model, tmp_path
     acc = Accelerator(cpu=True)
     cfg = cfg_for(tiny_model, tmp_path, micro_batch_size=2, kl_coef=0.0)
     tok = models.load_tokenizer(tiny_model)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 200, (5,), generator=g).tolist() for _ in range(8)]
-    completions = [{"token_ids": torch.randint(3, 200, (n,), generator=g).tolist(), "logprobs": [-3.0] * n}
-                   for n in (4, 7, 2, 6, 3, 5, 4, 6)]
+    prompts, completions = step_batch([5] * 8, (4, 7, 2, 6, 3, 5, 4, 6))
     adv = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, -1.0, 0.0, 0.0])
     weights, stats = [], []
     for ref in (None, models.load_model(tiny_model, torch.float32, "cpu")):
@@ -261,10 +269,7 @@ def test_policy_step_is_one_update_whatever_the_micro_batch(tiny_model, tmp_path
     from accelerate import Accelerator
     acc = Accelerator(cpu=True)
     tok = models.load_tokenizer(tiny_model)
-    g = torch.Generator().manual_seed(0)
-    prompts = [p for p in (torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 3, 6, 4)) for _ in range(2)]
-    completions = [{"token_ids": torch.randint(3, 200, (n,), generator=g).tolist(), "logprobs": [-3.0] * n}
-                   for n in (4, 7, 2, 6, 3, 5, 4, 6)]
+    prompts, completions = step_batch((5, 3, 6, 4), (4, 7, 2, 6, 3, 5, 4, 6), group=2)
     adv = torch.tensor([0.5, -0.5, 0.0, 0.0, 1.0, -1.0, 0.0, 0.0])
     for with_ref in (True, False):
         weights, stats = [], []
@@ -298,10 +303,7 @@ def test_a_loss_term_that_lives_at_zero_advantage_is_never_skipped(tiny_model, t
     acc = Accelerator(cpu=True)
     cfg = cfg_for(tiny_model, tmp_path, micro_batch_size=2)
     tok, lm = models.load_tokenizer(tiny_model), models.load_model(tiny_model, torch.float32, "cpu")
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 200, (5,), generator=g).tolist() for _ in range(8)]
-    completions = [{"token_ids": torch.randint(3, 200, (n,), generator=g).tolist(), "logprobs": [-3.0] * n}
-                   for n in (4, 7, 2, 6, 3, 5, 4, 6)]
+    prompts, completions = step_batch([5] * 8, (4, 7, 2, 6, 3, 5, 4, 6))
     adv = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, -1.0, 0.0, 0.0])
     opt = torch.optim.SGD(lm.parameters(), lr=1.0)
     st, _ = train.policy_step(acc, batches.Policy(lm), None, opt, prompts, completions, adv, cfg, tok.pad_token_id)
