@@ -13,7 +13,7 @@ trained weights needed), the share of tokens below --below and the share of k3_i
 (three tokens before -> the token) most often below it.
 The prompts are rebuilt from the run's config.yaml (prompt, val_size; --data and --model where the run's paths are
 not this machine's). The samples hold text, not ids: each completion is tokenised again (and an eos appended to the
-stopped ones), which can differ from the sampled ids at a few places.
+stopped ones), which can differ from the sampled ids at a few places. The model runs in fp32, on a GPU if there is one.
 """
 import argparse
 import collections
@@ -35,7 +35,7 @@ def read_prompt(lm, prompt: list[int]):
     """The model over a prompt: its KV cache and the log-probs of the token after it ([V]). Every run's completion of
     a problem continues the same prompt, so it is read once."""
     with torch.no_grad():
-        out = lm(torch.tensor([prompt]), use_cache=True)
+        out = lm(torch.tensor([prompt], device=lm.device), use_cache=True)
     return out.past_key_values, torch.log_softmax(out.logits[0, -1].float(), -1)
 
 
@@ -46,9 +46,10 @@ def completion_logprobs(lm, read, completion: list[int]) -> torch.Tensor:
     logp = first[None]  # [1, V]: the first token's
     if len(completion) > 1:
         with torch.no_grad():
-            logits = lm(torch.tensor([completion[:-1]]), past_key_values=copy.deepcopy(cache)).logits[0].float()
+            logits = lm(torch.tensor([completion[:-1]], device=lm.device),
+                        past_key_values=copy.deepcopy(cache)).logits[0].float()
         logp = torch.cat([logp, torch.log_softmax(logits, -1)])  # [len(completion), V]
-    return logp.gather(1, torch.tensor(completion)[:, None])[:, 0]
+    return logp.gather(1, torch.tensor(completion, device=lm.device)[:, None])[:, 0].cpu()
 
 
 def k3_if_sure(ref_logp: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,8 @@ def main(argv=None):
     if len(models) > 1:
         raise SystemExit(f"the runs start from different models ({sorted(models)}); compare runs of one model")
     name = models.pop()
-    tok, lm = load_tokenizer(name), load_model(name, torch.float32, "cpu").eval()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 either way: a GPU only makes it faster
+    tok, lm = load_tokenizer(name), load_model(name, torch.float32, dev).eval()
     prompts, samples = {}, {}  # run -> its validation prompts; (run, step) -> its first n samples
     for run_dir in args.runs:
         prompts[run_dir], golds = validation_prompts(tok, run_dir, args.data, args.n)

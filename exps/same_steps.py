@@ -52,7 +52,10 @@ def train(code: str, run_dir: str, model: str, args) -> list[dict]:
            f"--max_steps={args.steps}", f"--compile={args.compile}", f"--compile_engine={args.compile}", *SMALL,
            *[f"--{kv}" for kv in args.set]]
     env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": os.path.join(run_dir, "compile_cache"), "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        out = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"train.py at {code} ran past --timeout {args.timeout:.0f} s: fewer --steps, or a longer one")
     if out.returncode:
         raise SystemExit(f"train.py at {code} failed:\n{out.stderr[-2000:]}")
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"reward"' in line]
@@ -71,6 +74,7 @@ def compare(a: list[dict], b: list[dict], rtol: float = 0.0) -> list[dict]:
 
 
 def close(x, y, rtol: float) -> bool:
+    """Equal, or within rtol of the larger; a value one side lacks equals only a value the other lacks too."""
     if x is None or y is None:
         return x is y
     return x == y or abs(x - y) <= rtol * max(abs(x), abs(y))
