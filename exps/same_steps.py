@@ -93,7 +93,7 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from conftest import make_tiny_model
+    from conftest import make_tiny_model  # the tests' model: a 512-token vocabulary, so an eos comes by chance
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model(os.path.join(tmp, "model"), hidden=128, layers=4, heads=4, kv_heads=2)
         runs = [train(checkout(rev, os.path.join(tmp, f"code{i}")), os.path.join(tmp, f"run{i}"), model, args)

@@ -22,8 +22,8 @@ COMPLETIONS = [" <think> 48 / 2 = 24 </think> <answer> 72 </answer>", " The answ
 def make_run(path, model, golds=None):
     """A run folder as train.py leaves it, as far as kl_sources reads it: config.yaml and one step's samples."""
     os.makedirs(path / "samples")
-    yaml.safe_dump({"model": model, "data": GSM8K, "prompt": gsm8k.DEFAULT_PROMPT, "val_size": 7},
-                   open(path / "config.yaml", "w"))
+    (path / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": GSM8K, "prompt": gsm8k.DEFAULT_PROMPT,
+                                                      "val_size": 7}))
     val = gsm8k.split_train_val(gsm8k.load_split(GSM8K, "train"), 7)[1]
     golds = golds or [rewards.parse_gold(r["answer"]) for r in val]
     with open(path / "samples" / "val_step_000004.jsonl", "w") as f:
