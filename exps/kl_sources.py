@@ -78,9 +78,8 @@ def summary(tok, scored: list[tuple[list[int], torch.Tensor]], below: float, top
             "below": below, "top_contexts": contexts.most_common(top)}
 
 
-def validation_prompts(tok, run_dir: str, data: str | None, n: int) -> tuple[list[list[int]], list[str]]:
-    """The run's first n validation problems as its evals prompted them, and their gold answers."""
-    cfg = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
+def validation_prompts(tok, cfg: dict, data: str | None, n: int) -> tuple[list[list[int]], list[str]]:
+    """The first n validation problems of a run (its config.yaml) as its evals prompted them, and their gold answers."""
     rows = gsm8k.split_train_val(gsm8k.load_split(data or cfg["data"], "train"), cfg["val_size"])[1][:n]
     return (gsm8k.build_prompts(tok, [r["question"] for r in rows], cfg["prompt"]),
             [rewards.parse_gold(r["answer"]) for r in rows])
@@ -95,7 +94,8 @@ def main(argv=None):
     ap.add_argument("--data", help="GSM8K folder, where the run's config names another machine's")
     ap.add_argument("--model", help="the initial model, where not the run's config.yaml `model`")
     args = ap.parse_args(argv)
-    models = {args.model or yaml.safe_load(open(os.path.join(r, "config.yaml")))["model"] for r in args.runs}
+    configs = {r: yaml.safe_load(open(os.path.join(r, "config.yaml"))) for r in args.runs}
+    models = {args.model or cfg["model"] for cfg in configs.values()}
     if len(models) > 1:
         raise SystemExit(f"the runs start from different models ({sorted(models)}); compare runs of one model")
     name = models.pop()
@@ -103,7 +103,7 @@ def main(argv=None):
     tok, lm = load_tokenizer(name), load_model(name, torch.float32, dev).eval()
     prompts, samples = {}, {}  # run -> its validation prompts; (run, step) -> its first n samples
     for run_dir in args.runs:
-        prompts[run_dir], golds = validation_prompts(tok, run_dir, args.data, args.n)
+        prompts[run_dir], golds = validation_prompts(tok, configs[run_dir], args.data, args.n)
         for step in args.steps:
             path = os.path.join(run_dir, "samples", f"val_step_{step:06d}.jsonl")
             samples[run_dir, step] = [json.loads(line) for line in open(path)][:args.n]

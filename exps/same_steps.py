@@ -26,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 
+import check_recipe  # exps/: a metrics.jsonl's training rows
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ["reward", "loss", "grad_norm", "kl", "entropy", "completion_len", "truncated", "clip_frac"]
 SMALL = ["--prompts_per_step=2", "--group_size=4", "--max_new_tokens=96", "--overlong_buffer=64",
@@ -58,7 +60,7 @@ def train(code: str, run_dir: str, model: str, args) -> list[dict]:
         raise SystemExit(f"train.py at {code} ran past --timeout {args.timeout:.0f} s: fewer --steps, or a longer one")
     if out.returncode:
         raise SystemExit(f"train.py at {code} failed:\n{out.stderr[-2000:]}")
-    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"reward"' in line]
+    return check_recipe.load(os.path.join(run_dir, "metrics.jsonl"), args.steps)[1]
 
 
 def compare(a: list[dict], b: list[dict], rtol: float = 0.0) -> list[dict]:
